@@ -1,0 +1,157 @@
+"""The gateway config file (`tollway.yaml`): providers, models with routes and prices, plans.
+
+Loaded once at start; a bad file stops start-up with a message that names the offending field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the operator: file, field path and what is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Strict):
+    """Any subset; None means 'no limit at this level'."""
+
+    rpm: int | None = Field(default=None, ge=1)
+    rpd: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    tokens_per_month: int | None = Field(default=None, ge=1)
+    budget_usd_per_month: Decimal | None = Field(default=None, ge=0)
+
+    def overlay(self, other: Limits | None) -> Limits:
+        """`other`'s set fields win: a key's own limits override its plan's."""
+        if other is None:
+            return self
+        return self.model_copy(update=other.model_dump(exclude_none=True))
+
+
+class Plan(Limits):
+    fee_usd_per_month: Decimal = Field(default=Decimal(0), ge=0)
+
+
+class Price(_Strict):
+    """USD per 1M tokens, in force from `effective_from` (UTC date) until the next entry."""
+
+    effective_from: date = date(2000, 1, 1)
+    input: Decimal = Field(ge=0)
+    output: Decimal = Field(default=Decimal(0), ge=0)
+    cached_input: Decimal | None = Field(default=None, ge=0)
+
+    @field_validator("input", "output", "cached_input", mode="before")
+    @classmethod
+    def _no_float(cls, v: object) -> object:
+        # YAML turns 2.5 into a float; go through str so 0.1 stays exactly 0.1.
+        return Decimal(str(v)) if isinstance(v, float) else v
+
+
+class Provider(_Strict):
+    base_url: str
+    api_key_env: str | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not re.match(r"^https?://", v):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class Route(_Strict):
+    provider: str
+    model: str | None = Field(default=None, description="upstream model name; defaults to the public name")
+    weight: float = Field(default=1.0, gt=0)
+    prices: list[Price] | None = Field(default=None, description="overrides the model's prices on this route")
+
+
+class ModelConfig(_Strict):
+    kind: Literal["chat", "embedding"] = "chat"
+    aliases: list[str] = Field(default_factory=list)
+    routes: list[Route] = Field(min_length=1)
+    prices: list[Price] = Field(default_factory=list)
+    baseline: Price | None = Field(default=None, description="what this traffic would cost elsewhere (ROI)")
+
+    @field_validator("prices")
+    @classmethod
+    def _ordered(cls, v: list[Price]) -> list[Price]:
+        dates = [p.effective_from for p in v]
+        if len(set(dates)) != len(dates):
+            raise ValueError("two prices share one effective_from date")
+        return sorted(v, key=lambda p: p.effective_from)
+
+
+class GatewayConfig(_Strict):
+    providers: dict[str, Provider] = Field(min_length=1)
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    plans: dict[str, Plan] = Field(default_factory=lambda: {"default": Plan()})
+    default_plan: str = "default"
+
+    @model_validator(mode="after")
+    def _cross_refs(self) -> GatewayConfig:
+        if self.default_plan not in self.plans:
+            raise ValueError(f"default_plan: unknown plan {self.default_plan!r}")
+        seen: dict[str, str] = {name: name for name in self.models}
+        for name, m in self.models.items():
+            for i, r in enumerate(m.routes):
+                if r.provider not in self.providers:
+                    raise ValueError(f"models.{name}.routes.{i}.provider: unknown provider {r.provider!r}")
+            for alias in m.aliases:
+                if alias in seen:
+                    raise ValueError(f"models.{name}.aliases: {alias!r} already names {seen[alias]!r}")
+                seen[alias] = name
+        return self
+
+    def resolve(self, requested: str) -> str | None:
+        """Public model name for a requested name or alias; None when unknown."""
+        if requested in self.models:
+            return requested
+        for name, m in self.models.items():
+            if requested in m.aliases:
+                return name
+        return None
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def parse_config(data: object, source: str = "<inline>") -> GatewayConfig:
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, source)) from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (set TOLLWAY_CONFIG)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML in {p}: {e}") from None
+    return parse_config(data, str(p))

@@ -1,0 +1,235 @@
+"""Teams and API keys: the in-memory view billing serves from, persisted to ClickHouse on every change.
+
+Rows live in ReplacingMergeTree(version) tables: each change writes the whole row with a larger version,
+and reads use FINAL, so the latest write of an entity wins. Only the SHA-256 of a key secret is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+
+import structlog
+
+from schemas.clickhouse import Store
+from schemas.config import GatewayConfig, Limits
+from schemas.control import KeyState, TeamState
+from schemas.keys import display_prefix, hash_key, new_id, new_secret
+from services.billing.errors import Conflict, InvalidRequest, KeyNotFound, TeamNotFound, UnknownPlan
+
+log = structlog.get_logger("tollway.billing")
+
+TEAM_COLUMNS = ("team_id", "name", "plan", "limits", "created_at", "version")
+KEY_COLUMNS = (
+    "key_id",
+    "key_hash",
+    "prefix",
+    "team_id",
+    "name",
+    "plan",
+    "limits",
+    "metadata",
+    "expires_at",
+    "revoked",
+    "created_at",
+    "version",
+)
+
+
+def as_utc(value: datetime) -> datetime:
+    """ClickHouse hands back naive UTC; callers may send naive times. Both mean UTC here."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _now() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _limits_json(limits: Limits) -> str:
+    return limits.model_dump_json(exclude_none=True)
+
+
+class Accounts:
+    """Teams by id, keys by id and by hash. Writes persist first, then change memory."""
+
+    def __init__(self, store: Store, config: GatewayConfig) -> None:
+        self._store = store
+        self._config = config
+        self._teams: dict[str, TeamState] = {}
+        self._keys: dict[str, KeyState] = {}
+        self._by_hash: dict[str, str] = {}
+        self._created: dict[str, datetime] = {}
+        self._versions: dict[str, int] = {}
+        # Serialises writes: name uniqueness is checked and claimed without a race.
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> None:
+        teams = await self._store.query_dicts(f"SELECT {', '.join(TEAM_COLUMNS)} FROM {{db}}.teams FINAL")
+        keys = await self._store.query_dicts(f"SELECT {', '.join(KEY_COLUMNS)} FROM {{db}}.api_keys FINAL")
+        self._teams.clear()
+        self._keys.clear()
+        self._by_hash.clear()
+        for row in teams:
+            team = TeamState(
+                team_id=row["team_id"],
+                name=row["name"],
+                plan=row["plan"],
+                limits=Limits.model_validate_json(row["limits"] or "{}"),
+            )
+            self._remember_team(team, as_utc(row["created_at"]), row["version"])
+        for row in keys:
+            key = KeyState(
+                key_id=row["key_id"],
+                key_hash=row["key_hash"],
+                prefix=row["prefix"],
+                team_id=row["team_id"],
+                name=row["name"],
+                plan=row["plan"],
+                limits=Limits.model_validate_json(row["limits"] or "{}"),
+                metadata=dict(row["metadata"] or {}),
+                expires_at=as_utc(row["expires_at"]) if row["expires_at"] is not None else None,
+                revoked=bool(row["revoked"]),
+            )
+            self._remember_key(key, as_utc(row["created_at"]), row["version"])
+        log.info("accounts_loaded", teams=len(self._teams), keys=len(self._keys))
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def teams(self) -> list[TeamState]:
+        return sorted(self._teams.values(), key=lambda t: (self._created[t.team_id], t.team_id))
+
+    def keys(self, team_id: str | None = None) -> list[KeyState]:
+        found = (k for k in self._keys.values() if team_id is None or k.team_id == team_id)
+        return sorted(found, key=lambda k: (self._created[k.key_id], k.key_id))
+
+    def find_team(self, id_or_name: str) -> TeamState | None:
+        if id_or_name in self._teams:
+            return self._teams[id_or_name]
+        return next((t for t in self._teams.values() if t.name == id_or_name), None)
+
+    def get_key(self, key_id: str) -> KeyState | None:
+        return self._keys.get(key_id)
+
+    def authenticate(self, secret: str) -> KeyState | None:
+        """The live key for a secret; None when unknown, revoked or expired."""
+        key_id = self._by_hash.get(hash_key(secret))
+        key = self._keys.get(key_id) if key_id else None
+        if key is None or key.revoked:
+            return None
+        if key.expires_at is not None and key.expires_at <= datetime.now(UTC):
+            return None
+        return key
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    async def create_team(self, name: str, plan: str | None = None, limits: Limits | None = None) -> TeamState:
+        name = name.strip()
+        if not name:
+            raise InvalidRequest("name: must not be empty")
+        plan = self._check_plan(plan) or self._config.default_plan
+        async with self._lock:
+            if self.find_team(name) is not None:
+                raise Conflict(f"a team named {name!r} already exists")
+            team = TeamState(team_id=new_id("team"), name=name, plan=plan, limits=limits or Limits())
+            created = _now()
+            version = self._next_version(team.team_id)
+            await self._store.insert_rows(
+                "teams",
+                [[team.team_id, team.name, team.plan, _limits_json(team.limits), created, version]],
+                TEAM_COLUMNS,
+            )
+            self._remember_team(team, created, version)
+        log.info("team_created", team_id=team.team_id, plan=team.plan)
+        return team
+
+    async def create_key(
+        self,
+        team_id: str,
+        name: str | None = None,
+        plan: str | None = None,
+        expires_at: datetime | None = None,
+        limits: Limits | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> tuple[str, KeyState]:
+        """A new key and its secret: the caller hands the secret out once, and nothing keeps it."""
+        if team_id not in self._teams:
+            raise TeamNotFound(f"no team with id {team_id!r}")
+        plan = self._check_plan(plan)
+        if expires_at is not None:
+            expires_at = as_utc(expires_at)
+            if expires_at <= datetime.now(UTC):
+                raise InvalidRequest("expires_at: must be in the future")
+        secret = new_secret()
+        key = KeyState(
+            key_id=new_id("key"),
+            key_hash=hash_key(secret),
+            prefix=display_prefix(secret),
+            team_id=team_id,
+            name=name,
+            plan=plan,
+            limits=limits or Limits(),
+            metadata=metadata or {},
+            expires_at=expires_at,
+        )
+        async with self._lock:
+            created = _now()
+            await self._write_key(key, created)
+        log.info("key_created", key_id=key.key_id, team_id=team_id, prefix=key.prefix, plan=plan)
+        return secret, key
+
+    async def revoke_key(self, key_id: str) -> KeyState:
+        """Idempotent: revoking a revoked key rewrites nothing and returns it as it is."""
+        async with self._lock:
+            current = self._keys.get(key_id)
+            if current is None:
+                raise KeyNotFound(f"no key with id {key_id!r}")
+            if current.revoked:
+                return current
+            key = current.model_copy(update={"revoked": True})
+            await self._write_key(key, self._created[key_id])
+        log.info("key_revoked", key_id=key_id, team_id=key.team_id)
+        return key
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _check_plan(self, plan: str | None) -> str | None:
+        if plan is not None and plan not in self._config.plans:
+            known = ", ".join(sorted(self._config.plans))
+            raise UnknownPlan(f"plan: unknown plan {plan!r} (known: {known})")
+        return plan
+
+    def _next_version(self, entity_id: str) -> int:
+        # Wall-clock nanoseconds survive restarts; +1 keeps versions strictly rising within one run.
+        return max(time.time_ns(), self._versions.get(entity_id, 0) + 1)
+
+    async def _write_key(self, key: KeyState, created: datetime) -> None:
+        version = self._next_version(key.key_id)
+        row = [
+            key.key_id,
+            key.key_hash,
+            key.prefix,
+            key.team_id,
+            key.name,
+            key.plan,
+            _limits_json(key.limits),
+            key.metadata,
+            key.expires_at,
+            key.revoked,
+            created,
+            version,
+        ]
+        await self._store.insert_rows("api_keys", [row], KEY_COLUMNS)
+        self._remember_key(key, created, version)
+
+    def _remember_team(self, team: TeamState, created: datetime, version: int) -> None:
+        self._teams[team.team_id] = team
+        self._created[team.team_id] = created
+        self._versions[team.team_id] = version
+
+    def _remember_key(self, key: KeyState, created: datetime, version: int) -> None:
+        self._keys[key.key_id] = key
+        self._by_hash[key.key_hash] = key.key_id
+        self._created[key.key_id] = created
+        self._versions[key.key_id] = version

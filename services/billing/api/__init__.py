@@ -1,0 +1,1 @@
+"""HTTP routers of the billing API: admin writes, usage reads, health and metrics."""

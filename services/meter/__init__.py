@@ -1,0 +1,1 @@
+"""Meter: consume usage events, price them, write them to ClickHouse exactly once."""

@@ -1,0 +1,119 @@
+"""The meter loop: fetch a batch, price it, insert it, dead-letter the bad, then (only then) commit.
+
+A crash anywhere before the commit replays the batch; event_id dedup in ClickHouse absorbs the replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from schemas.clickhouse import Store
+from schemas.config import GatewayConfig
+from schemas.events import USAGE_TOPIC
+from schemas.prices import PriceBook
+from services.meter import metrics
+from services.meter.dlq import DeadLetterSink
+from services.meter.pricing import decode_and_price
+from services.meter.settings import MeterSettings
+from services.meter.writer import UsageWriter
+
+log = structlog.get_logger("tollway.meter")
+
+
+async def fetch_batch(consumer: AIOKafkaConsumer, max_rows: int, max_wait_ms: int) -> list:
+    """Gather up to `max_rows` records, waiting at most `max_wait_ms` once the first has arrived."""
+    records: list = []
+    deadline = time.monotonic() + max_wait_ms / 1000
+    while len(records) < max_rows:
+        remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        got = await consumer.getmany(
+            timeout_ms=remaining_ms if records else max_wait_ms, max_records=max_rows - len(records)
+        )
+        for part in got.values():
+            records.extend(part)
+        if not got and (records or time.monotonic() >= deadline):
+            break
+        if time.monotonic() >= deadline:
+            break
+    return records
+
+
+async def update_lag(consumer: AIOKafkaConsumer) -> None:
+    # highwater() is what the fetch saw; on tansu it is right where end_offsets() is not.
+    for tp in consumer.assignment():
+        hw = consumer.highwater(tp)
+        if hw is not None:
+            metrics.LAG.labels(str(tp.partition)).set(max(0, hw - await consumer.position(tp)))
+
+
+async def run_meter(
+    settings: MeterSettings,
+    config: GatewayConfig,
+    store: Store,
+    bootstrap: str,
+    stop: asyncio.Event,
+    started: asyncio.Event | None = None,
+    drain: bool = False,
+    drain_timeout_s: float = 15.0,
+) -> None:
+    book = PriceBook(config)
+    writer = UsageWriter(store, settings.insert_backoff_max_s)
+    consumer = AIOKafkaConsumer(
+        USAGE_TOPIC,
+        bootstrap_servers=bootstrap,
+        group_id=settings.meter_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    await consumer.start()
+    dlq = DeadLetterSink(producer)
+    log.info("meter_started", group=settings.meter_group, bootstrap=bootstrap)
+    if started:
+        started.set()
+    never = asyncio.Event()  # a drain must finish its inserts even though `stop` is set
+
+    async def process(records: list, give_up: asyncio.Event) -> bool:
+        batch, dead = decode_and_price(records, book)
+        if not await writer.insert(batch, give_up):
+            log.warning("meter_stopping_uncommitted", rows=batch.rows)  # replayed on next start
+            return False
+        await dlq.send(dead)
+        offsets = {TopicPartition(t, p): last + 1 for (t, p), (_, last) in batch.spans.items()}
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as err:
+            # Lost the partitions to a rebalance: the new owner replays, dedup absorbs it.
+            metrics.COMMIT_FAILURES.inc()
+            log.warning("commit_failed", error=str(err)[:200])
+        metrics.EVENTS.labels("written").inc(batch.rows)
+        metrics.EVENTS.labels("dead").inc(len(dead))
+        metrics.EVENTS.labels("unpriced").inc(batch.unpriced)
+        await update_lag(consumer)
+        log.debug("batch_committed", rows=batch.rows, dead=len(dead), unpriced=batch.unpriced)
+        return True
+
+    try:
+        while not stop.is_set():
+            records = await fetch_batch(consumer, settings.batch_max_rows, settings.batch_max_wait_ms)
+            if records and not await process(records, stop):
+                return
+        if drain:
+            # Shutting down with a broker that forgets (the bundled one): take what is left first.
+            deadline = time.monotonic() + drain_timeout_s
+            while time.monotonic() < deadline:
+                records = await fetch_batch(consumer, settings.batch_max_rows, settings.batch_max_wait_ms)
+                if not records or not await process(records, never):
+                    break
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        log.info("meter_stopped")

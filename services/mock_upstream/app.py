@@ -1,0 +1,335 @@
+"""The mock upstream's HTTP surface: OpenAI-shaped chat, embeddings and models, with injected faults."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import random
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from services.mock_upstream.directives import DirectiveError, Directives, parse_directives
+from services.mock_upstream.settings import MockSettings
+from services.mock_upstream.tokens import (
+    DEFAULT_COMPLETION_WORDS,
+    completion_text,
+    count_tokens,
+    prompt_tokens_for_messages,
+)
+
+MODELS: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "mock-chat")
+EMBEDDING_DIMENSIONS = 8
+DEFAULT_FAIL_KEY = "default"
+
+# status -> (type, code), as OpenAI spells them
+_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_request_error"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "permission_denied"),
+    404: ("invalid_request_error", "model_not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    408: ("server_error", "timeout"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", "internal_error"),
+    502: ("server_error", "bad_gateway"),
+    503: ("server_error", "service_unavailable"),
+    504: ("server_error", "timeout"),
+}
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(
+    status: int, message: str, *, code: str | None = None, retry_after: float | None = None
+) -> JSONResponse:
+    kind, default_code = _ERRORS.get(
+        status, ("invalid_request_error" if status < 500 else "server_error", f"http_{status}")
+    )
+    headers = None
+    if status == 429 and retry_after is None:
+        retry_after = 1
+    if retry_after is not None:
+        headers = {"retry-after": f"{retry_after:g}"}
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code or default_code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def _read_body(request: Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise BadRequest("We could not parse the JSON body of your request.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return body
+
+
+def _directives(request: Request, body: dict[str, Any]) -> Directives:
+    # one pass over the raw headers: most requests carry no x-mock-* header at all
+    headers = {k.decode(): v.decode() for k, v in request.headers.raw if k.startswith(b"x-mock-")}
+    try:
+        return parse_directives(headers, body)
+    except DirectiveError as e:
+        raise BadRequest(str(e)) from None
+
+
+async def _admit(request: Request, d: Directives) -> Response | None:
+    """Count the request, sleep the injected latency, and return the injected failure if any."""
+    state = request.app.state
+    settings: MockSettings = state.settings
+    if d.fail_key is not None or d.fail_times:
+        key = d.fail_key or DEFAULT_FAIL_KEY
+        seen = state.fail_keys[key] = state.fail_keys.get(key, 0) + 1
+    else:
+        seen = 0
+    latency = settings.mock_latency_ms if d.latency_ms is None else d.latency_ms
+    if latency > 0:
+        await asyncio.sleep(latency / 1000)
+    if d.fail_times > 0:
+        if seen <= d.fail_times:
+            status = d.status if d.status and d.status >= 400 else 503
+            return error_response(status, f"Mock upstream failure {seen} of {d.fail_times}.", retry_after=d.retry_after)
+    elif d.status is not None and d.status >= 400:
+        return error_response(d.status, f"Mock upstream injected HTTP {d.status}.", retry_after=d.retry_after)
+    if settings.mock_error_rate > 0 and state.rng.random() < settings.mock_error_rate:
+        return error_response(503, "Mock upstream random failure (mock_error_rate).")
+    return None
+
+
+def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        # a provider never reports more cached tokens than prompt tokens
+        "prompt_tokens_details": {"cached_tokens": max(0, min(cached, prompt))},
+    }
+
+
+def _optional_int(body: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        v = body.get(name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise BadRequest(f"'{name}' must be an integer.")
+        return v
+    return None
+
+
+async def chat_completions(request: Request) -> Response:
+    request.app.state.requests_served += 1
+    try:
+        body = await _read_body(request)
+        d = _directives(request, body)
+    except BadRequest as e:
+        return error_response(400, e.message)
+    failure = await _admit(request, d)
+    if failure is not None:
+        return failure
+
+    model = body.get("model")
+    messages = body.get("messages")
+    if not isinstance(model, str) or not model:
+        return error_response(400, "you must provide a model parameter", code="missing_required_parameter")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        return error_response(400, "'messages' must be a non-empty array of objects.")
+    try:
+        max_tokens = _optional_int(body, "max_completion_tokens", "max_tokens")
+    except BadRequest as e:
+        return error_response(400, e.message)
+
+    wanted = DEFAULT_COMPLETION_WORDS if d.stream_chunks is None else max(0, d.stream_chunks)
+    words = completion_text(messages, max_tokens, words=wanted)
+    finish_reason = "length" if len(words) < wanted else "stop"
+    prompt_tokens = prompt_tokens_for_messages(messages)
+    # every vocabulary word is exactly one token, so this equals count_tokens(" ".join(words))
+    completion_tokens = len(words)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    if body.get("stream") is True:
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        usage = _usage(prompt_tokens, completion_tokens, d.cached_tokens) if include_usage and d.usage else None
+        settings: MockSettings = request.app.state.settings
+        delay_ms = settings.mock_stream_chunk_delay_ms if d.chunk_delay_ms is None else d.chunk_delay_ms
+        events = _stream_events(
+            completion_id, created, model, words, finish_reason, include_usage, usage,
+            delay_ms / 1000, d.disconnect_after_chunks,
+        )  # fmt: skip
+        return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+    response: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": " ".join(words), "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+    }
+    if d.usage:
+        response["usage"] = _usage(prompt_tokens, completion_tokens, d.cached_tokens)
+    return JSONResponse(response)
+
+
+async def _stream_events(
+    completion_id: str,
+    created: int,
+    model: str,
+    words: list[str],
+    finish_reason: str,
+    include_usage: bool,
+    usage: dict[str, Any] | None,
+    delay_s: float,
+    disconnect_after: int | None,
+) -> AsyncIterator[bytes]:
+    """OpenAI's chunk sequence: role, one chunk per word, an empty delta with finish_reason,
+    then (include_usage) a choices-less usage chunk, then [DONE]."""
+    head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+
+    def event(delta: dict[str, Any], finish: str | None) -> bytes:
+        chunk = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            chunk["usage"] = None  # OpenAI sends an explicit null on every chunk but the last
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    yield event({"role": "assistant", "content": "", "refusal": None}, None)
+    for i, word in enumerate(words):
+        if disconnect_after is not None and i >= disconnect_after:
+            return  # the stream just ends: no finish_reason, no usage, no [DONE]
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        yield event({"content": word if i == 0 else " " + word}, None)
+    yield event({}, finish_reason)
+    if usage is not None:
+        yield b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+def embedding_vector(item: str | list[int], dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """Deterministic values k/128 - 1: exact in float32, so the base64 encoding round-trips."""
+    key = item.encode() if isinstance(item, str) else ",".join(map(str, item)).encode()
+    digest = hashlib.blake2b(key, digest_size=64).digest()
+    return [((digest[i % 64] + 7 * (i // 64)) % 256) / 128 - 1 for i in range(dimensions)]
+
+
+def _embedding_inputs(raw: Any) -> list[str | list[int]]:
+    def is_tokens(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+    if isinstance(raw, str):
+        return [raw]
+    if is_tokens(raw):
+        return [raw]
+    if isinstance(raw, list) and raw and all(isinstance(v, str) or is_tokens(v) for v in raw):
+        return raw
+    raise BadRequest("'input' must be a string, an array of strings, or an array of token arrays.")
+
+
+async def embeddings(request: Request) -> Response:
+    request.app.state.requests_served += 1
+    try:
+        body = await _read_body(request)
+        d = _directives(request, body)
+        failure = await _admit(request, d)
+        if failure is not None:
+            return failure
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return error_response(400, "you must provide a model parameter", code="missing_required_parameter")
+        items = _embedding_inputs(body.get("input"))
+        dimensions = _optional_int(body, "dimensions") or EMBEDDING_DIMENSIONS
+        if not 1 <= dimensions <= 4096:
+            raise BadRequest("'dimensions' must be between 1 and 4096.")
+    except BadRequest as e:
+        return error_response(400, e.message)
+    as_base64 = body.get("encoding_format") == "base64"  # the openai SDK asks for base64 by default
+    data = []
+    tokens = 0
+    for i, item in enumerate(items):
+        tokens += count_tokens(item) if isinstance(item, str) else len(item)
+        vector: Any = embedding_vector(item, dimensions)
+        if as_base64:
+            vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    response: dict[str, Any] = {"object": "list", "data": data, "model": model}
+    if d.usage:
+        response["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return JSONResponse(response)
+
+
+async def list_models(request: Request) -> Response:
+    created = request.app.state.started_at
+    data = [{"id": m, "object": "model", "created": created, "owned_by": "tollway-mock"} for m in MODELS]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def stats(request: Request) -> Response:
+    state = request.app.state
+    if request.method == "DELETE":
+        state.requests_served = 0
+        state.fail_keys = {}
+    return JSONResponse({"requests_served": state.requests_served, "fail_keys": state.fail_keys})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, exc.detail or "Error", code="not_found" if exc.status_code == 404 else None)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, f"Mock upstream error: {type(exc).__name__}")
+
+
+def create_app(settings: MockSettings) -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/mock/stats", stats, methods=["GET", "DELETE"]),
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
+    app.state.settings = settings
+    # seeded so that a run with mock_error_rate > 0 fails the same requests every time
+    app.state.rng = random.Random(settings.mock_seed)
+    app.state.requests_served = 0  # chat + embeddings requests, failed or not
+    app.state.fail_keys = {}  # fail_key -> requests seen carrying it
+    app.state.started_at = int(time.time())
+    return app

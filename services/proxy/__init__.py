@@ -1,0 +1,1 @@
+"""Proxy: authenticate, admit, route and forward OpenAI-compatible calls; emit one usage event each."""

@@ -1,0 +1,108 @@
+"""The proxy app: everything the request path needs is built here once and closed in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import orjson
+import structlog
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from schemas.config import GatewayConfig
+from services.proxy import upstream
+from services.proxy.auth import KeyView
+from services.proxy.control import ControlListener
+from services.proxy.errors import GatewayError, InvalidRequest, error_response
+from services.proxy.events import UsageEmitter
+from services.proxy.handler import ProxyHandler
+from services.proxy.routing import Router
+from services.proxy.settings import ProxySettings
+
+log = structlog.get_logger("tollway.proxy")
+
+
+def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        st = app.state
+        st.settings, st.config = settings, config
+        st.router = Router(config)
+        st.view = KeyView()
+        st.stop = asyncio.Event()
+        st.http = upstream.open_client(settings.upstream_max_connections)
+        instance = settings.instance()
+        seq_name = instance.replace("/", "_").replace(":", "_") + ".seq"
+        st.emitter = UsageEmitter(bootstrap, instance, settings.data_dir / "proxy" / seq_name,
+                                  settings.event_linger_ms, settings.event_queue_max)  # fmt: skip
+        await st.emitter.start()
+        st.control = ControlListener(bootstrap, st.view)
+        control_task = asyncio.create_task(st.control.run(st.stop), name="control-listener")
+        st.handler = ProxyHandler(st)
+        log.info("proxy_started", instance=instance, models=len(config.models))
+        try:
+            yield
+        finally:
+            st.stop.set()
+            await st.emitter.stop()
+            await asyncio.gather(control_task, return_exceptions=True)
+            await st.http.aclose()
+            log.info("proxy_stopped")
+
+    app = FastAPI(title="Tollway proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    # The proxied endpoints are plain Starlette routes: no dependency injection on the hot path.
+    async def chat(request: Request) -> Response:
+        return await request.app.state.handler.chat_completions(request)
+
+    async def embeddings(request: Request) -> Response:
+        return await request.app.state.handler.embeddings(request)
+
+    async def models(request: Request) -> Response:
+        return await request.app.state.handler.models(request)
+
+    app.router.add_route("/v1/chat/completions", chat, methods=["POST"])
+    app.router.add_route("/v1/embeddings", embeddings, methods=["POST"])
+    app.router.add_route("/v1/models", models, methods=["GET"])
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        st = request.app.state
+        checks = {
+            "control_view": st.control.caught_up.is_set(),
+            "usage_producer": st.emitter.started.is_set(),
+        }
+        ok = all(checks.values())
+        body = {"status": "ready" if ok else "not_ready", "checks": checks, "keys": len(st.view.keys_by_hash),
+                "events_queued": st.emitter.queued}  # fmt: skip
+        return Response(orjson.dumps(body), status_code=200 if ok else 503, media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        return error_response(exc, request.headers.get("x-request-id"))
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc: Exception) -> Response:
+        err = InvalidRequest(f"Unknown endpoint {request.method} {request.url.path}", code="unknown_url")
+        err.status = 404
+        return error_response(err)
+
+    @app.exception_handler(405)
+    async def bad_method(request: Request, exc: Exception) -> Response:
+        err = InvalidRequest(f"Method {request.method} not allowed on {request.url.path}", code="method_not_allowed")
+        err.status = 405
+        return error_response(err)
+
+    return app

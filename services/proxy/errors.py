@@ -1,0 +1,74 @@
+"""Typed gateway errors, rendered in OpenAI's shape `{"error": {"message", "type", "code"}}`.
+
+Nothing else in the proxy builds error JSON: raise a GatewayError and let `error_response` render it.
+"""
+
+from __future__ import annotations
+
+import orjson
+from starlette.responses import Response
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "api_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        if code:
+            self.code = code
+
+
+class InvalidApiKey(GatewayError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class InvalidRequest(GatewayError):
+    status, type, code = 400, "invalid_request_error", "invalid_request_error"
+
+
+class PayloadTooLarge(GatewayError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class ModelNotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class RateLimited(GatewayError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class QuotaExceeded(GatewayError):
+    status, type, code = 429, "insufficient_quota", "insufficient_quota"
+
+
+class UpstreamError(GatewayError):
+    status, type, code = 502, "api_error", "upstream_error"
+
+
+class UpstreamUnavailable(GatewayError):
+    status, type, code = 503, "api_error", "upstream_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status, type, code = 504, "api_error", "upstream_timeout"
+
+
+def error_body(message: str, type_: str, code: str) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+
+
+def error_response(err: GatewayError, request_id: str | None = None) -> Response:
+    headers = dict(err.headers)
+    if request_id:
+        headers["x-request-id"] = request_id
+    return Response(
+        error_body(err.message, err.type, err.code),
+        status_code=err.status,
+        media_type="application/json",
+        headers=headers,
+    )

@@ -1,0 +1,20 @@
+"""Proxy metrics (prefix tollway_), defined once per process."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("tollway_requests_total", "Proxied requests", ["endpoint", "model", "provider", "status"])
+LATENCY = Histogram(
+    "tollway_request_seconds", "Total request latency seen by the client", ["endpoint"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)  # fmt: skip
+UPSTREAM_LATENCY = Histogram(
+    "tollway_upstream_seconds", "Upstream call latency", ["provider"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)  # fmt: skip
+ADDED_LATENCY = Histogram(
+    "tollway_proxy_added_seconds", "Latency the proxy adds on top of the upstream",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+)  # fmt: skip
+TOKENS = Counter("tollway_tokens_total", "Tokens metered", ["model", "kind"])
+EVENTS = Counter("tollway_usage_events_total", "Usage events by outcome", ["outcome"])
+EVENTS_QUEUED = Gauge("tollway_usage_events_queued", "Usage events waiting for the producer")

@@ -1,0 +1,20 @@
+"""Proxy settings (env prefix TOLLWAY_)."""
+
+from __future__ import annotations
+
+import socket
+
+from schemas.settings import CommonSettings
+
+
+class ProxySettings(CommonSettings):
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 8080
+    proxy_instance: str | None = None  # None -> "<hostname>:<port>"; names this replica's event sequence
+    max_body_bytes: int = 4 * 1024 * 1024
+    upstream_max_connections: int = 512
+    event_linger_ms: int = 10
+    event_queue_max: int = 100_000
+
+    def instance(self) -> str:
+        return self.proxy_instance or f"{socket.gethostname()}:{self.proxy_port}"

@@ -1,0 +1,76 @@
+"""In-process pieces for integration tests: a real mock upstream server and a proxy app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+from aiokafka import AIOKafkaProducer
+
+from schemas.config import GatewayConfig, parse_config
+from schemas.control import CONTROL_TOPIC, KeyState, encode, message_key
+from schemas.keys import display_prefix, hash_key, new_id, new_secret
+from services.mock_upstream.app import create_app as mock_app
+from services.mock_upstream.settings import MockSettings
+from tollway.servers import bound_port, make_server, start_server, stop_server
+
+
+@contextlib.asynccontextmanager
+async def mock_upstream(**settings: object) -> AsyncIterator[str]:
+    """A real uvicorn mock upstream on a free port; yields its /v1 base URL."""
+    srv = make_server(mock_app(MockSettings(**settings)), "127.0.0.1", 0)
+    task = await start_server(srv, "mock-upstream")
+    try:
+        yield f"http://127.0.0.1:{bound_port(srv)}/v1"
+    finally:
+        await stop_server(srv, task)
+
+
+def gateway_config(upstream_url: str) -> GatewayConfig:
+    return parse_config({
+        "providers": {"mock": {"base_url": upstream_url, "timeout_s": 5}},
+        "models": {
+            "gpt-4.1": {"aliases": ["gpt-4"], "routes": [{"provider": "mock"}],
+                        "prices": [{"effective_from": "2025-04-14", "input": "2.00", "output": "8.00",
+                                    "cached_input": "0.50"}]},
+            "text-embedding-3-small": {"kind": "embedding", "routes": [{"provider": "mock"}],
+                                       "prices": [{"input": "0.02"}]},
+        },
+        "plans": {"default": {}},
+        "default_plan": "default",
+    })  # fmt: skip
+
+
+async def publish_key(bootstrap: str, team_id: str, *, revoked: bool = False, expires_at: datetime | None = None,
+                      secret: str | None = None, key_id: str | None = None) -> tuple[str, KeyState]:  # fmt: skip
+    """Do what billing does for a new key: put its state (hash only) on the control topic."""
+    secret = secret or new_secret()
+    state = KeyState(key_id=key_id or new_id("key"), key_hash=hash_key(secret), prefix=display_prefix(secret),
+                     team_id=team_id, revoked=revoked, expires_at=expires_at)  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(CONTROL_TOPIC, encode(state), key=message_key(state))
+    finally:
+        await producer.stop()
+    return secret, state
+
+
+async def wait_key_active(client: httpx.AsyncClient, secret: str, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        r = await client.get("/v1/models", headers={"authorization": f"Bearer {secret}"})
+        if r.status_code == 200:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"key never became active: {r.status_code} {r.text}")
+        await asyncio.sleep(0.02)
+
+
+def data_dir(tmp: Path) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp

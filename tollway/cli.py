@@ -1,0 +1,53 @@
+"""The `tollway` command: run the pipeline or one service, and manage keys through the billing API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from schemas.settings import CommonSettings
+from tollway.logs import configure_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tollway import keys_cli
+
+    p = argparse.ArgumentParser(prog="tollway", description="OpenAI-compatible LLM gateway with metering and billing")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="proxy + meter + billing in one process (bundled broker unless configured)")
+    up.add_argument("--demo", action="store_true", help="also run the mock upstream and create a demo key")
+    sub.add_parser("proxy", help="run the proxy alone")
+    sub.add_parser("meter", help="run the meter alone")
+    sub.add_parser("billing", help="run the billing service alone")
+    sub.add_parser("mock-upstream", help="run the OpenAI-compatible mock upstream")
+    keys_cli.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        from tollway import keys_cli
+
+        return keys_cli.run(args)
+    common = CommonSettings()
+    configure_logging(common.log_level, common.log_format)
+    from tollway import runtime
+
+    entry = {
+        "up": lambda: runtime.up(demo=args.demo),
+        "proxy": runtime.run_proxy,
+        "meter": runtime.run_meter_alone,
+        "billing": runtime.run_billing,
+        "mock-upstream": runtime.run_mock,
+    }[args.command]
+    try:
+        asyncio.run(entry())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

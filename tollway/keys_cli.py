@@ -1,0 +1,119 @@
+"""`tollway keys create|revoke|list`: a thin client of the billing admin API.
+
+Talks to `TOLLWAY_BILLING_URL` (default http://127.0.0.1:8090) with `TOLLWAY_ADMIN_TOKEN`; prints JSON on
+stdout; an API error prints its message on stderr and exits 1. The token is read from the environment only,
+so it never shows in `ps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import httpx
+
+DEFAULT_BILLING_URL = "http://127.0.0.1:8090"
+
+
+class CliError(Exception):
+    """A failure worth one line on stderr."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    keys = subparsers.add_parser("keys", help="create, revoke and list API keys (via the billing API)")
+    sub = keys.add_subparsers(dest="keys_command", metavar="{create,revoke,list}", required=True)
+
+    create = sub.add_parser("create", help="create a key; a new team name creates the team")
+    create.add_argument("--team", required=True, help="team id or name (an unknown name creates the team)")
+    create.add_argument("--plan", help="plan of the key (and of the team, if it is created now)")
+    create.add_argument("--name", help="a label for the key")
+
+    revoke = sub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+
+    listing = sub.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--team", help="only this team (id or name)")
+
+    keys.set_defaults(func=run)
+    return keys
+
+
+def run(args: argparse.Namespace) -> int:
+    url = os.environ.get("TOLLWAY_BILLING_URL", DEFAULT_BILLING_URL).rstrip("/")
+    token = os.environ.get("TOLLWAY_ADMIN_TOKEN")
+    try:
+        if not token:
+            raise CliError("TOLLWAY_ADMIN_TOKEN is not set")
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30.0) as client:
+            match args.keys_command:
+                case "create":
+                    out = _create(client, args.team, args.plan, args.name)
+                case "revoke":
+                    out = _call(client, "DELETE", f"/v1/admin/keys/{args.key_id}")
+                case "list":
+                    params = {"team": args.team} if args.team else None
+                    out = _call(client, "GET", "/v1/admin/keys", params=params)["data"]
+                case other:
+                    raise CliError(f"unknown keys command {other!r}")
+    except CliError as e:
+        print(f"tollway keys: {e}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as e:
+        print(f"tollway keys: cannot reach billing at {url}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _create(client: httpx.Client, team: str, plan: str | None, name: str | None) -> dict[str, Any]:
+    team_id, created = _ensure_team(client, team, plan)
+    body: dict[str, Any] = {"team_id": team_id}
+    if plan:
+        body["plan"] = plan
+    if name:
+        body["name"] = name
+    key = _call(client, "POST", "/v1/admin/keys", json=body)
+    return {**key, "team_created": created}
+
+
+def _ensure_team(client: httpx.Client, team: str, plan: str | None) -> tuple[str, bool]:
+    """(team id, whether it was created now) for a team id or name."""
+    found = _find_team(client, team)
+    if found is not None:
+        return found, False
+    body: dict[str, Any] = {"name": team} | ({"plan": plan} if plan else {})
+    try:
+        return _call(client, "POST", "/v1/admin/teams", json=body)["team_id"], True
+    except _Conflict:
+        # Someone created it between our lookup and our create: use theirs.
+        found = _find_team(client, team)
+        if found is None:
+            raise CliError(f"team {team!r} exists but cannot be found") from None
+        return found, False
+
+
+def _find_team(client: httpx.Client, team: str) -> str | None:
+    teams = _call(client, "GET", "/v1/admin/teams")["data"]
+    match = next((t for t in teams if t["team_id"] == team), None) or next(
+        (t for t in teams if t["name"] == team), None
+    )
+    return match["team_id"] if match else None
+
+
+class _Conflict(CliError):
+    pass
+
+
+def _call(client: httpx.Client, method: str, path: str, **kw: Any) -> Any:
+    resp = client.request(method, path, **kw)
+    if resp.is_success:
+        return resp.json()
+    try:
+        message = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = resp.text[:200] or resp.reason_phrase
+    error = _Conflict if resp.status_code == 409 else CliError
+    raise error(f"{method} {path} -> {resp.status_code}: {message}")
