@@ -33,7 +33,10 @@ class ControlListener:
                     pass
 
     async def _follow(self, stop: asyncio.Event) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
+        # A short fetch wait: the topic is tiny, and a new or revoked key should take effect in milliseconds.
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None, fetch_max_wait_ms=20
+        )
         await consumer.start()
         try:
             tp = TopicPartition(CONTROL_TOPIC, 0)

@@ -35,6 +35,18 @@ class Stack:
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
+    def new_key(self, team: str, timeout_s: float = 2.0) -> dict:
+        """Create a key with the CLI and return once the proxy accepts it (control-topic propagation)."""
+        created = self.cli("keys", "create", "--team", team)
+        t0 = time.monotonic()
+        while True:
+            r = httpx.get(f"{self.proxy_url}/models", headers={"authorization": f"Bearer {created['key']}"})
+            if r.status_code == 200:
+                created["active_after_s"] = time.monotonic() - t0
+                return created
+            assert time.monotonic() - t0 < timeout_s, f"new key not accepted within {timeout_s}s"
+            time.sleep(0.01)
+
     def log_events(self) -> list[dict]:
         events = []
         for line in self.log_path.read_text().splitlines():

@@ -35,7 +35,7 @@ def wait_usage(stack, secret: str, requests: int, timeout_s: float = 20.0, **par
 
 
 def test_sdk_calls_are_billed_exactly_what_the_client_was_told(stack):
-    created = stack.cli("keys", "create", "--team", "acme")
+    created = stack.new_key("acme")
     assert created["key"].startswith("tw-") and created["team_id"] and created["key_id"]
     client = openai.OpenAI(base_url=stack.proxy_url, api_key=created["key"], max_retries=0)
 
@@ -71,8 +71,8 @@ def test_sdk_calls_are_billed_exactly_what_the_client_was_told(stack):
 
 
 def test_group_by_key_and_day_and_team_isolation(stack):
-    a = stack.cli("keys", "create", "--team", "iso-a")
-    b = stack.cli("keys", "create", "--team", "iso-b")
+    a = stack.new_key("iso-a")
+    b = stack.new_key("iso-b")
     client = openai.OpenAI(base_url=stack.proxy_url, api_key=a["key"], max_retries=0)
     for _ in range(3):
         client.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": "hi"}])
@@ -88,7 +88,7 @@ def test_group_by_key_and_day_and_team_isolation(stack):
 
 
 def test_revoked_key_stops_working_within_a_second(stack):
-    k = stack.cli("keys", "create", "--team", "revoke-me")
+    k = stack.new_key("revoke-me")
     client = openai.OpenAI(base_url=stack.proxy_url, api_key=k["key"], max_retries=0)
     client.models.list()
     out = subprocess.run([TOLLWAY, "keys", "revoke", k["key_id"]], env=stack.env, capture_output=True, text=True,
@@ -105,7 +105,7 @@ def test_revoked_key_stops_working_within_a_second(stack):
 
 
 def test_secrets_never_reach_the_logs(stack):
-    k = stack.cli("keys", "create", "--team", "logs")
+    k = stack.new_key("logs")
     openai.OpenAI(base_url=stack.proxy_url, api_key=k["key"], max_retries=0).models.list()
     text = stack.log_path.read_text()
     assert k["key"] not in text and k["key"][3:20] not in text
