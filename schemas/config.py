@@ -42,6 +42,7 @@ class Limits(_Strict):
 
 class Plan(Limits):
     fee_usd_per_month: Decimal = Field(default=Decimal(0), ge=0)
+    models: list[str] | None = Field(default=None, description="public names or aliases a key may use; None = all")
 
 
 class Price(_Strict):
@@ -65,6 +66,8 @@ class Provider(_Strict):
     timeout_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict)
+    health_check_interval_s: float | None = Field(default=None, gt=0, description="None = passive health only")
+    health_check_path: str = Field(default="/models", description="GET base_url + this path; 2xx = healthy")
 
     @field_validator("base_url")
     @classmethod
@@ -81,7 +84,38 @@ class Route(_Strict):
     provider: str
     model: str | None = Field(default=None, description="upstream model name; defaults to the public name")
     weight: float = Field(default=1.0, gt=0)
+    priority: int = Field(default=0, description="lower tiers are tried first; routes in one tier share load")
     prices: list[Price] | None = Field(default=None, description="overrides the model's prices on this route")
+
+
+class RetryConfig(_Strict):
+    """Retries and fallbacks for one request: exponential backoff with full jitter, bounded twice."""
+
+    max_attempts: int = Field(default=4, ge=1, description="upstream calls per request, all routes together")
+    retries_per_route: int = Field(default=1, ge=0, description="extra tries on a route before falling back")
+    backoff_base_s: float = Field(default=0.1, ge=0)
+    backoff_max_s: float = Field(default=2.0, ge=0)
+    deadline_s: float = Field(default=120.0, gt=0, description="for the whole request until the first byte")
+    retry_after_max_s: float = Field(default=10.0, ge=0, description="longer upstream Retry-After: fall back/fail")
+
+
+class HealthConfig(_Strict):
+    """Passive health per route: a circuit breaker and a latency EWMA that biases load balancing."""
+
+    failure_threshold: int = Field(default=5, ge=1, description="consecutive failures that open the breaker")
+    cooldown_s: float = Field(default=30.0, gt=0, description="open -> half-open (one probe request) after this")
+    ewma_alpha: float = Field(default=0.3, gt=0, le=1)
+    latency_bias: float = Field(default=1.0, ge=0, description="0 = weights only; 1 = weight / relative latency")
+
+
+class CacheConfig(_Strict):
+    """Exact-match response cache, in process memory."""
+
+    enabled: bool = True
+    ttl_s: float = Field(default=600.0, gt=0)
+    max_entries: int = Field(default=10_000, ge=1)
+    max_entry_bytes: int = Field(default=1_000_000, ge=1)
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1, description="all entries together")
 
 
 class ModelConfig(_Strict):
@@ -90,6 +124,8 @@ class ModelConfig(_Strict):
     routes: list[Route] = Field(min_length=1)
     prices: list[Price] = Field(default_factory=list)
     baseline: Price | None = Field(default=None, description="what this traffic would cost elsewhere (ROI)")
+    retry: RetryConfig | None = Field(default=None, description="overrides the gateway's retry policy")
+    cache_ttl_s: float | None = Field(default=None, ge=0, description="overrides cache.ttl_s; 0 = never cache")
 
     @field_validator("prices")
     @classmethod
@@ -105,6 +141,9 @@ class GatewayConfig(_Strict):
     models: dict[str, ModelConfig] = Field(min_length=1)
     plans: dict[str, Plan] = Field(default_factory=lambda: {"default": Plan()})
     default_plan: str = "default"
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @model_validator(mode="after")
     def _cross_refs(self) -> GatewayConfig:
@@ -119,6 +158,10 @@ class GatewayConfig(_Strict):
                 if alias in seen:
                     raise ValueError(f"models.{name}.aliases: {alias!r} already names {seen[alias]!r}")
                 seen[alias] = name
+        for plan_name, plan in self.plans.items():
+            for model in plan.models or ():
+                if model not in seen:
+                    raise ValueError(f"plans.{plan_name}.models: unknown model {model!r}")
         return self
 
     def resolve(self, requested: str) -> str | None:

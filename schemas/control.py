@@ -8,12 +8,13 @@ in-memory broker that lost history.
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from schemas.config import Limits
+from schemas.config import GatewayConfig, Limits
 
 CONTROL_TOPIC = "tollway.control.v1"
 ALERTS_TOPIC = "tollway.alerts.v1"
@@ -45,15 +46,31 @@ class KeyState(_Msg):
     metadata: dict[str, str] = Field(default_factory=dict)
     expires_at: datetime | None = None
     revoked: bool = False
+    # Set on the message billing publishes when `expires_at` passes (the proxy checks expires_at anyway).
+    expired: bool = False
 
 
 class QuotaSignal(_Msg):
+    """A team's or key's monthly quota state. `state="ok"` with `used_*` set is a usage update: billing
+    sends those for entities near a limit, so a proxy can count locally on top of billing's total."""
+
     kind: Literal["quota"] = "quota"
     scope: Literal["team", "key"]
     id: str
     state: Literal["ok", "exhausted"]
     reason: str | None = None
     period: str | None = None
+    # Month-to-date totals billing has counted (None on messages from before these fields existed).
+    used_tokens: int | None = None
+    used_usd: Decimal | None = None
+    limit_tokens: int | None = None
+    limit_usd: Decimal | None = None
+    # When the call that crossed the limit finished (UTC): the start of the crossing-to-429 lag.
+    crossed_at: datetime | None = None
+    as_of: datetime | None = None
+    # Event ids billing counted for this entity since its previous update: a proxy drops them from its
+    # local not-yet-counted ledger, so nothing is counted twice or forgotten.
+    counted: list[str] = Field(default_factory=list)
 
 
 class Snapshot(_Msg):
@@ -63,6 +80,39 @@ class Snapshot(_Msg):
     published_at: datetime
     keys: int
     teams: int
+    quota_states: int = 0
+
+
+class BudgetAlert(BaseModel):
+    """On `tollway.alerts.v1` (and the optional webhook): a team or key crossed a threshold of a monthly limit.
+    Exactly one per (scope, id, period, metric, threshold)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    kind: Literal["budget_alert"] = "budget_alert"
+    alert_id: str
+    scope: Literal["team", "key"]
+    id: str
+    team_id: str
+    period: str
+    metric: Literal["budget_usd", "tokens"]
+    threshold_pct: int
+    used: Decimal
+    limit: Decimal
+    crossed_at: datetime
+
+
+def monthly_limits(config: GatewayConfig, scope: str, plan: str | None, own: Limits) -> Limits:
+    """The monthly limits that apply to a team or key: its plan's, overridden by its own.
+
+    A team without a plan gets the default plan; a key without a plan has only its own overrides (the
+    team's limits still apply at team scope). Shared by billing (which counts) and proxies (which gate).
+    """
+    if plan is None and scope == "team":
+        plan = config.default_plan
+    base = config.plans.get(plan) if plan else None
+    merged = Limits() if base is None else Limits(**base.model_dump(include=set(Limits.model_fields)))
+    return merged.overlay(own)
 
 
 ControlMessage = Annotated[TeamState | KeyState | QuotaSignal | Snapshot, Field(discriminator="kind")]

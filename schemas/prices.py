@@ -96,16 +96,22 @@ def cost_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int, unit
 
 def price(event: UsageEvent, book: PriceBook) -> Priced:
     """Cost of one event. Cache hits and rejections cost nothing but are still priced (version kept)."""
-    model = event.served_model or event.requested_model
-    unit = book.at(model, event.provider, event.occurred_at)
+    return price_of(event.served_model or event.requested_model, event.provider, event.occurred_at, event.status,
+                    event.prompt_tokens, event.completion_tokens, event.cached_tokens, book)  # fmt: skip
+
+
+_ZERO_COST = Cost(ZERO, ZERO, ZERO)
+_NO_PRICE_NEEDED = UnitPrice("none", ZERO, ZERO, ZERO)
+
+
+def price_of(model: str, provider: str, occurred_at: datetime, status: str, prompt_tokens: int,
+             completion_tokens: int, cached_tokens: int, book: PriceBook) -> Priced:  # fmt: skip
+    """`price` on plain values (the meter's hot path prices decoded dicts without building models)."""
+    unit = book.at(model, provider, occurred_at)
     if unit is None:
-        has_tokens = event.prompt_tokens or event.completion_tokens
         # A call with no tokens (rejected, failed before upstream) needs no price to be exact.
-        return (
-            Priced(unit=None, cost=Cost(ZERO, ZERO, ZERO))
-            if has_tokens
-            else Priced(unit=UnitPrice("none", ZERO, ZERO, ZERO), cost=Cost(ZERO, ZERO, ZERO))
-        )
-    if event.status in ("cached", "rejected"):
-        return Priced(unit=unit, cost=Cost(ZERO, ZERO, ZERO))
-    return Priced(unit=unit, cost=cost_of(event.prompt_tokens, event.completion_tokens, event.cached_tokens, unit))
+        return Priced(unit=None, cost=_ZERO_COST) if prompt_tokens or completion_tokens else Priced(
+            unit=_NO_PRICE_NEEDED, cost=_ZERO_COST)  # fmt: skip
+    if status in ("cached", "rejected"):
+        return Priced(unit=unit, cost=_ZERO_COST)
+    return Priced(unit=unit, cost=cost_of(prompt_tokens, completion_tokens, cached_tokens, unit))

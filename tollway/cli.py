@@ -22,11 +22,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("billing", help="run the billing service alone")
     sub.add_parser("mock-upstream", help="run the OpenAI-compatible mock upstream")
     keys_cli.register(sub)
+    from tollway import invoices_cli, report_cli
+
+    invoices_cli.register(sub)
+    report_cli.register(sub)
+    from tollway import reconcile_cli, rerate_cli
+
+    rerate_cli.register(sub)
+    reconcile_cli.register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("rerate", "reconcile"):
+        from tollway import reconcile_cli, rerate_cli
+
+        return (rerate_cli if args.command == "rerate" else reconcile_cli).run(args)
+    if args.command in ("invoices", "report"):
+        from tollway import invoices_cli, report_cli
+
+        return (invoices_cli if args.command == "invoices" else report_cli).run(args)
     if args.command == "keys":
         from tollway import keys_cli
 

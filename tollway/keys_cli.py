@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     create.add_argument("--team", required=True, help="team id or name (an unknown name creates the team)")
     create.add_argument("--plan", help="plan of the key (and of the team, if it is created now)")
     create.add_argument("--name", help="a label for the key")
+    create.add_argument("--expires-at", help="ISO datetime (UTC) after which the key stops working")
+    create.add_argument("--tokens-per-month", type=int, help="monthly token quota of this key")
+    create.add_argument("--budget-usd-per-month", help="monthly budget (USD) of this key")
 
     revoke = sub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30.0) as client:
             match args.keys_command:
                 case "create":
-                    out = _create(client, args.team, args.plan, args.name)
+                    out = _create(client, args.team, args.plan, args.name, _extra(args))
                 case "revoke":
                     out = _call(client, "DELETE", f"/v1/admin/keys/{args.key_id}")
                 case "list":
@@ -68,9 +71,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _create(client: httpx.Client, team: str, plan: str | None, name: str | None) -> dict[str, Any]:
+def _extra(args: argparse.Namespace) -> dict[str, Any]:
+    """expires_at and limit overrides from the optional flags (absent flags send nothing)."""
+    body: dict[str, Any] = {}
+    if getattr(args, "expires_at", None):
+        body["expires_at"] = args.expires_at
+    limits = {k: v for k, v in (("tokens_per_month", getattr(args, "tokens_per_month", None)),
+                                ("budget_usd_per_month", getattr(args, "budget_usd_per_month", None))) if v is not None}  # fmt: skip
+    if limits:
+        body["limits"] = limits
+    return body
+
+
+def _create(
+    client: httpx.Client, team: str, plan: str | None, name: str | None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     team_id, created = _ensure_team(client, team, plan)
-    body: dict[str, Any] = {"team_id": team_id}
+    body: dict[str, Any] = {"team_id": team_id, **(extra or {})}
     if plan:
         body["plan"] = plan
     if name:

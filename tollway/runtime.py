@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -60,14 +62,33 @@ async def kafka(settings: CommonSettings) -> AsyncIterator[tuple[str, BundledBro
         await wait_for_broker(bootstrap, timeout_s=60)
     else:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        pidfile = settings.data_dir / "broker.pid"
+        reap_orphan_broker(pidfile)
         broker = BundledBroker(log_path=settings.data_dir / "broker.log")
         bootstrap = await asyncio.to_thread(broker.start)
+        if broker.proc is not None:
+            pidfile.write_text(str(broker.proc.pid))
     try:
         await ensure_topics(bootstrap, settings.usage_partitions)
         yield bootstrap, broker
     finally:
         if broker:
             await asyncio.to_thread(broker.stop)
+
+
+def reap_orphan_broker(pidfile: Path) -> None:
+    """A kill -9 of `tollway up` leaves its broker child running (own session). It holds nothing we need
+    (the proxy spool replays into the new broker), so stop it rather than leak it."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"broker" in cmdline and b"memory://" in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            log.warning("orphan_broker_killed", pid=pid)
+    pidfile.unlink(missing_ok=True)
 
 
 @contextlib.asynccontextmanager
@@ -131,11 +152,14 @@ async def up(demo: bool = False) -> None:
             meter_task = asyncio.create_task(
                 run_meter(meter_s, config, store, bootstrap, meter_stop, drain=broker is not None), name="meter"
             )
-            srv = make_server(proxy_app(proxy_s, config, bootstrap), proxy_s.proxy_host, proxy_s.proxy_port)
+            # A bundled broker starts empty: the proxy re-sends its spool's retained window (dedup absorbs it).
+            app = proxy_app(proxy_s, config, bootstrap, replay_spool=broker is not None)
+            srv = make_server(app, proxy_s.proxy_host, proxy_s.proxy_port)
             run.servers.append(("proxy", srv, await start_server(srv, "proxy")))
             billing_url = f"http://{billing_s.billing_host}:{billing_s.billing_port}"
             proxy_url = f"http://{proxy_s.proxy_host}:{proxy_s.proxy_port}/v1"
             print(f"Tollway is up: proxy {proxy_url}  billing {billing_url}  kafka {bootstrap}", flush=True)
+            print(f"Dashboard: {billing_url}/dashboard  (sign in with the admin token or a team key)", flush=True)
             if demo:
                 await print_demo(billing_url, billing_s.admin_token or "", proxy_url, mock_url)
             await wait_any(stop, meter_task)
@@ -219,6 +243,10 @@ async def run_meter_alone() -> None:
     await ensure_topics(bootstrap, s.usage_partitions)
     stop = asyncio.Event()
     install_stop_signals(stop)
+    if s.meter_metrics_port:
+        import prometheus_client
+
+        prometheus_client.start_http_server(s.meter_metrics_port, addr="127.0.0.1")
     async with clickhouse(s) as store:
         await run_meter(s, config, store, bootstrap, stop)
 

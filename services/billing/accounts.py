@@ -192,6 +192,56 @@ class Accounts:
         log.info("key_revoked", key_id=key_id, team_id=key.team_id)
         return key
 
+    async def update_team(self, team_id: str, plan: str | None = None, limits: Limits | None = None) -> TeamState:
+        """Change a team's plan and/or limits (`limits` replaces the team's own overrides)."""
+        plan = self._check_plan(plan)
+        async with self._lock:
+            current = self._teams.get(team_id)
+            if current is None:
+                raise TeamNotFound(f"no team with id {team_id!r}")
+            update: dict[str, object] = {}
+            if plan is not None:
+                update["plan"] = plan
+            if limits is not None:
+                update["limits"] = limits
+            team = current.model_copy(update=update)
+            version = self._next_version(team_id)
+            created = self._created[team_id]
+            await self._store.insert_rows(
+                "teams",
+                [[team.team_id, team.name, team.plan, _limits_json(team.limits), created, version]],
+                TEAM_COLUMNS,
+            )
+            self._remember_team(team, created, version)
+        log.info("team_updated", team_id=team_id, plan=team.plan)
+        return team
+
+    async def update_key(
+        self,
+        key_id: str,
+        plan: str | None = None,
+        limits: Limits | None = None,
+        expires_at: datetime | None = None,
+        metadata: dict[str, str] | None = None,
+        name: str | None = None,
+    ) -> KeyState:
+        """Change a key's plan, limits (replacing its overrides), expiry, metadata or name."""
+        plan = self._check_plan(plan)
+        async with self._lock:
+            current = self._keys.get(key_id)
+            if current is None:
+                raise KeyNotFound(f"no key with id {key_id!r}")
+            update: dict[str, object] = {}
+            for field, value in (("plan", plan), ("limits", limits), ("metadata", metadata), ("name", name)):
+                if value is not None:
+                    update[field] = value
+            if expires_at is not None:
+                update["expires_at"] = as_utc(expires_at)
+            key = current.model_copy(update=update)
+            await self._write_key(key, self._created[key_id])
+        log.info("key_updated", key_id=key_id, team_id=key.team_id)
+        return key
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _check_plan(self, plan: str | None) -> str | None:

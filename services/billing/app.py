@@ -1,11 +1,13 @@
 """The billing FastAPI app: `create_app` wires settings, config and the store; the lifespan owns the rest.
 
-Start: load accounts from ClickHouse, start the control publisher, republish the full state (the broker
-may be a fresh in-memory one). Stop: stop the publisher. The store belongs to the caller.
+Start: load accounts, seed month-to-date quota totals from ClickHouse, start the control publisher and
+republish the full state (teams, keys, current quota states; the broker may be a fresh in-memory one),
+then run the quota loop on the usage stream. Stop in reverse. The store belongs to the caller.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,10 +16,15 @@ from fastapi import FastAPI
 
 from schemas.clickhouse import Store
 from schemas.config import GatewayConfig
+from services.billing import dashboard
 from services.billing.accounts import Accounts
-from services.billing.api import admin, health, usage
+from services.billing.alerts import Alerts
+from services.billing.api import admin, health, invoices, quota, reports, usage
+from services.billing.api import reconcile as reconcile_api
 from services.billing.control import ControlPublisher
 from services.billing.errors import install_error_handlers
+from services.billing.invoices import Invoices
+from services.billing.quota_stream import QuotaService
 from services.billing.settings import BillingSettings
 
 log = structlog.get_logger("tollway.billing")
@@ -30,13 +37,27 @@ def create_app(settings: BillingSettings, config: GatewayConfig, store: Store, b
         await accounts.load()
         publisher = ControlPublisher(bootstrap)
         await publisher.start()
+        alerts = Alerts(store, bootstrap, settings.alert_webhook_url, settings.alert_webhook_attempts)
+        quota_service = QuotaService(settings, config, store, accounts, publisher, alerts, bootstrap)
+        stop = asyncio.Event()
+        task: asyncio.Task[None] | None = None
         try:
+            await quota_service.seed()
+            await alerts.start(quota_service.book.period)
             app.state.accounts = accounts
             app.state.publisher = publisher
-            await publisher.publish_full_state(accounts)
+            app.state.quota = quota_service
+            app.state.alerts = alerts
+            app.state.invoices = Invoices(store, config)
+            await publisher.publish_full_state(accounts, quota_service.full_state(), quota_service.key_state)
+            task = asyncio.create_task(quota_service.run(stop), name="billing-quota")
             log.info("billing_started", database=store.db, admin_token_set=settings.admin_token is not None)
             yield
         finally:
+            stop.set()
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+            await alerts.stop()
             await publisher.stop()
             log.info("billing_stopped")
 
@@ -47,5 +68,10 @@ def create_app(settings: BillingSettings, config: GatewayConfig, store: Store, b
     install_error_handlers(app)
     app.include_router(admin.router)
     app.include_router(usage.router)
+    app.include_router(quota.router)
+    app.include_router(invoices.router)
+    app.include_router(reports.router)
     app.include_router(health.router)
+    app.include_router(reconcile_api.router)
+    app.include_router(dashboard.router)
     return app

@@ -7,6 +7,7 @@ waits for the broker's acknowledgement instead of firing and forgetting.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -50,19 +51,28 @@ class ControlPublisher:
         await self._send(msg)
         log.debug("control_published", kind=msg.kind, key=message_key(msg).decode())
 
-    async def publish_full_state(self, accounts: Accounts) -> int:
-        """Every team, every key, then a Snapshot: a proxy that sees the Snapshot holds the whole view."""
+    async def publish_full_state(
+        self,
+        accounts: Accounts,
+        quota: list[QuotaSignal] | None = None,
+        key_state: Callable[[KeyState], KeyState] | None = None,
+    ) -> int:
+        """Every team, every key, the current quota states, then a Snapshot: a proxy that sees the Snapshot
+        holds the whole view."""
         teams = accounts.teams()
-        keys = accounts.keys()
+        keys = [key_state(k) for k in accounts.keys()] if key_state else accounts.keys()
+        quota = quota or []
         # Enqueue in order (one partition, one producer: enqueue order is log order), then wait for every
         # ack before the Snapshot, so a Snapshot never follows state that failed to land.
-        pending = [(msg, await self._enqueue(msg)) for msg in [*teams, *keys]]
+        pending = [(msg, await self._enqueue(msg)) for msg in [*teams, *keys, *quota]]
         for msg, delivered in pending:
             await delivered
             metrics.CONTROL_MESSAGES.labels(kind=msg.kind).inc()
-        await self._send(Snapshot(published_at=datetime.now(UTC), keys=len(keys), teams=len(teams)))
-        log.info("control_full_state_published", teams=len(teams), keys=len(keys))
-        return len(teams) + len(keys) + 1
+        await self._send(
+            Snapshot(published_at=datetime.now(UTC), keys=len(keys), teams=len(teams), quota_states=len(quota))
+        )
+        log.info("control_full_state_published", teams=len(teams), keys=len(keys), quota_states=len(quota))
+        return len(teams) + len(keys) + len(quota) + 1
 
     async def _enqueue(self, msg: ControlMsg) -> asyncio.Future[object]:
         if self._producer is None:

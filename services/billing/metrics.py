@@ -17,3 +17,22 @@ USAGE_QUERY_SECONDS = Histogram(
     "Time spent in ClickHouse for one usage report",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+
+# -- quotas, alerts, invoices ----------------------------------------------------------------------------
+QUOTA_EVENTS = Counter(
+    "tollway_billing_quota_events_total", "Usage events seen by the quota loop, by outcome", ["outcome"]
+)
+QUOTA_SIGNALS = Counter("tollway_billing_quota_signals_total", "Quota signals published, by kind", ["kind"])
+QUOTA_DETECT_SECONDS = Histogram(
+    "tollway_billing_quota_detect_seconds",
+    "From the end of the call that crossed a limit to billing's exhausted signal being acknowledged",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+QUOTA_OVERSHOOT_TOKENS = Counter(
+    "tollway_billing_quota_overshoot_tokens_total", "Tokens counted beyond a monthly token limit", ["scope"]
+)
+QUOTA_OVERSHOOT_USD = Counter(
+    "tollway_billing_quota_overshoot_usd_total", "Spend (USD) counted beyond a monthly budget", ["scope"]
+)
+ALERTS = Counter("tollway_billing_alerts_sent_total", "Budget alerts delivered", ["metric", "threshold"])
+INVOICES_FINALIZED = Counter("tollway_billing_invoices_finalized_total", "Invoices finalized")

@@ -11,3 +11,13 @@ class BillingSettings(CommonSettings):
     # Unset tokens grant nothing: with no admin token there is no admin access at all.
     admin_token: str | None = None
     finance_token: str | None = None
+    # Budget alerts: thresholds in percent of a monthly limit, and an optional webhook.
+    alert_thresholds: list[int] = [50, 80, 100]
+    alert_webhook_url: str | None = None
+    alert_webhook_attempts: int = 5
+    # Quota loop: usage updates go to proxies for entities at or past this share of a limit, at most
+    # once per interval each; offsets are committed only for records older than the commit delay.
+    quota_group: str = "tollway-billing-quota"
+    quota_watch_ratio: float = 0.5
+    quota_update_interval_ms: int = 100
+    quota_commit_delay_s: float = 60.0

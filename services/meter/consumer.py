@@ -14,11 +14,12 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.clickhouse import Store
 from schemas.config import GatewayConfig
-from schemas.events import USAGE_TOPIC
 from schemas.prices import PriceBook
 from services.meter import metrics
 from services.meter.dlq import DeadLetterSink
 from services.meter.pricing import decode_and_price
+from services.meter.rerate import price_held
+from services.meter.rollups import run_rollups
 from services.meter.settings import MeterSettings
 from services.meter.writer import UsageWriter
 
@@ -64,13 +65,15 @@ async def run_meter(
     book = PriceBook(config)
     writer = UsageWriter(store, settings.insert_backoff_max_s)
     consumer = AIOKafkaConsumer(
-        USAGE_TOPIC,
+        settings.usage_topic,
         bootstrap_servers=bootstrap,
         group_id=settings.meter_group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=8 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
+        session_timeout_ms=settings.meter_session_timeout_ms,
+        heartbeat_interval_ms=max(100, settings.meter_session_timeout_ms // 3),
     )
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
@@ -80,13 +83,22 @@ async def run_meter(
     if started:
         started.set()
     never = asyncio.Event()  # a drain must finish its inserts even though `stop` is set
+    background_stop = asyncio.Event()
+    background = [
+        asyncio.create_task(reprice_loop(store, book, background_stop, settings.reprice_interval_s), name="reprice"),
+        asyncio.create_task(
+            run_rollups(store, background_stop, settings.rollup_interval_s, settings.rollup_catchup_s), name="rollups"
+        ),
+    ]
 
     async def process(records: list, give_up: asyncio.Event) -> bool:
         batch, dead = decode_and_price(records, book)
-        if not await writer.insert(batch, give_up):
+        # Rows, then dead letters (topic and table), then the commit: a crash anywhere replays the batch.
+        if not await writer.insert(batch, give_up) or not await writer.insert_dead(dead, give_up):
             log.warning("meter_stopping_uncommitted", rows=batch.rows)  # replayed on next start
             return False
         await dlq.send(dead)
+        metrics.DEAD_LETTERS.inc(len(dead))
         offsets = {TopicPartition(t, p): last + 1 for (t, p), (_, last) in batch.spans.items()}
         try:
             await consumer.commit(offsets)
@@ -98,7 +110,8 @@ async def run_meter(
         metrics.EVENTS.labels("dead").inc(len(dead))
         metrics.EVENTS.labels("unpriced").inc(batch.unpriced)
         await update_lag(consumer)
-        log.debug("batch_committed", rows=batch.rows, dead=len(dead), unpriced=batch.unpriced)
+        log.debug("batch_committed", rows=batch.rows, dead=len(dead), unpriced=batch.unpriced,
+                  partitions={f"{t}:{p}": [a, b] for (t, p), (a, b) in batch.spans.items()})  # fmt: skip
         return True
 
     try:
@@ -114,6 +127,22 @@ async def run_meter(
                 if not records or not await process(records, never):
                     break
     finally:
+        background_stop.set()
+        await asyncio.gather(*background, return_exceptions=True)
         await consumer.stop()
         await producer.stop()
         log.info("meter_stopped")
+
+
+async def reprice_loop(store: Store, book: PriceBook, stop: asyncio.Event, interval_s: float) -> None:
+    """Held (unpriced) events get priced as soon as this meter's catalog has a price for them."""
+    while True:
+        try:
+            await price_held(store, book)
+        except Exception as err:
+            log.warning("reprice_failed", error=str(err)[:300])
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            return
+        except TimeoutError:
+            pass

@@ -9,6 +9,11 @@ BATCH_ROWS = Histogram(
     buckets=(1, 10, 100, 1_000, 5_000, 10_000, 20_000, 50_000),
 )
 INSERT_SECONDS = Histogram("tollway_meter_insert_seconds", "ClickHouse insert latency")
-INSERT_FAILURES = Counter("tollway_meter_insert_failures_total", "Failed ClickHouse insert attempts")
+INSERT_FAILURES = Counter("tollway_meter_insert_failures_total", "Failed ClickHouse insert attempts", ["table"])
 COMMIT_FAILURES = Counter("tollway_meter_commit_failures_total", "Offset commits that failed (rebalance)")
 LAG = Gauge("tollway_meter_consumer_lag", "High watermark minus position", ["partition"])
+DEAD_LETTERS = Counter("tollway_meter_dead_letters_total", "Records sent to the DLQ")
+UNPRICED_HELD = Gauge("tollway_meter_unpriced_held", "Stored events still waiting for a price (last pass)")
+REPRICED = Counter("tollway_meter_repriced_total", "Held (unpriced) events priced once a price appeared")
+ROLLUP_SECONDS = Histogram("tollway_meter_rollup_seconds", "Rollup refresh pass latency")
+ROLLUP_FAILURES = Counter("tollway_meter_rollup_failures_total", "Rollup refresh passes that failed")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from schemas.events import USAGE_TOPIC
 from schemas.settings import CommonSettings
 
 
 class MeterSettings(CommonSettings):
     meter_group: str = "tollway-meter"
+    usage_topic: str = USAGE_TOPIC  # tests and benchmarks point a meter at a topic of their own
     # ClickHouse likes few big inserts: up to this many rows, or whatever arrived within the wait.
     batch_max_rows: int = 20_000
     batch_max_wait_ms: int = 200
     insert_backoff_max_s: float = 10.0
+    # Held (unpriced) events are re-priced at start and then this often; a new price needs a restart anyway.
+    reprice_interval_s: float = 60.0
+    rollup_interval_s: float = 5.0
+    rollup_catchup_s: float = 86_400.0
+    # A SIGKILLed member holds its partitions until its session expires: lower means faster takeover.
+    meter_session_timeout_ms: int = 10_000
+    meter_metrics_port: int | None = None  # `tollway meter` alone: serve /metrics here

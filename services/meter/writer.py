@@ -1,19 +1,22 @@
-"""Write priced batches to ClickHouse; retry with backoff until accepted or told to stop."""
+"""Write priced batches (and dead letters) to ClickHouse; retry with backoff until accepted or told to stop."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import structlog
 
 from schemas.clickhouse import Store
 from services.meter import metrics
-from services.meter.pricing import COLUMNS, PricedBatch
+from services.meter.pricing import COLUMNS, DEAD_COLUMNS, INGESTED_AT, DeadLetter, PricedBatch, dead_letter_rows
 
 log = structlog.get_logger("tollway.meter.writer")
 TABLE = "usage_events"
+DEAD_TABLE = "usage_dead_letters"
 
 
 class UsageWriter:
@@ -21,34 +24,47 @@ class UsageWriter:
         self.store = store
         self.backoff_max_s = backoff_max_s
 
-    async def insert(self, batch: PricedBatch, stop: asyncio.Event) -> bool:
-        """True once ClickHouse accepted the batch; False only if `stop` was set while it kept failing."""
-        if batch.rows == 0:
-            return True
-        token = batch.dedup_token()
+    async def _retry(
+        self, what: str, rows: int, attempt_fn: Callable[[], Awaitable[None]], stop: asyncio.Event
+    ) -> bool:
         attempt = 0
         while True:
-            t0 = time.perf_counter()
             try:
-                await self.store.insert_columns(TABLE, batch.columns, COLUMNS, dedup_token=token)
+                await attempt_fn()
+                return True
             except Exception as err:  # any engine/network failure: never drop, never crash-loop
                 attempt += 1
-                delay = random.uniform(0, min(self.backoff_max_s, 0.1 * 2**attempt))
-                metrics.INSERT_FAILURES.inc()
-                log.warning(
-                    "insert_failed",
-                    rows=batch.rows,
-                    attempt=attempt,
-                    retry_in_s=round(delay, 3),
-                    error=str(err)[:300],
-                )
+                delay = random.uniform(0.5, 1.0) * min(self.backoff_max_s, 0.1 * 2**attempt)
+                metrics.INSERT_FAILURES.labels(what).inc()
+                log.warning("insert_failed", table=what, rows=rows, attempt=attempt, retry_in_s=round(delay, 3),
+                            error=str(err)[:300])  # fmt: skip
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=delay)
                     return False
                 except TimeoutError:
                     continue
-            ms = (time.perf_counter() - t0) * 1000
-            metrics.INSERT_SECONDS.observe(ms / 1000)
-            metrics.BATCH_ROWS.observe(batch.rows)
-            log.debug("batch_written", rows=batch.rows, insert_ms=round(ms, 1), unpriced=batch.unpriced)
+
+    async def insert(self, batch: PricedBatch, stop: asyncio.Event) -> bool:
+        """True once ClickHouse accepted the batch; False only if `stop` was set while it kept failing."""
+        if batch.rows == 0:
             return True
+        token = batch.dedup_token()
+
+        async def attempt() -> None:
+            # ingested_at is when this attempt ran: the rollup pass finds new rows by it, even after retries.
+            batch.columns[INGESTED_AT] = [datetime.now(UTC)] * batch.rows
+            t0 = time.perf_counter()
+            await self.store.insert_columns(TABLE, batch.columns, COLUMNS, dedup_token=token)
+            metrics.INSERT_SECONDS.observe(time.perf_counter() - t0)
+            metrics.BATCH_ROWS.observe(batch.rows)
+            log.debug("batch_written", rows=batch.rows, insert_ms=round((time.perf_counter() - t0) * 1000, 1),
+                      unpriced=batch.unpriced)  # fmt: skip
+
+        return await self._retry(TABLE, batch.rows, attempt, stop)
+
+    async def insert_dead(self, dead: list[DeadLetter], stop: asyncio.Event) -> bool:
+        if not dead:
+            return True
+        rows = dead_letter_rows(dead, datetime.now(UTC))
+        return await self._retry(DEAD_TABLE, len(rows), lambda: self.store.insert_rows(DEAD_TABLE, rows, DEAD_COLUMNS),
+                                 stop)  # fmt: skip

@@ -108,6 +108,8 @@ async def _admit(request: Request, d: Directives) -> Response | None:
     latency = settings.mock_latency_ms if d.latency_ms is None else d.latency_ms
     if latency > 0:
         await asyncio.sleep(latency / 1000)
+    if state.fault_status is not None:
+        return error_response(state.fault_status, f"Mock upstream outage (HTTP {state.fault_status}).")
     if d.fail_times > 0:
         if seen <= d.fail_times:
             status = d.status if d.status and d.status >= 400 else 503
@@ -179,7 +181,7 @@ async def chat_completions(request: Request) -> Response:
         delay_ms = settings.mock_stream_chunk_delay_ms if d.chunk_delay_ms is None else d.chunk_delay_ms
         events = _stream_events(
             completion_id, created, model, words, finish_reason, include_usage, usage,
-            delay_ms / 1000, d.disconnect_after_chunks,
+            delay_ms / 1000, d.disconnect_after_chunks, request.app.state,
         )  # fmt: skip
         return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
@@ -212,6 +214,7 @@ async def _stream_events(
     usage: dict[str, Any] | None,
     delay_s: float,
     disconnect_after: int | None,
+    state: Any = None,
 ) -> AsyncIterator[bytes]:
     """OpenAI's chunk sequence: role, one chunk per word, an empty delta with finish_reason,
     then (include_usage) a choices-less usage chunk, then [DONE]."""
@@ -229,6 +232,8 @@ async def _stream_events(
             return  # the stream just ends: no finish_reason, no usage, no [DONE]
         if delay_s > 0:
             await asyncio.sleep(delay_s)
+        if state is not None:
+            state.chunks_sent += 1  # lets a test see that a proxy stopped reading when its client left
         yield event({"content": word if i == 0 else " " + word}, None)
     yield event({}, finish_reason)
     if usage is not None:
@@ -289,6 +294,8 @@ async def embeddings(request: Request) -> Response:
 
 
 async def list_models(request: Request) -> Response:
+    if request.app.state.fault_status is not None:  # an outage takes the whole provider down, probes included
+        return error_response(request.app.state.fault_status, "Mock upstream outage.")
     created = request.app.state.started_at
     data = [{"id": m, "object": "model", "created": created, "owned_by": "tollway-mock"} for m in MODELS]
     return JSONResponse({"object": "list", "data": data})
@@ -303,7 +310,26 @@ async def stats(request: Request) -> Response:
     if request.method == "DELETE":
         state.requests_served = 0
         state.fail_keys = {}
+        state.chunks_sent = 0
     return JSONResponse({"requests_served": state.requests_served, "fail_keys": state.fail_keys})
+
+
+async def fault(request: Request) -> Response:
+    """PUT {"status": 503} starts a provider-wide outage (every call and /models fail), DELETE ends it."""
+    state = request.app.state
+    if request.method == "PUT":
+        try:
+            status = int(orjson.loads(await request.body())["status"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return error_response(400, 'body must be {"status": <int>}')
+        state.fault_status = status if status >= 400 else None
+    elif request.method == "DELETE":
+        state.fault_status = None
+    return JSONResponse({"status": state.fault_status})
+
+
+async def stream_stats(request: Request) -> Response:
+    return JSONResponse({"chunks_sent": request.app.state.chunks_sent})
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -323,6 +349,8 @@ def create_app(settings: MockSettings) -> Starlette:
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/mock/stats", stats, methods=["GET", "DELETE"]),
+            Route("/mock/streams", stream_stats, methods=["GET"]),
+            Route("/mock/fault", fault, methods=["GET", "PUT", "DELETE"]),
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
@@ -331,5 +359,7 @@ def create_app(settings: MockSettings) -> Starlette:
     app.state.rng = random.Random(settings.mock_seed)
     app.state.requests_served = 0  # chat + embeddings requests, failed or not
     app.state.fail_keys = {}  # fail_key -> requests seen carrying it
+    app.state.chunks_sent = 0  # streamed content chunks, all streams together
+    app.state.fault_status = None  # set by PUT /mock/fault: every call fails with it until DELETE
     app.state.started_at = int(time.time())
     return app

@@ -16,29 +16,42 @@ from starlette.responses import Response
 from schemas.config import GatewayConfig
 from services.proxy import upstream
 from services.proxy.auth import KeyView
+from services.proxy.cache import ResponseCache
 from services.proxy.control import ControlListener
 from services.proxy.errors import GatewayError, InvalidRequest, error_response
 from services.proxy.events import UsageEmitter
 from services.proxy.handler import ProxyHandler
+from services.proxy.health import Health
+from services.proxy.limiter import MemoryLimiter, RedisLimiter
+from services.proxy.quota import QuotaGate
 from services.proxy.routing import Router
 from services.proxy.settings import ProxySettings
 
 log = structlog.get_logger("tollway.proxy")
 
 
-def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str) -> FastAPI:
+def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, replay_spool: bool = False) -> FastAPI:
+    """`replay_spool`: the broker is a fresh in-memory one, so re-send the spool's retained window."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         st = app.state
         st.settings, st.config = settings, config
         st.router = Router(config)
         st.view = KeyView()
+        st.quota = QuotaGate(config)  # monthly quotas: billing's signals + local counting + reservations
+        st.quota.follow(st.view)
         st.stop = asyncio.Event()
         st.http = upstream.open_client(settings.upstream_max_connections)
+        st.limiter = RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter()
+        st.cache = ResponseCache(config.cache.max_entries, config.cache.max_bytes, config.cache.max_entry_bytes)
+        st.health = Health(st.router, config)
+        probe_task = asyncio.create_task(st.health.probe_loop(st.http, st.router, st.stop), name="health-probes")
         instance = settings.instance()
         seq_name = instance.replace("/", "_").replace(":", "_") + ".seq"
         st.emitter = UsageEmitter(bootstrap, instance, settings.data_dir / "proxy" / seq_name,
-                                  settings.event_linger_ms, settings.event_queue_max)  # fmt: skip
+                                  settings.event_linger_ms, settings.event_queue_max,
+                                  replay_retained=replay_spool)  # fmt: skip
         await st.emitter.start()
         st.control = ControlListener(bootstrap, st.view)
         control_task = asyncio.create_task(st.control.run(st.stop), name="control-listener")
@@ -49,7 +62,8 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str) -
         finally:
             st.stop.set()
             await st.emitter.stop()
-            await asyncio.gather(control_task, return_exceptions=True)
+            await asyncio.gather(control_task, probe_task, return_exceptions=True)
+            await st.limiter.close()
             await st.http.aclose()
             log.info("proxy_stopped")
 
@@ -79,10 +93,18 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str) -
         checks = {
             "control_view": st.control.caught_up.is_set(),
             "usage_producer": st.emitter.started.is_set(),
+            # The broker may be down (the spool keeps every event); not ready only when the spool nears its bound.
+            "usage_spool": not st.emitter.spool.degraded,
         }
         ok = all(checks.values())
         body = {"status": "ready" if ok else "not_ready", "checks": checks, "keys": len(st.view.keys_by_hash),
-                "events_queued": st.emitter.queued}  # fmt: skip
+                "events_queued": st.emitter.queued, "usage_broker_connected": st.emitter.connected,
+                "spool": st.emitter.spool.stats()}  # fmt: skip
+        # route health is detail, not readiness: a proxy with one provider down still serves the others
+        body["routes"] = st.health.snapshot()
+        body["models_unavailable"] = st.health.unhealthy_models()
+        if st.health.probe_results:
+            body["probes"] = st.health.probe_results
         return Response(orjson.dumps(body), status_code=200 if ok else 503, media_type="application/json")
 
     @app.get("/metrics")

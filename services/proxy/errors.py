@@ -13,6 +13,10 @@ class GatewayError(Exception):
     status = 500
     type = "api_error"
     code = "internal_error"
+    # set on failures of an upstream attempt: what the provider said, and whether trying again may help
+    upstream_status = 0
+    retryable = False
+    retry_after_s: float | None = None
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None, code: str | None = None) -> None:
         super().__init__(message)

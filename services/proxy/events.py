@@ -1,32 +1,45 @@
-"""Usage events out of the request path: the handler appends a dict; a background task stamps the
-instance sequence number, validates, serializes and hands batches to a lingering, compressing producer.
+"""Usage events out of the request path, through the on-disk spool.
 
-Nothing here is awaited by a request. The sequence number is persisted after every drained batch, so a
-restarted proxy continues where it left off and a gap downstream means a lost event.
+The handler calls `emit()`: it stamps the instance sequence number and appends the event to the spool (one
+buffered write, no validation, no network) -- so an answered call is on disk before its response leaves.
+A background sender reads the spool in order, validates, and hands events to a lingering, compressing
+producer; the spool cursor advances only when the broker acknowledges. If the broker is down or slow the
+proxy keeps serving and the spool grows; when it is back the sender catches up in order.
+
+proxy_seq is persisted (sequence file, and recovered from the spool's last record), so a restarted proxy
+continues where it left off and a gap downstream means a lost event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
+import orjson
 import structlog
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from schemas.events import USAGE_TOPIC, UsageEvent
 from services.proxy import metrics
+from services.proxy.spool import SPOOL_REPLAYED, Pos, Spool, SpoolSettings, fsync_all
 
 log = structlog.get_logger("tollway.proxy.events")
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class SequenceFile:
     """The last proxy_seq handed out, in an 8-byte file; a write is one pwrite, no fsync.
 
-    kill -9 keeps the page cache, so only a machine crash could rewind it (by at most one batch).
+    kill -9 keeps the page cache; after a machine crash the spool's last record restores it.
     """
 
     def __init__(self, path: Path) -> None:
@@ -48,101 +61,165 @@ class SequenceFile:
 
 
 class UsageEmitter:
-    def __init__(self, bootstrap: str, instance: str, seq_path: Path, linger_ms: int = 10, queue_max: int = 100_000):
+    def __init__(self, bootstrap: str, instance: str, seq_path: Path, linger_ms: int = 10, queue_max: int = 100_000,
+                 spool: SpoolSettings | None = None, replay_retained: bool = False, topic: str = USAGE_TOPIC):  # fmt: skip
         self.bootstrap = bootstrap
         self.instance = instance
+        self.topic = topic
         self.seq = SequenceFile(seq_path)
         self.linger_ms = linger_ms
-        self.queue_max = queue_max
-        self._pending: deque[dict[str, Any]] = deque()
+        self.window = max(1000, min(queue_max, 50_000))  # unacknowledged sends in flight at most
+        self.spool = Spool(seq_path.parent / "spool" / seq_path.stem, spool)
+        if self.spool.last_payload:
+            try:  # the spool outlives a stale sequence file (machine crash): never hand out a number twice
+                self.seq.value = max(self.seq.value, int(orjson.loads(self.spool.last_payload)["proxy_seq"]))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                pass
+        # A fresh in-memory broker (bundled, just (re)started) lost whatever it held: send the retained window.
+        self._send_from: Pos = self.spool.replay_start() if replay_retained else self.spool.acked
+        self._replay_until: Pos = self.spool.acked
         self._wake = asyncio.Event()
-        self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Future[Any]] = set()
+        self._closing = False
+        self.connected = False
         self.started = asyncio.Event()
         self.sent = 0
-        self.failed = 0
+        self.refused = 0
+        self._last_refused_log = 0.0
 
     def emit(self, fields: dict[str, Any]) -> None:
-        """Called on the request path: O(1), never blocks, never raises for a full queue (it counts)."""
-        if len(self._pending) >= self.queue_max:
-            metrics.EVENTS.labels("dropped_queue_full").inc()
-            log.error("usage_queue_full", queue_max=self.queue_max, team_id=fields.get("team_id"))
-            return
-        self._pending.append(fields)
+        """Called on the request path: stamp, serialize, one write to the spool. Never blocks on the network."""
+        fields["proxy_instance"] = self.instance
+        fields["proxy_seq"] = self.seq.next()
+        try:
+            payload = orjson.dumps(fields, default=str)
+            ok = self.spool.append(payload)
+        except OSError as err:  # disk full / gone: keep serving, say so loudly
+            ok = False
+            log.error("spool_write_failed", error=str(err)[:200])
+        if not ok:
+            self.refused += 1
+            metrics.EVENTS.labels("dropped_spool_full").inc()
+            if time.monotonic() - self._last_refused_log > 1.0:
+                self._last_refused_log = time.monotonic()
+                log.error("usage_event_refused_spool_full", refused=self.refused, **self.spool.stats())
         self._wake.set()
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        return self.spool.pending_events
+
+    def replay_retained(self) -> None:
+        """The broker was replaced by an empty one: re-send everything still retained (dedup absorbs repeats)."""
+        self._send_from = self.spool.replay_start()
+        self._replay_until = self.spool.acked
+        if self._task is not None:
+            self._task.cancel()
+            self._task = asyncio.create_task(self._run(), name="usage-emitter")
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="usage-emitter")
+        # Serving does not wait for the broker: the spool takes every event from the first request on.
+        self.started.set()
 
-    async def _connect(self) -> AIOKafkaProducer:
-        while True:
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap,
-                acks="all",
-                linger_ms=self.linger_ms,
-                compression_type="lz4",
-                max_batch_size=1024 * 1024,
-            )
-            try:
-                await producer.start()
-                return producer
-            except Exception as err:
-                log.warning("usage_producer_connect_failed", error=str(err)[:200])
-                await producer.stop()
-                await asyncio.sleep(1.0)
+    def _producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=self.linger_ms,
+                                compression_type="lz4", max_batch_size=1024 * 1024, request_timeout_ms=10_000,
+                                metadata_max_age_ms=5_000)  # fmt: skip
 
     async def _run(self) -> None:
-        self._producer = await self._connect()
-        self.started.set()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._drain()
-
-    async def _drain(self) -> None:
-        assert self._producer is not None
-        while self._pending:
-            fields = self._pending.popleft()
-            fields["proxy_instance"] = self.instance
-            fields["proxy_seq"] = self.seq.next()
+        attempt = 0
+        while not self._closing:
+            producer = self._producer()
             try:
-                event = UsageEvent(**fields)
-            except ValidationError as err:  # a proxy bug, not a caller's: say so loudly, keep serving
-                metrics.EVENTS.labels("invalid").inc()
-                log.error("usage_event_invalid", error=str(err)[:500], request_id=fields.get("request_id"))
-                continue
-            fut = await self._producer.send(USAGE_TOPIC, event.to_bytes(), key=event.team_id.encode())
-            self._inflight.add(fut)
-            fut.add_done_callback(self._delivered)
-        self.seq.persist()
+                await producer.start()
+                self.connected = True
+                attempt = 0
+                await self._pump(producer)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                attempt += 1
+                delay = min(5.0, 0.2 * 2**attempt)
+                # Resend from the last acknowledged record: in order, and repeats are absorbed by event_id.
+                self._send_from = min(self._send_from, self.spool.acked)
+                log.warning("usage_producer_failed", error=str(err)[:200], attempt=attempt, retry_in_s=delay,
+                            **self.spool.stats())  # fmt: skip
+                await self._housekeep_for(delay)
+            finally:
+                self.connected = False
+                await asyncio.shield(producer.stop())
 
-    def _delivered(self, fut: asyncio.Future[Any]) -> None:
-        self._inflight.discard(fut)
-        if fut.cancelled() or fut.exception() is not None:
-            self.failed += 1
-            metrics.EVENTS.labels("failed").inc()
-            log.error(
-                "usage_event_send_failed", error=str(fut.exception())[:200] if not fut.cancelled() else "cancelled"
-            )
-        else:
-            self.sent += 1
-            metrics.EVENTS.labels("sent").inc()
+    async def _housekeep_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._closing:
+            await self._sync()
+            await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    async def _sync(self) -> None:
+        fds = self.spool.begin_sync()
+        if fds is not None:
+            await asyncio.to_thread(fsync_all, fds)  # an fsync takes ms: never on the event loop
+            self.spool.end_sync()
+        self.seq.persist()
+        metrics.EVENTS_QUEUED.set(self.spool.pending_events)
+
+    async def _pump(self, producer: AIOKafkaProducer) -> None:
+        inflight: deque[tuple[Pos, asyncio.Future[Any] | None]] = deque()
+        pos = self._send_from
+        while True:
+            self._wake.clear()
+            records = self.spool.read(pos, 2_000) if len(inflight) < self.window else []
+            for payload, nxt in records:
+                fut = None
+                try:
+                    event = UsageEvent.model_validate_json(payload)
+                except ValidationError as err:  # a proxy bug, not a caller's: say so loudly, keep serving
+                    metrics.EVENTS.labels("invalid").inc()
+                    log.error("usage_event_invalid", error=str(err)[:500])
+                else:
+                    fut = await producer.send(self.topic, event.to_bytes(), key=event.team_id.encode())
+                    fut.add_done_callback(_retrieve)  # after a rewind nobody awaits the rest: keep asyncio quiet
+                    if nxt <= self._replay_until:
+                        SPOOL_REPLAYED.inc()
+                inflight.append((nxt, fut))
+                pos = self._send_from = nxt
+            acked = 0
+            while inflight and (inflight[0][1] is None or inflight[0][1].done()):
+                nxt, fut = inflight.popleft()
+                if fut is not None:
+                    fut.result()  # a failed delivery raises: the caller rewinds to the cursor
+                    self.sent += 1
+                    metrics.EVENTS.labels("sent").inc()
+                acked += 1
+                last = nxt
+            if acked:
+                self.spool.ack(last, acked)
+            await self._sync()
+            if records:
+                continue
+            if inflight:
+                head = inflight[0][1]
+                assert head is not None
+                await asyncio.wait([head], timeout=0.2)
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.spool.s.spool_fsync_ms / 1000)
+                except TimeoutError:
+                    pass
+                if self._closing:
+                    return
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        """Flush what is queued and in flight, then close the producer."""
-        if self._producer is not None and self.started.is_set():
-            await self._drain()
-            if self._inflight:
-                await asyncio.wait(list(self._inflight), timeout=timeout_s)
+        """Give the sender up to `timeout_s` to empty the spool; what is left stays on disk for the next start."""
+        deadline = time.monotonic() + timeout_s
+        while self.spool.pending_events and self.connected and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.02)
+        self._closing = True
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._producer is not None:
-            await self._producer.stop()
+        self.spool.close()
         self.seq.close()
-        log.info("usage_emitter_stopped", sent=self.sent, failed=self.failed, unsent=len(self._pending))
+        log.info("usage_emitter_stopped", sent=self.sent, refused=self.refused, unsent=self.spool.pending_events)

@@ -1,22 +1,33 @@
-"""The request path, top to bottom: authenticate -> parse -> route -> forward -> respond -> emit event."""
+"""The request path, top to bottom: authenticate -> parse -> admit (limits, quota) -> route -> cache ->
+forward (retry/fallback) -> respond -> emit event."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import orjson
+import structlog
 import uuid_utils
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
+from schemas.control import KeyState, TeamState
 from schemas.events import utc_now
 from services.proxy import metrics
 from services.proxy.auth import authenticate
-from services.proxy.errors import GatewayError, InvalidRequest, PayloadTooLarge, error_response
-from services.proxy.routing import ModelRoute
-from services.proxy.streaming import StreamOutcome, relay
-from services.proxy.upstream import open_stream, post_json, upstream_failure
+from services.proxy.cache import HEADER as CACHE_HEADER
+from services.proxy.cache import CacheUse, CompletionAssembler, Entry, cache_key, cache_use, replay_chunks
+from services.proxy.errors import GatewayError, InvalidRequest, PayloadTooLarge, RateLimited, error_response
+from services.proxy.forward import forward
+from services.proxy.limiter import Ticket
+from services.proxy.limits import Policy, resolve_policy
+from services.proxy.routing import ModelRoute, Target
+from services.proxy.streaming import SSEResponse, StreamOutcome, StreamRelay, iterate
+from services.proxy.upstream import UpstreamReply, open_stream, post_json, upstream_failure
+
+log = structlog.get_logger("tollway.proxy.handler")
 
 CHAT = "chat.completions"
 EMBEDDINGS = "embeddings"
@@ -25,16 +36,24 @@ EMBEDDINGS = "embeddings"
 class Call:
     """What one request accumulates on its way; becomes the usage event at the end."""
 
-    __slots__ = ("endpoint", "event", "request_id", "started")
+    __slots__ = ("body_bytes", "cache_key", "done", "endpoint", "event", "headers", "request_id", "started",
+                 "ticket", "tpm_cost")  # fmt: skip
 
     def __init__(self, request: Request, endpoint: str) -> None:
         self.started = time.perf_counter()
-        self.request_id = request.headers.get("x-request-id") or f"req_{uuid_utils.uuid7().hex}"
+        rid = request.headers.get("x-request-id")
+        self.request_id = rid[:200] if rid and rid.isprintable() else f"req_{uuid_utils.uuid7().hex}"
         self.endpoint = endpoint
+        self.headers: dict[str, str] = {"x-request-id": self.request_id}  # on every response, with x-ratelimit-*
+        self.ticket: Ticket | None = None
+        self.tpm_cost = 0
+        self.body_bytes = 0
+        self.cache_key: bytes | None = None
+        self.done = False
         self.event: dict[str, Any] = {
             "event_id": str(uuid_utils.uuid7()),
             "occurred_at": utc_now(),
-            "request_id": self.request_id[:200],
+            "request_id": self.request_id,
             "endpoint": endpoint,
             "requested_model": "",
             "status": "error",
@@ -45,7 +64,7 @@ class Call:
         return (time.perf_counter() - self.started) * 1000
 
 
-async def read_body(request: Request, max_bytes: int) -> dict[str, Any]:
+async def read_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], int]:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > max_bytes:
         raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
@@ -60,7 +79,7 @@ async def read_body(request: Request, max_bytes: int) -> dict[str, Any]:
         raise InvalidRequest(f"Request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object.")
-    return body
+    return body, len(raw)
 
 
 def validate_chat(body: dict[str, Any]) -> None:
@@ -76,6 +95,12 @@ def validate_chat(body: dict[str, Any]) -> None:
         v = body.get(field)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             raise InvalidRequest(f"'{field}' must be a non-negative integer.")
+    for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        v = body.get(field)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            raise InvalidRequest(f"'{field}' must be a number.")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise InvalidRequest("'stream_options' must be an object.")
 
 
 def validate_embeddings(body: dict[str, Any]) -> None:
@@ -85,6 +110,13 @@ def validate_embeddings(body: dict[str, Any]) -> None:
         raise InvalidRequest("'input' must be a string or a non-empty array.", code="invalid_input")
 
 
+def tokens(v: Any) -> int:
+    """A token count from a provider: anything but a non-negative number counts as zero, never crashes."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 2**62:
+        return 0
+    return int(v)
+
+
 def usage_fields(data: Any) -> dict[str, int] | None:
     usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
@@ -92,9 +124,9 @@ def usage_fields(data: Any) -> dict[str, int] | None:
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
     return {
-        "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-        "completion_tokens": int(usage.get("completion_tokens") or 0),
-        "cached_tokens": int(cached or 0),
+        "prompt_tokens": tokens(usage.get("prompt_tokens")),
+        "completion_tokens": tokens(usage.get("completion_tokens")),
+        "cached_tokens": tokens(cached),
     }
 
 
@@ -105,16 +137,93 @@ def estimate_tokens(body: dict[str, Any], completion_chars: int = 0) -> dict[str
             "cached_tokens": 0}  # fmt: skip
 
 
+def completion_chars(data: Any) -> int:
+    """Characters of generated output in a chat.completion, for estimating tokens the provider did not report."""
+    n = 0
+    for c in (data.get("choices") if isinstance(data, dict) else None) or ():
+        msg = c.get("message") if isinstance(c, dict) else None
+        if isinstance(msg, dict):
+            if isinstance(msg.get("content"), str):
+                n += len(msg["content"])
+            if msg.get("tool_calls"):
+                n += len(orjson.dumps(msg["tool_calls"]))
+    return n
+
+
+def admission_tokens(body: dict[str, Any], body_bytes: int) -> int:
+    """What tpm counts before the answer: the prompt (~4 bytes a token) plus the completion the caller allows."""
+    cap = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    return max(1, body_bytes // 4) + (cap if isinstance(cap, int) else 0)
+
+
 class ProxyHandler:
     """Holds what every request needs (built once in the lifespan) and serves the OpenAI endpoints."""
 
     def __init__(self, state: Any) -> None:
-        self.s = state  # app.state: settings, view, router, http, emitter
+        self.s = state  # app.state: settings, config, view, router, http, emitter, limiter, cache, health
+        self.config = state.config
+        self.limiter = state.limiter
+        self.cache = state.cache
+        self.health = state.health
+        # policy per key, recomputed only when the key's or its team's state object is replaced
+        self._policies: dict[str, tuple[KeyState, TeamState | None, Policy]] = {}
+
+    # ---- the steps of a request, in order ----
+
+    def policy(self, key: KeyState) -> Policy:
+        team = self.s.view.teams.get(key.team_id)
+        hit = self._policies.get(key.key_id)
+        if hit is not None and hit[0] is key and hit[1] is team:
+            return hit[2]
+        policy = resolve_policy(self.config, key, team)
+        self._policies[key.key_id] = (key, team, policy)
+        return policy
+
+    async def admit(self, call: Call, key: KeyState, policy: Policy, body: dict[str, Any]) -> None:
+        """Admission, before any upstream work. Each check raises a 429 GatewayError to reject."""
+        await self.rate_limit(call, policy, body)
+        # Monthly quota (QuotaExceeded): reserves the call's worst case, settled in finish().
+        self.s.quota.admit(call.event, key, body)
+
+    async def rate_limit(self, call: Call, policy: Policy, body: dict[str, Any]) -> None:
+        """Per key and per team: rpm, rpd, tpm. Raises RateLimited (429 + Retry-After); otherwise leaves
+        x-ratelimit-* headers on the call and a ticket so tpm is settled with the actual usage at the end."""
+        if not policy.rules:
+            return
+        call.tpm_cost = admission_tokens(body, call.body_bytes)
+        costs = [call.tpm_cost if r.metric == "tpm" else 1 for r in policy.rules]
+        verdict, ticket = await self.limiter.admit(policy.rules, costs)
+        call.headers.update(verdict.headers)
+        if not verdict.allowed:
+            rule = verdict.rejected
+            assert rule is not None
+            metrics.RATE_LIMITED.labels(rule.scope, rule.metric).inc()
+            what = "tokens" if rule.metric == "tpm" else "requests"
+            per = {"rpm": "minute", "rpd": "day", "tpm": "minute"}[rule.metric]
+            raise RateLimited(f"Rate limit reached for {rule.scope} on {what} per {per}: limit {rule.limit}. "
+                              f"Retry after {verdict.headers.get('retry-after', '1')} s.")  # fmt: skip
+        call.ticket = ticket
+
+    def settle_limits(self, call: Call, actual_tokens: int) -> None:
+        """tpm counted an estimate at admission; now the call is over, count what it really used."""
+        if call.ticket is None or not call.tpm_cost:
+            return
+        delta = actual_tokens - call.tpm_cost
+        if delta:
+            self.limiter.correct(call.ticket, [delta if r.metric == "tpm" else 0 for r in call.ticket.rules])
 
     def finish(self, call: Call, status: int, route: ModelRoute | None = None) -> None:
+        """The single exit of every call that got past parsing the key: the usage event is emitted here, once."""
+        if call.done:
+            return
+        call.done = True
         ev = call.event
         ev["http_status"] = status
         ev["latency_ms"] = round(call.elapsed_ms(), 3)
+        self.s.quota.settle(ev)  # the quota reservation becomes the actual usage
+        if call.ticket is not None:
+            self.settle_limits(call, ev.get("prompt_tokens", 0) + ev.get("completion_tokens", 0)
+                               if ev["status"] != "cached" else 0)  # fmt: skip
         if "team_id" in ev:  # only calls that got past auth are events
             self.s.emitter.emit(ev)
             metrics.EVENTS_QUEUED.set(self.s.emitter.queued)
@@ -124,10 +233,12 @@ class ProxyHandler:
         ).inc()
         metrics.LATENCY.labels(call.endpoint).observe(ev["latency_ms"] / 1000)
 
-    def fail(self, call: Call, err: GatewayError) -> Response:
-        call.event["status"] = "error"
+    def fail(self, call: Call, err: GatewayError, route: ModelRoute | None = None) -> Response:
+        rejected = err.code in ("rate_limit_exceeded", "insufficient_quota")
+        call.event["status"] = "rejected" if rejected else "error"
         call.event["error_code"] = err.code
-        self.finish(call, err.status)
+        self.finish(call, err.status, route)
+        err.headers = {**call.headers, **err.headers}
         return error_response(err, call.request_id)
 
     async def chat_completions(self, request: Request) -> Response:
@@ -139,77 +250,173 @@ class ProxyHandler:
     async def _serve(self, request: Request, endpoint: str, path: str, kind: str) -> Response:
         call = Call(request, endpoint)
         ev = call.event
+        route: ModelRoute | None = None
+        body: dict[str, Any] = {}
         try:
             key = authenticate(request, self.s.view)
             ev["team_id"], ev["key_id"] = key.team_id, key.key_id
             ev["metadata"] = dict(key.metadata)
-            body = await read_body(request, self.s.settings.max_body_bytes)
+            body, call.body_bytes = await read_body(request, self.s.settings.max_body_bytes)
             ev["requested_model"] = str(body.get("model", ""))[:256]
             if isinstance(body.get("user"), str):
                 ev["end_user"] = body["user"][:256]
             (validate_chat if kind == "chat" else validate_embeddings)(body)
-            route = self.s.router.resolve(body.get("model"), kind)
-            target = route.targets[0]
-            ev["served_model"], ev["provider"] = route.name, target.provider
-            upstream_body = {**body, "model": target.upstream_model}
-            if kind == "chat" and body.get("stream"):
-                return await self._stream(call, route, target, body, upstream_body)
-            t_up = time.perf_counter()
-            ev["attempts"] = 1
-            reply = await post_json(self.s.http, target, path, orjson.dumps(upstream_body))
-            up_s = time.perf_counter() - t_up
-            metrics.UPSTREAM_LATENCY.labels(target.provider).observe(up_s)
-            if reply.status >= 400:
-                raise upstream_failure(reply.status, reply.body, reply.data)
+            policy = self.policy(key)
+            await self.admit(call, key, policy, body)
+            route = self.s.router.resolve(body.get("model"), kind, policy.models)
+            ev["served_model"] = route.name
+            stream = kind == "chat" and body.get("stream") is True
+            ev["stream"] = stream
+            use = self.cache_use(request, body, kind, route)
+            if use.write or use.read:
+                call.cache_key = cache_key(key.team_id, route.name, endpoint, body)
+                if use.read:
+                    entry = self.cache.get(call.cache_key)
+                    metrics.CACHE.labels("hit" if entry else "miss").inc()
+                    if entry is not None:
+                        return self._from_cache(call, route, entry, body, stream)
+                    call.headers["x-tollway-cache"] = "miss"
+                if not use.write:
+                    call.cache_key = None
+            if stream:
+                return await self._stream(call, route, body, path)
+            t_fwd = time.perf_counter()
+            fwd = await forward(self.health, route, route.retry or self.config.retry,
+                                self._json_attempt(body, path), ev, call.started)  # fmt: skip
+            fwd_s = time.perf_counter() - t_fwd
         except GatewayError as err:
-            return self.fail(call, err)
-        usage = usage_fields(reply.data)
+            return self.fail(call, err, route)
+        except asyncio.CancelledError:
+            # the server is stopping under us (uvicorn does not cancel on a client disconnect): the provider
+            # may already have done the work, so the call is still recorded, with what we know of it
+            if "team_id" in ev and not call.done:
+                if body:
+                    ev.update(estimate_tokens(body), usage_source="estimated")
+                ev.update(client_disconnected=True, error_code="cancelled")
+                ev["status"] = "error"
+                self.finish(call, 499, route)
+            raise
+        except Exception as err:  # a bug: still an OpenAI-shaped answer, and still an event
+            log.exception("proxy_internal_error", request_id=call.request_id)
+            return self.fail(call, GatewayError(f"Internal error ({type(err).__name__})."), route)
+        reply = fwd.value
+        metrics.UPSTREAM_LATENCY.labels(fwd.route.target.provider).observe(fwd.upstream_s)
+        usage, ev["usage_source"] = usage_fields(reply.data), "provider"
         if usage is None:
-            usage, ev["usage_source"] = estimate_tokens(body), "estimated"
+            usage, ev["usage_source"] = estimate_tokens(body, completion_chars(reply.data)), "estimated"
+        if kind == "embedding":
+            usage["completion_tokens"] = 0
         ev.update(usage)
         ev["status"] = "ok"
         metrics.TOKENS.labels(route.name, "prompt").inc(usage["prompt_tokens"])
         metrics.TOKENS.labels(route.name, "completion").inc(usage["completion_tokens"])
-        metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - up_s))
+        if call.cache_key is not None:
+            self._store(call, route, reply.body, usage, fwd.route.target.provider)
         self.finish(call, reply.status, route)
-        return Response(reply.body, status_code=reply.status, media_type="application/json",
-                        headers={"x-request-id": call.request_id})  # fmt: skip
+        metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
+        return Response(reply.body, status_code=reply.status, media_type="application/json", headers=call.headers)
 
-    async def _stream(self, call: Call, route: ModelRoute, target: Any, body: dict, upstream_body: dict) -> Response:
+    def _json_attempt(self, body: dict[str, Any], path: str) -> Any:
+        async def attempt(target: Target, budget_s: float) -> UpstreamReply:
+            reply = await post_json(self.s.http, target, path, orjson.dumps({**body, "model": target.upstream_model}),
+                                    budget_s)  # fmt: skip
+            if reply.status >= 300:
+                raise upstream_failure(reply.status, reply.body, reply.data, reply.retry_after)
+            return reply
+
+        return attempt
+
+    async def _stream(self, call: Call, route: ModelRoute, body: dict[str, Any], path: str) -> Response:
         ev = call.event
-        ev["stream"] = True
-        ev["attempts"] = 1
         opts = body.get("stream_options")
-        wants_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
-        upstream_body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-        resp = await open_stream(self.s.http, target, "/chat/completions", orjson.dumps(upstream_body))
+        wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        # always ask for usage: the bill must come from the provider's count, not our estimate
+        upstream_body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
+        assembler = CompletionAssembler() if call.cache_key is not None else None
 
         def on_end(out: StreamOutcome) -> None:
             if out.usage_seen:
                 ev.update(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                          cached_tokens=out.cached_tokens)  # fmt: skip
+                          cached_tokens=out.cached_tokens, usage_source="provider")  # fmt: skip
             else:
                 ev.update(estimate_tokens(body, out.content_chars))
                 ev["usage_source"] = "estimated"
             ev["ttft_ms"] = round(out.ttft_ms, 3) if out.ttft_ms is not None else None
-            ev["client_disconnected"] = not out.completed and not out.upstream_broken
-            ev["status"] = "ok" if out.completed else "error"
-            if out.upstream_broken:
+            ev["client_disconnected"] = out.client_gone
+            ev["status"] = "error" if out.upstream_broken and not out.client_gone else "ok"
+            if out.upstream_broken and not out.client_gone:
                 ev["error_code"] = "upstream_stream_broken"
+            if out.client_gone:
+                metrics.CLIENT_DISCONNECTS.labels(route.name).inc()
+            if out.ttft_ms is not None:
+                metrics.TTFT.labels(route.name).observe(out.ttft_ms / 1000)
+            metrics.TOKENS.labels(route.name, "prompt").inc(ev["prompt_tokens"])
+            metrics.TOKENS.labels(route.name, "completion").inc(ev["completion_tokens"])
+            if assembler is not None and out.completed and not out.upstream_broken:
+                completion = assembler.completion()
+                if completion is not None:
+                    usage = {k: ev[k] for k in ("prompt_tokens", "completion_tokens", "cached_tokens")}
+                    self._store(call, route, orjson.dumps(completion), usage, ev.get("provider", ""))
             self.finish(call, 200, route)
 
-        out = StreamOutcome()
-        return StreamingResponse(
-            relay(resp, call.started, wants_usage, out, on_end),
-            media_type="text/event-stream",
-            headers={"x-request-id": call.request_id, "cache-control": "no-cache"},
-        )
+        async def attempt(target: Target, budget_s: float) -> StreamRelay:
+            payload = orjson.dumps({**upstream_body, "model": target.upstream_model})
+            resp = await open_stream(self.s.http, target, path, payload, budget_s)
+            relay = StreamRelay(resp, call.started, wants_usage, on_end, assembler)
+            await relay.prime()
+            return relay
+
+        t_fwd = time.perf_counter()
+        fwd = await forward(self.health, route, route.retry or self.config.retry, attempt, ev, call.started)
+        fwd_s = time.perf_counter() - t_fwd
+        metrics.UPSTREAM_LATENCY.labels(fwd.route.target.provider).observe(fwd.upstream_s)
+        metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
+        relay = fwd.value
+        return SSEResponse(relay.events(), relay.finish, relay.aclose, headers=call.headers)
+
+    # ---- response cache ----
+
+    def cache_use(self, request: Request, body: dict[str, Any], kind: str, route: ModelRoute) -> CacheUse:
+        if not self.config.cache.enabled or route.cache_ttl_s == 0:
+            return CacheUse(False, False)
+        return cache_use(request.headers.get(CACHE_HEADER), body, kind)
+
+    def _store(self, call: Call, route: ModelRoute, body: bytes, usage: dict[str, int], provider: str) -> None:
+        assert call.cache_key is not None
+        ttl = route.cache_ttl_s if route.cache_ttl_s is not None else self.config.cache.ttl_s
+        entry = Entry(body, dict(usage), call.event.get("usage_source", "provider"), provider, time.monotonic() + ttl)
+        if self.cache.put(call.cache_key, entry):
+            metrics.CACHE.labels("store").inc()
+            metrics.CACHE_ENTRIES.set(len(self.cache))
+
+    def _from_cache(self, call: Call, route: ModelRoute, entry: Entry, body: dict[str, Any], stream: bool) -> Response:
+        """A hit answers at once and costs nothing; the event keeps the tokens so the avoided cost shows in ROI."""
+        ev = call.event
+        ev.update(entry.usage)
+        ev.update(status="cached", cache_hit=True, attempts=0, provider=entry.provider,
+                  usage_source=entry.usage_source)  # fmt: skip
+        call.headers["x-tollway-cache"] = "hit"
+        if not stream:
+            self.finish(call, 200, route)
+            return Response(entry.body, media_type="application/json", headers=call.headers)
+        opts = body.get("stream_options")
+        wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        events = replay_chunks(orjson.loads(entry.body), wants_usage)
+
+        def on_finish(client_gone: bool) -> None:
+            ev["client_disconnected"] = client_gone
+            ev["ttft_ms"] = round(call.elapsed_ms(), 3)
+            self.finish(call, 200, route)
+
+        return SSEResponse(iterate(events), on_finish, headers=call.headers)
 
     async def models(self, request: Request) -> Response:
         call = Call(request, "models")
         try:
-            authenticate(request, self.s.view)
+            key = authenticate(request, self.s.view)
         except GatewayError as err:
             return error_response(err, call.request_id)
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "tollway"} for n in self.s.router.public_names]
-        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+        names = self.s.router.names_for(self.policy(key).models)
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "tollway"} for n in names]
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json",
+                        headers=call.headers)  # fmt: skip

@@ -15,6 +15,7 @@ class ProxySettings(CommonSettings):
     upstream_max_connections: int = 512
     event_linger_ms: int = 10
     event_queue_max: int = 100_000
+    redis_url: str | None = None  # set -> rate limits shared by every replica through Redis; unset -> in memory
 
     def instance(self) -> str:
         return self.proxy_instance or f"{socket.gethostname()}:{self.proxy_port}"

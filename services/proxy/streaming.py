@@ -1,19 +1,25 @@
 """SSE pass-through for chat completions: relay chunks as they come, read usage from the final chunk.
 
 The upstream is always asked for usage (`stream_options.include_usage`); its usage-only chunk is
-forwarded only when the client asked for it. The usage event is emitted when the stream ends, however
-it ends (completed, upstream broke, client went away).
+forwarded only when the client asked for it. The call ends exactly once when the stream ends, however
+it ends (completed, upstream broke, client went away, server shutting down).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from services.proxy.cache import CompletionAssembler
+from services.proxy.errors import GatewayError, UpstreamError, UpstreamUnavailable, error_body
 
 
 @dataclass(slots=True)
@@ -24,56 +30,211 @@ class StreamOutcome:
     usage_seen: bool = False
     completed: bool = False
     upstream_broken: bool = False
+    finished: bool = False  # a choice reported its finish_reason
+    client_gone: bool = False
     ttft_ms: float | None = None
     content_chars: int = 0
     served_model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _count(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 2**62:
+        return 0  # a provider's garbage must not crash the stream or invalidate the event
+    return int(v)
+
+
 def _usage_into(out: StreamOutcome, usage: dict[str, Any]) -> None:
-    out.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-    out.completion_tokens = int(usage.get("completion_tokens") or 0)
+    out.prompt_tokens = _count(usage.get("prompt_tokens"))
+    out.completion_tokens = _count(usage.get("completion_tokens"))
     details = usage.get("prompt_tokens_details") or {}
-    out.cached_tokens = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+    out.cached_tokens = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
     out.usage_seen = True
 
 
-async def relay(
-    resp: httpx.Response,
-    started: float,
-    client_wants_usage: bool,
-    out: StreamOutcome,
-    on_end: Callable[[StreamOutcome], None],
-) -> AsyncIterator[bytes]:
-    try:
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
-                out.completed = True
-                yield b"data: [DONE]\n\n"
-                break
-            try:
-                chunk = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue  # a provider keep-alive or garbage line: nothing the client can use
-            usage = chunk.get("usage") if isinstance(chunk, dict) else None
-            choices = chunk.get("choices") if isinstance(chunk, dict) else None
-            if isinstance(usage, dict):
-                _usage_into(out, usage)
-                if not choices and not client_wants_usage:
+def _sse(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+class StreamRelay:
+    """One upstream SSE stream relayed to one client; `finish` runs exactly once however it ends."""
+
+    def __init__(self, resp: httpx.Response, started: float, client_wants_usage: bool,
+                 on_end: Callable[[StreamOutcome], None], assembler: CompletionAssembler | None = None) -> None:  # fmt: skip
+        self.resp = resp
+        self.started = started
+        self.client_wants_usage = client_wants_usage
+        self.on_end = on_end
+        self.assembler = assembler
+        self.out = StreamOutcome()
+        self._lines = resp.aiter_lines()
+        self._first: str | None = None
+        self._finished = False
+
+    async def prime(self) -> None:
+        """Read up to the first event before the client sees a byte: until then the call can still be
+        retried elsewhere. An upstream that breaks or ends here is a failed attempt, not a broken stream."""
+        try:
+            async for line in self._lines:
+                if line.startswith("data:"):
+                    self._first = line[5:].strip()
+                    return
+        except httpx.HTTPError as err:
+            await self.resp.aclose()
+            failure: GatewayError = UpstreamUnavailable(
+                f"upstream stream failed before its first event: {type(err).__name__}"
+            )
+            failure.retryable = True
+            raise failure from err
+        await self.resp.aclose()
+        failure = UpstreamError("upstream stream ended before its first event")
+        failure.retryable = True
+        raise failure
+
+    async def _payloads(self) -> AsyncIterator[str]:
+        if self._first is not None:
+            yield self._first
+        async for line in self._lines:
+            if line.startswith("data:"):
+                yield line[5:].strip()
+
+    async def events(self) -> AsyncIterator[bytes]:
+        out = self.out
+        try:
+            async for payload in self._payloads():
+                if payload == "[DONE]":
+                    out.completed = True
+                    yield DONE
+                    return
+                try:
+                    chunk = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    continue  # a provider keep-alive or garbage line: nothing the client can use
+                if not isinstance(chunk, dict):
                     continue
-            if choices:
-                delta = (choices[0] or {}).get("delta") or {}
-                content = delta.get("content")
-                if content:
-                    if out.ttft_ms is None:
-                        out.ttft_ms = (time.perf_counter() - started) * 1000
-                    out.content_chars += len(content)
-            yield b"data: " + payload.encode() + b"\n\n"
-    except httpx.HTTPError:
-        out.upstream_broken = True
-    finally:
-        await resp.aclose()
-        on_end(out)
+                if self.assembler is not None:
+                    self.assembler.add(chunk)
+                usage = chunk.get("usage")
+                choices = chunk.get("choices")
+                if isinstance(usage, dict):
+                    _usage_into(out, usage)
+                    if not choices and not self.client_wants_usage:
+                        continue  # we asked for usage on the client's behalf: it does not expect this chunk
+                if choices and isinstance(choices, list):
+                    first = choices[0] if isinstance(choices[0], dict) else {}
+                    delta = first.get("delta") or {}
+                    content = delta.get("content") if isinstance(delta, dict) else None
+                    if content and isinstance(content, str):
+                        if out.ttft_ms is None:
+                            out.ttft_ms = (time.perf_counter() - self.started) * 1000
+                        out.content_chars += len(content)
+                    elif isinstance(delta, dict) and delta.get("tool_calls"):
+                        out.content_chars += len(orjson.dumps(delta["tool_calls"]))
+                    if first.get("finish_reason"):
+                        out.finished = True
+                yield _sse(payload.encode())
+            if out.finished:  # some providers end without [DONE]; the SDKs read it as the end either way
+                out.completed = True
+                yield DONE
+            else:
+                out.upstream_broken = True
+                yield _sse(error_body("The upstream provider ended the stream early.", "api_error",
+                                      "upstream_stream_broken"))  # fmt: skip
+        except httpx.HTTPError:
+            out.upstream_broken = True
+            yield _sse(error_body("The upstream provider's stream broke.", "api_error", "upstream_stream_broken"))
+
+    def finish(self, client_gone: bool) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.out.client_gone = client_gone and not self.out.completed
+        self.on_end(self.out)
+
+    async def aclose(self) -> None:
+        await self.resp.aclose()
+
+
+class SSEResponse(Response):
+    """Sends an SSE stream while watching for the client to leave.
+
+    Starlette's StreamingResponse cancels its body iterator on disconnect, and a generator cancelled while
+    suspended at `yield` never runs its `finally`: the usage event would be lost. Here the end of the call
+    (`on_finish`, synchronous, so even a cancelled task runs it) and the upstream close sit in this
+    response's own `finally`, and whether the client left is known for certain.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, source: AsyncIterator[bytes], on_finish: Callable[[bool], None],
+                 on_close: Callable[[], Awaitable[None]] | None = None, headers: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.source = source
+        self.on_finish = on_finish
+        self.on_close = on_close
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
+
+    async def _pump(self, send: Send, watch: asyncio.Future[None]) -> None:
+        async for data in self.source:
+            # a send to a vanished client returns silently in uvicorn, and a fully buffered upstream never
+            # yields to the loop: look at the watcher between chunks, not only when asyncio gets to it
+            if watch.done():
+                raise _ClientGone
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _watch(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client_gone = True  # until the last byte is handed over, an exit means the client did not get it all
+        watch = asyncio.ensure_future(self._watch(receive))
+        pump: asyncio.Future[None] | None = None
+        try:
+            await asyncio.sleep(0)  # one step for the watcher: a client gone during the upstream wait shows now
+            if watch.done():
+                return
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            pump = asyncio.ensure_future(self._pump(send, watch))
+            await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+            if pump.done() and not pump.cancelled():
+                err = pump.exception()
+                if err is None:
+                    client_gone = False
+                elif not isinstance(err, (OSError, _ClientGone)):  # OSError = the socket went away mid-send
+                    raise err
+        except OSError:
+            pass
+        finally:
+            for task in (pump, watch):
+                if task is not None:
+                    task.cancel()
+            self.on_finish(client_gone)  # before any await: a second cancellation cannot lose the event
+            await asyncio.gather(*(t for t in (pump, watch) if t is not None), return_exceptions=True)
+            await _close(self.source)
+            if self.on_close is not None:
+                await self.on_close()
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _close(source: AsyncIterator[bytes]) -> None:
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # already closed or broken: nothing left to release
+            pass
+
+
+async def iterate(events: list[bytes]) -> AsyncIterator[bytes]:
+    for e in events:
+        yield e

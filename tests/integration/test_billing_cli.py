@@ -116,3 +116,43 @@ async def test_unreachable_billing_is_a_clean_error(capsys, monkeypatch):
     monkeypatch.setenv("TOLLWAY_ADMIN_TOKEN", TOKEN)
     code, out, err = await cli(capsys, "keys", "list")
     assert code == 1 and out == "" and "cannot reach billing" in err
+
+
+async def test_invoices_and_roi_cli_show_export_and_finalize(billing_url, capsys, unique):
+    from tollway import invoices_cli, report_cli
+
+    code, out, err = await cli(capsys, "keys", "create", "--team", f"inv-{unique}", "--tokens-per-month", "5000",
+                               "--expires-at", "2099-01-01T00:00:00Z")  # fmt: skip
+    assert code == 0, err
+    key = json.loads(out)
+    assert key["limits"] == {"tokens_per_month": 5000} and key["expires_at"] == "2099-01-01T00:00:00Z"
+    tid = key["team_id"]
+
+    def parse_all(*argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser(prog="tollway")
+        sub = parser.add_subparsers(dest="command", required=True)
+        invoices_cli.register(sub)
+        report_cli.register(sub)
+        return parser.parse_args(argv)
+
+    async def run(module, *argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(module.run, parse_all(*argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = await run(invoices_cli, "invoices", "show", "--team", tid, "--period", "2026-08")
+    assert code == 0, err
+    (draft,) = json.loads(out)
+    assert draft["status"] == "draft" and draft["total_usd"] == "49.00"
+    code, out, err = await run(invoices_cli, "invoices", "export", "--team", tid, "--period", "2026-08")
+    assert code == 0 and out.startswith("invoice_id,") and "total" in out
+    code, out, err = await run(invoices_cli, "invoices", "finalize", "--period", "2026-08", "--team", tid)
+    assert code == 0, err
+    (fin,) = json.loads(out)
+    assert fin["number"].startswith("TW-") and fin["created"] is True
+    code, out, err = await run(invoices_cli, "invoices", "show", "--id", fin["invoice_id"])
+    assert code == 0 and json.loads(out)["content_hash"] == fin["content_hash"]
+    code, out, err = await run(report_cli, "report", "roi", "--team", tid, "--period", "2026-08")
+    assert code == 0 and json.loads(out)["savings_usd"] == "0.00"
+    code, out, err = await run(report_cli, "report", "roi", "--team", tid, "--period", "2026-08", "--csv")
+    assert code == 0 and out.splitlines()[-1].split(",")[2] == "TOTAL"

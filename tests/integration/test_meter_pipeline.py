@@ -115,7 +115,7 @@ async def test_garbage_goes_to_dlq_with_reason_and_meter_keeps_going(bootstrap, 
         async def read():
             for rec in (await consumer.getmany(tp, timeout_ms=200)).get(tp, []):
                 d = orjson.loads(rec.value)
-                if unique.encode() in base64.b64decode(d["value_b64"]):
+                if unique.encode() in base64.b64decode(d["value_b64"] or ""):
                     found[d["reason"]] = d
             return found
 

@@ -132,3 +132,44 @@ async def revoke_key(key_id: str, request: Request, _: Caller = Depends(admin_ca
     metrics.ADMIN_WRITES.labels(operation="revoke_key").inc()
     await _publish(request, key)
     return {"key_id": key.key_id, "revoked": True}
+
+
+class UpdateTeam(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plan: str | None = Field(default=None, max_length=100)
+    limits: Limits | None = None
+
+
+class UpdateKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    plan: str | None = Field(default=None, max_length=100)
+    expires_at: datetime | None = None
+    limits: Limits | None = None
+    metadata: dict[str, str] | None = Field(default=None, max_length=64)
+
+
+@router.patch("/teams/{team_id}")
+async def update_team(
+    team_id: str, body: UpdateTeam, request: Request, _: Caller = Depends(admin_caller)
+) -> dict[str, Any]:
+    """Change a team's plan or limits; a raised limit restores an exhausted team right away."""
+    team = await _accounts(request).update_team(team_id, plan=body.plan, limits=body.limits)
+    metrics.ADMIN_WRITES.labels(operation="update_team").inc()
+    await _publish(request, team)
+    await request.app.state.quota.on_account_change(("team", team.team_id))
+    return team_view(team)
+
+
+@router.patch("/keys/{key_id}")
+async def update_key(
+    key_id: str, body: UpdateKey, request: Request, _: Caller = Depends(admin_caller)
+) -> dict[str, Any]:
+    key = await _accounts(request).update_key(key_id, plan=body.plan, limits=body.limits, expires_at=body.expires_at,
+                                              metadata=body.metadata, name=body.name)  # fmt: skip
+    metrics.ADMIN_WRITES.labels(operation="update_key").inc()
+    await _publish(request, key)
+    await request.app.state.quota.on_account_change(("key", key.key_id))
+    return key_view(key)

@@ -1,0 +1,191 @@
+"""The built-in dashboard: `GET /dashboard` (a static page and its assets, shipped in the package) and
+`GET /v1/dashboard/data` (one JSON document of everything the page draws, read from the hourly rollups).
+
+The page holds no data and needs no auth to load; it asks for a token (admin, finance or a team key),
+keeps it in sessionStorage and sends it as `Authorization: Bearer` to the JSON APIs, so a token never
+appears in a URL or an access log. A team key sees only its own team (the usual `team_scope`).
+Quota gauges and ROI come from `/v1/quota` and `/v1/reports/roi`, called by the page itself.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from schemas.clickhouse import Store
+from services.billing.auth import Caller, current_caller, team_scope
+from services.billing.errors import InvalidRequest
+from services.billing.usage import money, parse_range
+
+router = APIRouter(tags=["dashboard"])
+
+STATIC = resources.files("services.billing") / "static"
+ASSETS = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "chart.umd.min.js": "text/javascript; charset=utf-8",
+}
+# The page loads nothing from elsewhere: it works offline, and an injected script could not phone home.
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "referrer-policy": "no-referrer",
+    "x-content-type-options": "nosniff",
+}
+MAX_KEYS = 50
+MAX_BUCKETS = 1_000
+DAY_BUCKETS_AFTER = timedelta(days=3)  # longer ranges are drawn per day, shorter ones per hour
+
+
+@router.get("/dashboard", include_in_schema=False)
+async def dashboard_page() -> Response:
+    html = (STATIC / "dashboard.html").read_text()
+    return Response(
+        html, media_type="text/html; charset=utf-8", headers={**SECURITY_HEADERS, "cache-control": "no-store"}
+    )
+
+
+@router.get("/dashboard/static/{name}", include_in_schema=False)
+async def dashboard_asset(name: str) -> Response:
+    if name not in ASSETS:  # a fixed list: no path ever reaches the filesystem from the URL
+        raise InvalidRequest(f"no dashboard asset {name[:60]!r}")
+    body = (STATIC / name).read_bytes()
+    return Response(body, media_type=ASSETS[name], headers={**SECURITY_HEADERS, "cache-control": "max-age=300"})
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+_SUMS = """
+    sum(requests) AS requests, sum(errors) AS errors, sum(cache_hits) AS cache_hits,
+    sum(unpriced) AS unpriced_requests, sum(prompt_tokens) AS prompt_tokens,
+    sum(completion_tokens) AS completion_tokens, sum(cached_tokens) AS cached_tokens, sum(cost) AS cost_usd"""
+_INT_FIELDS = ("requests", "errors", "cache_hits", "unpriced_requests", "prompt_tokens", "completion_tokens",
+               "cached_tokens")  # fmt: skip
+
+
+def _where(team_id: str | None, column: str = "hour") -> str:
+    where = f"{column} >= {{start:DateTime('UTC')}} AND {column} < {{end:DateTime('UTC')}}"
+    return where + (" AND team_id = {team:String}" if team_id is not None else "")
+
+
+def build_queries(team_id: str | None, granularity: str) -> dict[str, str]:
+    """SQL per section of the page; every one reads a dedup-aware rollup or view, bound parameters only."""
+    bucket = "toStartOfDay(hour)" if granularity == "day" else "hour"
+    w = _where(team_id)
+    return {
+        "totals": f"SELECT {_SUMS} FROM {{db}}.usage_hourly_v WHERE {w}",
+        "series": f"SELECT {bucket} AS t, {_SUMS} FROM {{db}}.usage_hourly_v WHERE {w} GROUP BY t ORDER BY t",
+        "by_team": f"SELECT team_id, {_SUMS} FROM {{db}}.usage_hourly_v WHERE {w} GROUP BY team_id ORDER BY cost_usd DESC",
+        "by_model": f"SELECT model, {_SUMS} FROM {{db}}.usage_hourly_v WHERE {w} GROUP BY model ORDER BY cost_usd DESC",
+        "by_key": f"SELECT key_id, any(team_id) AS key_team, {_SUMS} FROM {{db}}.usage_hourly_v WHERE {w} "
+        f"GROUP BY key_id ORDER BY cost_usd DESC LIMIT {MAX_KEYS}",
+        "savings": f"SELECT sum(savings_usd) AS savings_usd FROM {{db}}.cache_savings_hourly WHERE {w}",
+        "unpriced": "SELECT if(served_model = '', requested_model, served_model) AS model, count() AS requests, "
+        f"sum(prompt_tokens + completion_tokens) AS tokens FROM {{db}}.unpriced_events_v WHERE "
+        f"{_where(team_id, 'occurred_at')} GROUP BY model ORDER BY requests DESC LIMIT 20",
+    }
+
+
+def _metrics(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {f: int(row.get(f) or 0) for f in _INT_FIELDS}
+    out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    out["cost_usd"] = money(Decimal(row.get("cost_usd") or 0))
+    return out
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def bucket_starts(start: datetime, end: datetime, granularity: str) -> list[datetime]:
+    step = timedelta(days=1) if granularity == "day" else timedelta(hours=1)
+    t = start.replace(minute=0, second=0, microsecond=0)
+    if granularity == "day":
+        t = t.replace(hour=0)
+    out = []
+    while t < end and len(out) < MAX_BUCKETS:
+        out.append(t)
+        t += step
+    return out
+
+
+def shape(rows: dict[str, list[dict[str, Any]]], names: dict[str, str], keys: dict[str, dict[str, Any]],
+          buckets: list[datetime]) -> dict[str, Any]:  # fmt: skip
+    """The response body from the query results (pure). Money stays a decimal string."""
+    totals = _metrics(rows["totals"][0] if rows["totals"] else {})
+    totals["cache_hit_rate"] = round(totals["cache_hits"] / totals["requests"], 4) if totals["requests"] else 0.0
+    savings = rows["savings"][0]["savings_usd"] if rows["savings"] else 0
+    totals["cache_savings_usd"] = money(Decimal(savings or 0))
+    found = {_iso(r["t"].replace(tzinfo=UTC) if r["t"].tzinfo is None else r["t"]): _metrics(r) for r in rows["series"]}
+    # Every bucket of the range, empty ones as zeros, so a chart's time axis is the range asked for.
+    series = [{"t": t, **found.pop(t, _metrics({}))} for t in (_iso(b) for b in buckets)]
+    series += [{"t": t, **m} for t, m in sorted(found.items())]  # outside the grid: never silently dropped
+    series.sort(key=lambda p: p["t"])
+    by_team = [{"team_id": r["team_id"], "name": names.get(r["team_id"], r["team_id"]), **_metrics(r)}
+               for r in rows["by_team"]]  # fmt: skip
+    by_model = [{"model": r["model"], **_metrics(r)} for r in rows["by_model"]]
+    by_key = []
+    for r in rows["by_key"]:
+        k = keys.get(r["key_id"], {})
+        by_key.append({"key_id": r["key_id"], "prefix": k.get("prefix"), "name": k.get("name"),
+                       "team_id": r["key_team"], "team": names.get(r["key_team"], r["key_team"]), **_metrics(r)})  # fmt: skip
+    unpriced = [
+        {"model": r["model"], "requests": int(r["requests"]), "tokens": int(r["tokens"])} for r in rows["unpriced"]
+    ]
+    return {"totals": totals, "series": series, "by_team": by_team, "by_model": by_model, "by_key": by_key,
+            "unpriced": {"requests": sum(u["requests"] for u in unpriced), "models": unpriced}}  # fmt: skip
+
+
+async def dashboard_data(store: Store, team_id: str | None, start: datetime, end: datetime, granularity: str,
+                         names: dict[str, str], keys: dict[str, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    # Rollup hours are whole: widen the range to the hours it touches.
+    lo = start.replace(minute=0, second=0, microsecond=0)
+    hi = (
+        end
+        if end == end.replace(minute=0, second=0, microsecond=0)
+        else end.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    )
+    params: dict[str, Any] = {"start": lo, "end": hi} | ({"team": team_id} if team_id is not None else {})
+    rows = {
+        name: await store.query_dicts(sql, parameters=params)
+        for name, sql in build_queries(team_id, granularity).items()
+    }
+    return shape(rows, names, keys, bucket_starts(lo, hi, granularity))
+
+
+@router.get("/v1/dashboard/data")
+async def get_dashboard_data(
+    request: Request,
+    team: str | None = None,
+    start: str | None = Query(default=None, alias="from"),
+    end: str | None = Query(default=None, alias="to"),
+    caller: Caller = Depends(current_caller),
+) -> dict[str, Any]:
+    accounts = request.app.state.accounts
+    team_id = team_scope(caller, team, accounts)
+    now = datetime.now(UTC)
+    lo, hi = parse_range(start, end, now)
+    granularity = "day" if hi - lo > DAY_BUCKETS_AFTER else "hour"
+    visible = [t for t in accounts.teams() if caller.role != "team" or t.team_id == caller.team_id]
+    names = {t.team_id: t.name for t in visible}
+    keys = {k.key_id: {"prefix": k.prefix, "name": k.name} for k in accounts.keys(team_id)}
+    began = time.perf_counter()
+    body = await dashboard_data(request.app.state.store, team_id, lo, hi, granularity, names, keys)
+    return {
+        "object": "dashboard",
+        "role": caller.role,
+        "team_id": team_id,
+        "teams": [{"team_id": t.team_id, "name": t.name} for t in visible],
+        "from": _iso(lo),
+        "to": _iso(hi),
+        "granularity": granularity,
+        "period": now.strftime("%Y-%m"),
+        "generated_at": _iso(now),
+        "query_ms": round((time.perf_counter() - began) * 1000, 1),
+        **body,
+    }

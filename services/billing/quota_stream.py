@@ -1,0 +1,386 @@
+"""The quota loop: month-to-date totals seeded from ClickHouse, advanced from `tollway.usage.v1`, and turned
+into quota signals for the proxies (exhausted / restored / usage updates near a limit) and budget alerts.
+
+Exactly-once counting, without a shared transaction between ClickHouse and Kafka:
+  * the seed counts rows with `ingested_at <= cutoff` (cutoff = start - `SEED_SETTLE`, so every such row
+    was visible when the seed ran);
+  * the stream counts an event unless the seed already did (checked in ClickHouse, for events old enough
+    to have been seeded) or the stream did (a bounded id set per period);
+  * offsets are committed only for records older than `quota_commit_delay_s`, so a restart replays at
+    least that much: everything ingested after the cutoff comes back through the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from schemas.clickhouse import Store
+from schemas.config import GatewayConfig, Limits
+from schemas.control import KeyState, QuotaSignal, monthly_limits
+from schemas.events import USAGE_TOPIC, UsageEvent
+from schemas.prices import PriceBook, price
+from services.billing import metrics
+from services.billing.accounts import Accounts
+from services.billing.alerts import Alerts
+from services.billing.control import ControlPublisher
+from services.billing.periods import bounds, period_of
+from services.billing.quota import (
+    BILLABLE,
+    Entity,
+    QuotaBook,
+    crossed_thresholds,
+    exhausted_by,
+    has_monthly_limit,
+    near_limit,
+)
+from services.billing.settings import BillingSettings
+
+log = structlog.get_logger("tollway.billing.quota")
+
+SEED_SETTLE = timedelta(seconds=5)
+CLOCK_SKEW = timedelta(seconds=5)
+ACK_HORIZON_S = 30.0  # a proxy forgets its local not-yet-counted entries after this long
+
+
+async def table_exists(store: Store, table: str) -> bool:
+    rows = await store.query(f"EXISTS TABLE {{db}}.{table}")
+    return bool(rows and rows[0][0])
+
+
+class QuotaService:
+    def __init__(self, settings: BillingSettings, config: GatewayConfig, store: Store, accounts: Accounts,
+                 publisher: ControlPublisher, alerts: Alerts, bootstrap: str) -> None:  # fmt: skip
+        self.settings = settings
+        self.config = config
+        self.store = store
+        self.accounts = accounts
+        self.publisher = publisher
+        self.alerts = alerts
+        self.bootstrap = bootstrap
+        self.book_ = PriceBook(config)
+        self.book = QuotaBook(period_of(datetime.now(UTC)))
+        self.states: dict[Entity, QuotaSignal] = {}  # last exhausted/restored signal per entity
+        self.counted: dict[Entity, deque[tuple[float, str]]] = {}
+        self.last_update: dict[Entity, float] = {}
+        self.dirty: set[Entity] = set()
+        self.overshoot: dict[Entity, tuple[int, Decimal]] = {}
+        self.expiry_announced: set[str] = set()
+        self.cutoff = datetime.now(UTC) - SEED_SETTLE
+        self.ready = asyncio.Event()  # the consumer has its partitions
+        self._uncommitted: dict[TopicPartition, deque[tuple[int, int]]] = {}
+        self._last_commit = 0.0
+        self._alert_tasks: set[asyncio.Task[None]] = set()
+
+    # -- limits and state ---------------------------------------------------------------------------
+
+    def limits(self, entity: Entity) -> Limits | None:
+        scope, entity_id = entity
+        if scope == "team":
+            team = self.accounts.find_team(entity_id)
+            return None if team is None else monthly_limits(self.config, "team", team.plan, team.limits)
+        key = self.accounts.get_key(entity_id)
+        return None if key is None else monthly_limits(self.config, "key", key.plan, key.limits)
+
+    def state_of(self, entity: Entity) -> tuple[str, str | None]:
+        sig = self.states.get(entity)
+        if sig is not None and sig.state == "exhausted" and sig.period == self.book.period:
+            return "exhausted", sig.reason
+        return "ok", None
+
+    def _signal(self, entity: Entity, state: str, reason: str | None = None, **extra: Any) -> QuotaSignal:
+        usage, limits = self.book.get(entity), self.limits(entity) or Limits()
+        return QuotaSignal(scope=entity[0], id=entity[1], state=state, reason=reason, period=self.book.period,  # type: ignore[arg-type]
+                           used_tokens=usage.tokens, used_usd=usage.usd, limit_tokens=limits.tokens_per_month,
+                           limit_usd=limits.budget_usd_per_month, as_of=datetime.now(UTC), **extra)  # fmt: skip
+
+    # -- seed -----------------------------------------------------------------------------------------
+
+    async def seed(self) -> None:
+        """Month-to-date totals from deduplicated ClickHouse rows (FINAL), plus re-rating adjustments."""
+        start, end = bounds(self.book.period)
+        self.cutoff = datetime.now(UTC) - SEED_SETTLE
+        params = {"start": start, "end": end, "cutoff": self.cutoff}
+        rows = await self.store.query_dicts(
+            """SELECT team_id, key_id,
+                      sum(if(status IN ('ok', 'error'), prompt_tokens + completion_tokens, 0)) AS tokens,
+                      sum(cost_total) AS usd, max(occurred_at) AS last_at
+               FROM {db}.usage_events FINAL
+               WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}
+                 AND ingested_at <= {cutoff:DateTime64(3, 'UTC')}
+               GROUP BY team_id, key_id""",
+            parameters=params,
+        )
+        if await table_exists(self.store, "usage_adjustments"):
+            adj = await self.store.query_dicts(
+                """SELECT team_id, key_id, sum(delta_total) AS usd FROM {db}.usage_adjustments FINAL
+                   WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}
+                   GROUP BY team_id, key_id""",
+                parameters=params,
+            )
+            rows += [{"team_id": r["team_id"], "key_id": r["key_id"], "tokens": 0, "usd": r["usd"], "last_at": None}
+                     for r in adj]  # fmt: skip
+        for r in rows:
+            last = r["last_at"].replace(tzinfo=UTC) if r["last_at"] is not None else None
+            for entity in (("team", r["team_id"]), ("key", r["key_id"])):
+                self.book.seed(entity, int(r["tokens"]), Decimal(r["usd"]), last)  # type: ignore[arg-type]
+        for entity in list(self.book.usage):
+            limits = self.limits(entity)
+            reason = exhausted_by(self.book.get(entity), limits) if limits else None
+            if reason:
+                self.states[entity] = self._signal(entity, "exhausted", reason)
+        for key in self.accounts.keys():
+            if key.expires_at is not None and key.expires_at <= datetime.now(UTC):
+                self.expiry_announced.add(key.key_id)
+        log.info("quota_seeded", period=self.book.period, entities=len(self.book.usage), exhausted=len(self.states))
+
+    def full_state(self) -> list[QuotaSignal]:
+        """Current quota states for the full-state republish: every exhausted entity, and a usage update
+        for every entity near a limit."""
+        out = [s for s in self.states.values() if s.state == "exhausted" and s.period == self.book.period]
+        for entity, usage in self.book.usage.items():
+            limits = self.limits(entity)
+            if entity not in self.states and limits and has_monthly_limit(limits):
+                if near_limit(usage, limits, self.settings.quota_watch_ratio):
+                    out.append(self._signal(entity, "ok"))
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self._consume(stop)
+            except Exception as err:  # broker trouble: keep the totals, reconnect
+                log.warning("quota_loop_error", error=str(err)[:300])
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+        if self._alert_tasks:
+            await asyncio.wait(list(self._alert_tasks), timeout=5)
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        # Every partition, assigned by hand: a billing instance needs whole-team totals, and a group join
+        # (seconds on tansu) would delay the first signal. The group id only names where offsets are kept.
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.settings.quota_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=20,
+        )
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(USAGE_TOPIC)
+            while not parts and not stop.is_set():
+                await consumer._client.force_metadata_update()  # the topic may be brand new
+                parts = consumer.partitions_for_topic(USAGE_TOPIC)
+            consumer.assign([TopicPartition(USAGE_TOPIC, p) for p in sorted(parts or ())])
+            self.ready.set()
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=50, max_records=5000)
+                records = [r for part in batch.values() for r in part]
+                if records:
+                    await self.ingest(records)
+                    for r in records:
+                        tp = TopicPartition(r.topic, r.partition)
+                        self._uncommitted.setdefault(tp, deque()).append((r.timestamp, r.offset))
+                await self.tick()
+                await self._commit(consumer)
+        finally:
+            await consumer.stop()
+
+    async def ingest(self, records: list[Any]) -> None:
+        events: list[UsageEvent] = []
+        for r in records:
+            try:
+                events.append(UsageEvent.model_validate_json(r.value))
+            except (ValidationError, ValueError, TypeError):
+                metrics.QUOTA_EVENTS.labels(outcome="invalid").inc()
+        await self.ingest_events(events)
+
+    async def ingest_events(self, events: list[UsageEvent]) -> None:
+        for e in events:
+            if period_of(e.occurred_at) > self.book.period:
+                await self.rollover(period_of(e.occurred_at))
+        current = [e for e in events if period_of(e.occurred_at) == self.book.period]
+        metrics.QUOTA_EVENTS.labels(outcome="past_period").inc(len(events) - len(current))
+        seeded = await self._already_seeded(current)
+        touched: dict[Entity, datetime] = {}
+        now_mono = time.monotonic()
+        for e in current:
+            if e.event_id in seeded:
+                metrics.QUOTA_EVENTS.labels(outcome="seeded").inc()
+                continue
+            priced = price(e, self.book_)
+            tokens = e.prompt_tokens + e.completion_tokens if e.status in BILLABLE else 0
+            if not self.book.add(e.event_id, e.team_id, e.key_id, tokens, priced.cost.total, e.occurred_at):
+                metrics.QUOTA_EVENTS.labels(outcome="duplicate").inc()
+                continue
+            metrics.QUOTA_EVENTS.labels(outcome="counted").inc()
+            finished = e.occurred_at + timedelta(milliseconds=e.latency_ms)
+            for entity in (("team", e.team_id), ("key", e.key_id)):
+                self.counted.setdefault(entity, deque()).append((now_mono, e.event_id))  # type: ignore[arg-type]
+                touched[entity] = finished  # type: ignore[index]
+        # Signals first (they are what bites), alerts after, off the hot path.
+        for entity, finished in touched.items():
+            await self.evaluate(entity, finished)
+        for entity in touched:
+            self._spawn_alerts(entity)
+
+    async def _already_seeded(self, events: list[UsageEvent]) -> set[str]:
+        """Ids of events the seed counted. Only events old enough to predate the cutoff can be among them."""
+        limit = self.cutoff + CLOCK_SKEW
+        ids = [e.event_id for e in events if e.occurred_at <= limit and not self.book.seen(e.event_id)]
+        if not ids:
+            return set()
+        start, end = bounds(self.book.period)
+        rows = await self.store.query(
+            """SELECT toString(event_id) FROM {db}.usage_events FINAL
+               WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}
+                 AND has({ids:Array(String)}, toString(event_id)) AND ingested_at <= {cutoff:DateTime64(3, 'UTC')}""",
+            parameters={"start": start, "end": end, "ids": ids, "cutoff": self.cutoff},
+        )
+        return {r[0] for r in rows}
+
+    async def evaluate(self, entity: Entity, crossed_at: datetime | None = None) -> None:
+        """Publish exhausted on a crossing and ok on a recovery (a raised limit); track overshoot."""
+        limits = self.limits(entity)
+        usage = self.book.get(entity)
+        reason = exhausted_by(usage, limits) if limits else None
+        was, _ = self.state_of(entity)
+        if limits is not None:
+            self._track_overshoot(entity, limits)
+        if reason and was != "exhausted":
+            sig = self._signal(entity, "exhausted", reason, crossed_at=crossed_at or datetime.now(UTC))
+            self.states[entity] = sig
+            await self.publisher.publish(sig)
+            metrics.QUOTA_SIGNALS.labels(kind="exhausted").inc()
+            if crossed_at is not None:
+                metrics.QUOTA_DETECT_SECONDS.observe(max(0.0, (datetime.now(UTC) - crossed_at).total_seconds()))
+            log.info("quota_exhausted", scope=entity[0], id=entity[1], reason=reason, period=self.book.period)
+        elif not reason and was == "exhausted":
+            sig = self._signal(entity, "ok", "restored")
+            self.states[entity] = sig
+            await self.publisher.publish(sig)
+            metrics.QUOTA_SIGNALS.labels(kind="restored").inc()
+            log.info("quota_restored", scope=entity[0], id=entity[1], period=self.book.period)
+        elif not reason and limits is not None and near_limit(usage, limits, self.settings.quota_watch_ratio):
+            self.dirty.add(entity)
+
+    def _track_overshoot(self, entity: Entity, limits: Limits) -> None:
+        usage = self.book.get(entity)
+        over_t = max(0, usage.tokens - limits.tokens_per_month) if limits.tokens_per_month is not None else 0
+        over_u = (max(Decimal(0), usage.usd - limits.budget_usd_per_month)
+                  if limits.budget_usd_per_month is not None else Decimal(0))  # fmt: skip
+        prev_t, prev_u = self.overshoot.get(entity, (0, Decimal(0)))
+        if over_t > prev_t:
+            metrics.QUOTA_OVERSHOOT_TOKENS.labels(scope=entity[0]).inc(over_t - prev_t)
+        if over_u > prev_u:
+            metrics.QUOTA_OVERSHOOT_USD.labels(scope=entity[0]).inc(float(over_u - prev_u))
+        self.overshoot[entity] = (max(over_t, prev_t), max(over_u, prev_u))
+
+    def _spawn_alerts(self, entity: Entity) -> None:
+        limits = self.limits(entity)
+        if limits is None:
+            return
+        team_id = entity[1] if entity[0] == "team" else getattr(self.accounts.get_key(entity[1]), "team_id", "")
+        todo = [c for c in crossed_thresholds(self.book.get(entity), limits, self.settings.alert_thresholds)
+                if not self.alerts.claimed((self.book.period, entity[0], entity[1], c[0], c[1]))]  # fmt: skip
+        if not todo:
+            return
+
+        async def send() -> None:
+            for metric, pct, used, limit in todo:
+                try:
+                    await self.alerts.raise_alert((self.book.period, entity[0], entity[1], metric, pct), team_id,
+                                                  used, limit)  # fmt: skip
+                except Exception as err:
+                    log.warning("budget_alert_claim_failed", error=str(err)[:200])
+
+        task = asyncio.create_task(send())
+        self._alert_tasks.add(task)
+        task.add_done_callback(self._alert_tasks.discard)
+
+    async def tick(self) -> None:
+        """Month rollover, throttled usage updates for entities near a limit, expiry announcements."""
+        now = datetime.now(UTC)
+        if period_of(now) > self.book.period:
+            await self.rollover(period_of(now))
+        mono = time.monotonic()
+        interval = self.settings.quota_update_interval_ms / 1000
+        for entity in list(self.dirty):
+            if mono - self.last_update.get(entity, 0.0) < interval:
+                continue
+            self.dirty.discard(entity)
+            self.last_update[entity] = mono
+            if self.state_of(entity)[0] == "exhausted":
+                continue
+            ids = [i for _, i in self.counted.pop(entity, ())]
+            await self.publisher.publish(self._signal(entity, "ok", counted=ids))
+            metrics.QUOTA_SIGNALS.labels(kind="usage").inc()
+        for entity, q in list(self.counted.items()):
+            while q and mono - q[0][0] > ACK_HORIZON_S:
+                q.popleft()
+            if not q:
+                del self.counted[entity]
+        for key in self.accounts.keys():
+            if key.expires_at is not None and key.expires_at <= now and key.key_id not in self.expiry_announced:
+                self.expiry_announced.add(key.key_id)
+                await self.publisher.publish(key.model_copy(update={"expired": True}))
+                log.info("key_expired", key_id=key.key_id, team_id=key.team_id)
+
+    async def rollover(self, period: str) -> None:
+        """A new month: totals restart at zero and every exhausted entity is restored."""
+        if period <= self.book.period:
+            return
+        old = [e for e, s in self.states.items() if s.state == "exhausted"]
+        log.info("quota_period_rollover", old=self.book.period, new=period, restored=len(old))
+        self.book = QuotaBook(period)
+        self.states.clear()
+        self.overshoot.clear()
+        self.counted.clear()
+        self.dirty.clear()
+        for entity in old:
+            sig = self._signal(entity, "ok", "new_period")
+            self.states[entity] = sig
+            await self.publisher.publish(sig)
+            metrics.QUOTA_SIGNALS.labels(kind="restored").inc()
+        await self.alerts.load(period)
+
+    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
+        mono = time.monotonic()
+        if mono - self._last_commit < 1.0:
+            return
+        self._last_commit = mono
+        old_ms = (time.time() - self.settings.quota_commit_delay_s) * 1000
+        offsets: dict[TopicPartition, int] = {}
+        for tp, q in self._uncommitted.items():
+            last = None
+            while q and q[0][0] <= old_ms:
+                last = q.popleft()[1]
+            if last is not None:
+                offsets[tp] = last + 1
+        if offsets:
+            try:
+                await consumer.commit(offsets)
+            except (KafkaError, AssertionError) as err:
+                log.warning("quota_commit_failed", error=str(err)[:200])
+
+    async def on_account_change(self, entity: Entity) -> None:
+        """A changed plan or limit can exhaust or restore an entity right away."""
+        await self.evaluate(entity)
+        self._spawn_alerts(entity)
+
+    def key_state(self, key: KeyState) -> KeyState:
+        return key.model_copy(update={"expired": True}) if key.key_id in self.expiry_announced else key

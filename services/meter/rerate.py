@@ -1,0 +1,164 @@
+"""Pricing after the fact, never by mutation.
+
+* `price_held`: events stored unpriced (no price in force when metered) get a priced copy written once a
+  price exists; the priced copy's row_version beats the unpriced one, so FINAL shows the priced row.
+* `rerate_period`: when the catalog changed for a past period, write signed adjustment rows (delta =
+  catalog cost - effective cost) that name the event, the price version they correct and the one they apply.
+  A second run finds nothing to correct: it is idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import structlog
+
+from schemas.clickhouse import Store
+from schemas.events import UsageEvent
+from schemas.prices import PriceBook, price
+from services.meter import metrics
+from services.meter.pricing import COLUMNS, PricedBatch, row_version
+
+log = structlog.get_logger("tollway.meter.rerate")
+
+ADJ_COLUMNS = (
+    "adjustment_id", "event_id", "seq", "occurred_at", "team_id", "key_id", "model", "provider",
+    "corrects_price_version", "price_version", "unit_input", "unit_output", "unit_cached_input", "delta_input",
+    "delta_cached_input", "delta_output", "delta_total", "reason", "run_id", "created_at",
+)  # fmt: skip
+_EVENT_FIELDS = set(UsageEvent.model_fields)
+
+
+def period_bounds(period: str) -> tuple[datetime, datetime]:
+    """'YYYY-MM' -> [first instant of the month, first instant of the next) in UTC."""
+    try:
+        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
+    except ValueError:
+        raise ValueError(f"period: expected YYYY-MM, got {period!r}") from None
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return start, end
+
+
+def _event(row: dict[str, Any]) -> UsageEvent:
+    fields = {k: v for k, v in row.items() if k in _EVENT_FIELDS}
+    fields["event_id"] = str(fields["event_id"])
+    fields["end_user"] = fields.get("end_user") or None
+    fields["error_code"] = fields.get("error_code") or None
+    fields["occurred_at"] = _utc(fields["occurred_at"])
+    return UsageEvent.model_validate(fields)
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+
+
+async def price_held(store: Store, book: PriceBook, limit: int = 50_000) -> tuple[int, int]:
+    """Price stored-unpriced events that now have a price. Returns (priced now, still held)."""
+    rows = await store.query_dicts(
+        "SELECT * FROM {db}.usage_events FINAL WHERE NOT priced "
+        "AND event_id IN (SELECT event_id FROM {db}.usage_events WHERE NOT priced) LIMIT {n:UInt64}",
+        {"n": limit},
+    )
+    batch = PricedBatch()
+    now = datetime.now(UTC)
+    version = row_version(True, int(now.timestamp() * 1000))
+    held = 0
+    for row in rows:
+        e = _event(row)
+        p = price(e, book)
+        if p.unit is None:
+            held += 1
+            continue
+        batch.add(e, p, row["kafka_partition"], row["kafka_offset"], now, version)
+    if batch.rows:
+        await store.insert_columns("usage_events", batch.columns, COLUMNS)
+        metrics.REPRICED.inc(batch.rows)
+        log.info("held_events_priced", rows=batch.rows, still_held=held)
+    metrics.UNPRICED_HELD.set(held)
+    return batch.rows, held
+
+
+_RERATE_SQL = """
+SELECT e.event_id AS event_id, e.occurred_at AS occurred_at, e.team_id AS team_id, e.key_id AS key_id,
+       e.requested_model AS requested_model, e.served_model AS served_model, e.provider AS provider,
+       e.status AS status, e.prompt_tokens AS prompt_tokens, e.completion_tokens AS completion_tokens,
+       e.cached_tokens AS cached_tokens, e.price_version AS price_version, e.unit_input AS unit_input,
+       e.unit_output AS unit_output, e.unit_cached_input AS unit_cached_input, e.cost_input AS cost_input,
+       e.cost_cached_input AS cost_cached_input, e.cost_output AS cost_output,
+       a.n AS n, a.v AS a_version, a.ui AS a_input, a.uo AS a_output, a.uc AS a_cached,
+       a.di AS d_input, a.dc AS d_cached, a.do AS d_output
+FROM (
+    SELECT * FROM {db}.usage_events FINAL
+    WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')} AND priced
+) AS e
+LEFT JOIN (
+    SELECT event_id, count() AS n, argMax(price_version, seq) AS v, argMax(unit_input, seq) AS ui,
+           argMax(unit_output, seq) AS uo, argMax(unit_cached_input, seq) AS uc, sum(delta_input) AS di,
+           sum(delta_cached_input) AS dc, sum(delta_output) AS do
+    FROM {db}.usage_adjustments FINAL
+    WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}
+    GROUP BY event_id
+) AS a ON e.event_id = a.event_id
+"""
+
+
+@dataclass
+class RerateResult:
+    period: str
+    run_id: str
+    examined: int = 0
+    adjusted: int = 0
+    held_priced: int = 0
+    still_held: int = 0
+    delta_total: Decimal = Decimal(0)
+    by_version: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"period": self.period, "run_id": self.run_id, "examined": self.examined, "adjusted": self.adjusted,
+                "held_priced": self.held_priced, "still_held": self.still_held,
+                "delta_total_usd": format(self.delta_total.normalize(), "f") if self.delta_total else "0",
+                "adjustments_by_price_version": self.by_version}  # fmt: skip
+
+
+async def rerate_period(store: Store, book: PriceBook, period: str) -> RerateResult:
+    start, end = period_bounds(period)
+    result = RerateResult(period=period, run_id=str(uuid.uuid4()))
+    result.held_priced, result.still_held = await price_held(store, book)
+    rows = await store.query_dicts(_RERATE_SQL, {"start": start, "end": end})
+    now = datetime.now(UTC)
+    out: list[list[Any]] = []
+    for r in rows:
+        r["occurred_at"] = _utc(r["occurred_at"])
+        result.examined += 1
+        adjusted = r["n"] > 0
+        version = r["a_version"] if adjusted else r["price_version"]
+        cur = (r["cost_input"] + (r["d_input"] if adjusted else 0), r["cost_cached_input"] + (r["d_cached"] if adjusted else 0),
+               r["cost_output"] + (r["d_output"] if adjusted else 0))  # fmt: skip
+        ev = UsageEvent.model_construct(**{k: r[k] for k in ("occurred_at", "requested_model", "served_model",
+                                        "provider", "status", "prompt_tokens", "completion_tokens", "cached_tokens")})  # fmt: skip
+        p = price(ev, book)
+        if p.unit is None:
+            continue  # the price was removed from the catalog: leave the billed amount alone
+        new_units = (p.unit.input, p.unit.output, p.unit.cached_input)
+        new_cost = (p.cost.input, p.cost.cached_input, p.cost.output)
+        if new_cost == cur:
+            continue  # no money moves (same price, or nothing billable at either price): nothing to correct
+        seq = int(r["n"]) + 1
+        ident = f"{r['event_id']}|{seq}|{p.unit.version}|{'|'.join(str(u.normalize()) for u in new_units)}"
+        d = [n - c for n, c in zip(new_cost, cur, strict=True)]
+        model = r["served_model"] or r["requested_model"]
+        out.append([hashlib.sha256(ident.encode()).hexdigest(), r["event_id"], seq, r["occurred_at"], r["team_id"],
+                    r["key_id"], model, r["provider"], version, p.unit.version, *new_units, *d, sum(d),
+                    f"rerate {period}", result.run_id, now])  # fmt: skip
+        result.adjusted += 1
+        result.delta_total += sum(d)
+        result.by_version[p.unit.version] = result.by_version.get(p.unit.version, 0) + 1
+    for i in range(0, len(out), 20_000):
+        await store.insert_rows("usage_adjustments", out[i : i + 20_000], ADJ_COLUMNS)
+    log.info("rerate_done", **{k: v for k, v in result.as_dict().items() if k != "adjustments_by_price_version"})
+    return result

@@ -1,0 +1,102 @@
+"""Forward one request upstream: try routes in the balancer's order, retry with backoff, fall back, all
+within the request's attempt cap and deadline. Stops at the first answer the client may see."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from schemas.config import RetryConfig
+from services.proxy import metrics
+from services.proxy.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from services.proxy.health import Health, RouteState
+from services.proxy.retry import backoff_s
+from services.proxy.routing import ModelRoute, Target
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Forwarded(Generic[T]):
+    value: T
+    route: RouteState
+    upstream_s: float
+
+
+Attempt = Callable[[Target, float], Awaitable[T]]
+
+
+async def forward(health: Health, route: ModelRoute, policy: RetryConfig, attempt: Attempt[T], ev: dict[str, Any],
+                  started: float, rng: random.Random | None = None) -> Forwarded[T]:  # fmt: skip
+    """`attempt(target, budget_s)` makes one upstream call and returns what the client will get, or raises a
+    GatewayError saying whether it is retryable. `ev` (the usage event) records attempts, the route that
+    answered (served_model stays the public name, provider is the answering route's) and fallback_used."""
+    deadline = started + policy.deadline_s
+    order = health.plan(route)
+    if not order:
+        wait = health.retry_in(route)
+        raise UpstreamUnavailable(
+            f"Every route for model '{route.name}' is unavailable (circuit open or cooling down).",
+            headers={"retry-after": str(max(1, math.ceil(wait)))}, code="upstream_unavailable",
+        )  # fmt: skip
+    first = order[0]
+    last: GatewayError | None = None
+    attempts = 0
+    for pos, s in enumerate(order):
+        more_routes = pos + 1 < len(order)
+        tries = 0
+        while attempts < policy.max_attempts:
+            budget = deadline - time.perf_counter()
+            if budget <= 0:
+                break
+            if not health.begin(s):
+                break  # half-open and its one probe is already out: leave it to that probe
+            attempts += 1
+            tries += 1
+            ev["attempts"], ev["provider"] = attempts, s.target.provider
+            ev["fallback_used"] = s is not first
+            t0 = time.perf_counter()
+            try:
+                value = await attempt(s.target, budget)
+            except GatewayError as err:
+                last = err
+                if not err.retryable:
+                    health.release(s)  # the provider answered: it is up, the request is the problem
+                    metrics.UPSTREAM_ATTEMPTS.labels(route.name, s.target.provider, "rejected").inc()
+                    raise
+                metrics.UPSTREAM_ATTEMPTS.labels(route.name, s.target.provider, "failed").inc()
+                if err.upstream_status == 429:
+                    health.throttled(s, err.retry_after_s if err.retry_after_s is not None else policy.backoff_max_s)
+                else:
+                    health.failure(s)
+                wait = err.retry_after_s
+                if tries > policy.retries_per_route or not s.available_for_retry():
+                    break
+                if wait is not None and (
+                    wait > policy.retry_after_max_s or (more_routes and wait > policy.backoff_max_s)
+                ):
+                    break  # the provider asked for a long pause: another route now beats waiting
+                delay = max(backoff_s(tries - 1, policy.backoff_base_s, policy.backoff_max_s, rng), wait or 0.0)
+                if time.perf_counter() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
+                continue
+            except BaseException:
+                health.release(s)  # cancelled (client left) or a bug: no verdict on the route
+                raise
+            up_s = time.perf_counter() - t0
+            health.success(s, up_s)
+            metrics.UPSTREAM_ATTEMPTS.labels(route.name, s.target.provider, "ok").inc()
+            if s is not first:
+                metrics.FALLBACKS.labels(route.name).inc()
+            return Forwarded(value, s, up_s)
+        if attempts >= policy.max_attempts:
+            break
+    if last is None:
+        last = UpstreamTimeout(f"No upstream answered model '{route.name}' within the request deadline.")
+    raise last

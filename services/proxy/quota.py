@@ -1,0 +1,266 @@
+"""The proxy's monthly quota gate: billing's signals, local counting between them, worst-case reservations.
+
+For every team and key with a monthly limit (tokens_per_month, budget_usd_per_month) the gate knows
+  billing  = the month-to-date total in billing's last usage update (QuotaSignal with used_*),
+  pending  = what calls through this proxy used since, not yet acknowledged by billing (by event id),
+  reserved = the worst case of calls in flight here (prompt estimate + max_tokens, priced at list price).
+A call is admitted while billing + pending + reserved is below the limit and no exhausted signal holds;
+it then reserves its worst case, settled to the actual usage when the call ends (`settle`, from the
+handler's single exit). So a limit bites here the moment local counting crosses it, and everywhere else
+when billing's exhausted signal lands; concurrent calls overshoot by at most what was reserved in flight
+when the limit was reached (per proxy), plus what other proxies served before the signal reached them.
+"""
+
+from __future__ import annotations
+
+import time
+from calendar import monthrange
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from prometheus_client import Counter, Histogram
+
+from schemas.config import GatewayConfig, Limits
+from schemas.control import KeyState, QuotaSignal, Snapshot, TeamState, monthly_limits
+from schemas.prices import MILLION, PriceBook, cost_of
+from services.proxy.errors import QuotaExceeded
+
+ZERO = Decimal(0)
+Entity = tuple[str, str]
+
+REJECTIONS = Counter("tollway_quota_rejections_total", "Calls refused for monthly quota", ["scope", "source"])
+FIRST_429 = Histogram(
+    "tollway_quota_crossing_to_first_429_seconds",
+    "From the end of the call that crossed a monthly limit to this proxy's first 429 insufficient_quota",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SIGNAL_LAG = Histogram(
+    "tollway_quota_signal_lag_seconds",
+    "From the end of the call that crossed a monthly limit to billing's exhausted signal reaching this proxy",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+def period_of(t: datetime) -> str:
+    return f"{t.year:04d}-{t.month:02d}"
+
+
+def seconds_to_reset(now: datetime) -> int:
+    days = monthrange(now.year, now.month)[1]
+    end = datetime(now.year, now.month, days, tzinfo=UTC).timestamp() + 86400
+    return max(1, int(end - now.timestamp()))
+
+
+@dataclass(slots=True)
+class EntityState:
+    billing_tokens: int = 0
+    billing_usd: Decimal = ZERO
+    billing_period: str | None = None
+    pending: OrderedDict[str, tuple[float, int, Decimal]] = field(default_factory=OrderedDict)
+    pending_tokens: int = 0
+    pending_usd: Decimal = ZERO
+    reserved_tokens: int = 0
+    reserved_usd: Decimal = ZERO
+    exhausted: QuotaSignal | None = None
+    exhausted_gen: int = 0
+    crossed_at: datetime | None = None  # start of the crossing-to-first-429 lag
+    first_429_seen: bool = True
+
+    def used(self, period: str) -> tuple[int, Decimal]:
+        base_t, base_u = (self.billing_tokens, self.billing_usd) if self.billing_period == period else (0, ZERO)
+        return (base_t + self.pending_tokens + self.reserved_tokens, base_u + self.pending_usd + self.reserved_usd)
+
+    def forget(self, event_id: str) -> None:
+        entry = self.pending.pop(event_id, None)
+        if entry is not None:
+            self.pending_tokens -= entry[1]
+            self.pending_usd -= entry[2]
+
+    def prune(self, now_mono: float, horizon_s: float) -> None:
+        while self.pending:
+            event_id, (at, _, _) = next(iter(self.pending.items()))
+            if now_mono - at <= horizon_s:
+                break
+            self.forget(event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    entities: tuple[Entity, ...]
+    tokens: int
+    usd: Decimal
+
+
+class QuotaGate:
+    def __init__(self, config: GatewayConfig, default_max_tokens: int = 1024, horizon_s: float = 30.0) -> None:
+        self.config = config
+        self.prices = PriceBook(config)
+        self.default_max_tokens = default_max_tokens
+        self.horizon_s = horizon_s
+        self.states: dict[Entity, EntityState] = {}
+        self.reservations: dict[str, Reservation] = {}
+        self.teams: dict[str, TeamState] = {}
+        self._limits: dict[str, tuple[Any, Limits]] = {}
+        self._gen = 0
+
+    # -- control topic ------------------------------------------------------------------------------
+
+    def follow(self, view: Any) -> None:
+        """Fold every control message the view applies into the gate too (one reader, two consumers)."""
+        inner = view.apply
+
+        def apply(msg: Any) -> None:
+            inner(msg)
+            self.on_control(msg)
+
+        view.apply = apply
+
+    def on_control(self, msg: Any) -> None:
+        if isinstance(msg, TeamState):
+            self.teams[msg.team_id] = msg
+        elif isinstance(msg, QuotaSignal):
+            self._on_signal(msg)
+        elif isinstance(msg, Snapshot):
+            # A full state re-asserts every exhausted entity; one not re-asserted since the previous
+            # Snapshot is stale (its billing restarted into a new month, or a limit was raised meanwhile).
+            self._gen += 1
+            for st in self.states.values():
+                if st.exhausted is not None and st.exhausted_gen < self._gen - 1:
+                    st.exhausted = None
+
+    def _on_signal(self, msg: QuotaSignal) -> None:
+        st = self.states.setdefault((msg.scope, msg.id), EntityState())
+        if msg.used_tokens is not None:
+            st.billing_tokens, st.billing_usd, st.billing_period = msg.used_tokens, msg.used_usd or ZERO, msg.period
+        for event_id in msg.counted:
+            st.forget(event_id)
+        if msg.state == "exhausted":
+            if st.exhausted is None and msg.crossed_at is not None:
+                SIGNAL_LAG.observe(max(0.0, (datetime.now(UTC) - msg.crossed_at).total_seconds()))
+                if st.crossed_at is None or msg.crossed_at < st.crossed_at:
+                    st.crossed_at, st.first_429_seen = msg.crossed_at, False
+            st.exhausted, st.exhausted_gen = msg, self._gen
+        else:
+            st.exhausted = None
+            if msg.reason in ("restored", "new_period"):
+                st.crossed_at, st.first_429_seen = None, True
+                st.pending.clear()
+                st.pending_tokens, st.pending_usd = 0, ZERO
+
+    # -- the request path ---------------------------------------------------------------------------
+
+    def limits(self, key: KeyState) -> tuple[Limits | None, Limits]:
+        """(team limits or None when the team is unknown here, key limits), cached per state object."""
+        team = self.teams.get(key.team_id)
+        hit = self._limits.get(key.key_id)
+        if hit is not None and hit[0][0] is key and hit[0][1] is team:
+            return hit[1]  # type: ignore[return-value]
+        out = (
+            None if team is None else monthly_limits(self.config, "team", team.plan, team.limits),
+            monthly_limits(self.config, "key", key.plan, key.limits),
+        )
+        self._limits[key.key_id] = ((key, team), out)  # type: ignore[assignment]
+        return out
+
+    def worst_case(self, body: dict[str, Any]) -> tuple[int, Decimal]:
+        prompt = max(1, len(orjson.dumps(body.get("messages") or body.get("input") or "")) // 4)
+        cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else self.default_max_tokens
+        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 0) > 0 else 1
+        completion = cap * n
+        model = self.config.resolve(str(body.get("model", ""))) or ""
+        unit = self.prices.at(model, "*", datetime.now(UTC)) if model else None
+        usd = ZERO if unit is None else (Decimal(prompt) * unit.input + Decimal(completion) * unit.output) / MILLION
+        return prompt + completion, usd
+
+    def admit(self, event: dict[str, Any], key: KeyState, body: dict[str, Any]) -> None:
+        """Raise QuotaExceeded, or reserve the call's worst case under its event id."""
+        team_limits, key_limits = self.limits(key)
+        scoped = [(("key", key.key_id), key_limits)]
+        if team_limits is not None:
+            scoped.append((("team", key.team_id), team_limits))
+        scoped = [
+            (e, lim) for e, lim in scoped if lim.tokens_per_month is not None or lim.budget_usd_per_month is not None
+        ]
+        if not scoped:
+            return
+        now = datetime.now(UTC)
+        period, mono = period_of(now), time.monotonic()
+        for entity, lim in scoped:
+            st = self.states.setdefault(entity, EntityState())
+            st.prune(mono, self.horizon_s)
+            source = None
+            if st.exhausted is not None and st.exhausted.period == period:
+                source = "signal"
+            else:
+                tokens, usd = st.used(period)
+                if (lim.tokens_per_month is not None and tokens >= lim.tokens_per_month) or (
+                    lim.budget_usd_per_month is not None and usd >= lim.budget_usd_per_month
+                ):
+                    source = "local"
+            if source is not None:
+                self._reject(entity, st, source, now)
+        tokens, usd = self.worst_case(body)
+        for entity, _ in scoped:
+            st = self.states[entity]
+            st.reserved_tokens += tokens
+            st.reserved_usd += usd
+        self.reservations[event["event_id"]] = Reservation(tuple(e for e, _ in scoped), tokens, usd)
+
+    def _reject(self, entity: Entity, st: EntityState, source: str, now: datetime) -> None:
+        REJECTIONS.labels(entity[0], source).inc()
+        if not st.first_429_seen and st.crossed_at is not None:
+            st.first_429_seen = True
+            FIRST_429.observe(max(0.0, (now - st.crossed_at).total_seconds()))
+        what = "team" if entity[0] == "team" else "API key"
+        raise QuotaExceeded(
+            f"You exceeded the monthly quota of this {what}; it resets at the start of next month (UTC) "
+            "or when the limit is raised.",
+            headers={"retry-after": str(seconds_to_reset(now))},
+        )
+
+    def settle(self, event: dict[str, Any]) -> None:
+        """The call ended: swap its reservation for what it actually used (counted until billing has it)."""
+        r = self.reservations.pop(event.get("event_id", ""), None)
+        if r is None:
+            return
+        billable = event.get("status") in ("ok", "error")
+        tokens = int(event.get("prompt_tokens", 0)) + int(event.get("completion_tokens", 0)) if billable else 0
+        usd = ZERO
+        if tokens:
+            model = event.get("served_model") or event.get("requested_model") or ""
+            unit = self.prices.at(model, event.get("provider", ""), datetime.now(UTC))
+            if unit is not None:
+                usd = cost_of(int(event.get("prompt_tokens", 0)), int(event.get("completion_tokens", 0)),
+                              int(event.get("cached_tokens", 0)), unit).total  # fmt: skip
+        now, mono = datetime.now(UTC), time.monotonic()
+        period = period_of(now)
+        for entity in r.entities:
+            st = self.states[entity]
+            st.reserved_tokens -= r.tokens
+            st.reserved_usd -= r.usd
+            if not tokens:
+                continue
+            st.pending[event["event_id"]] = (mono, tokens, usd)
+            st.pending_tokens += tokens
+            st.pending_usd += usd
+            if st.crossed_at is None:
+                lim = self._limit_of(entity)
+                used_t, used_u = st.used(period)
+                used_t, used_u = used_t - st.reserved_tokens, used_u - st.reserved_usd  # actual usage only
+                if lim is not None and (
+                    (lim.tokens_per_month is not None and used_t >= lim.tokens_per_month)
+                    or (lim.budget_usd_per_month is not None and used_u >= lim.budget_usd_per_month)
+                ):
+                    st.crossed_at, st.first_429_seen = now, False
+
+    def _limit_of(self, entity: Entity) -> Limits | None:
+        if entity[0] == "key":
+            hit = self._limits.get(entity[1])
+            return hit[1][1] if hit else None
+        team = self.teams.get(entity[1])
+        return None if team is None else monthly_limits(self.config, "team", team.plan, team.limits)

@@ -1,0 +1,170 @@
+"""Pure quota, invoice and ROI arithmetic, and the proxy's quota gate, with no engine running."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import pytest
+
+from schemas.config import Limits, load_config
+from schemas.control import KeyState, QuotaSignal, Snapshot, TeamState
+from schemas.prices import UnitPrice
+from services.billing.invoices import UsageGroup, adjustment_lines, assemble, billed_items, content_hash, usage_lines
+from services.billing.quota import QuotaBook, crossed_thresholds, exhausted_by
+from services.billing.roi import RoiRow, compute
+from services.proxy.errors import QuotaExceeded
+from services.proxy.quota import QuotaGate
+
+CONFIG = load_config("tollway.yaml")
+NOW = datetime(2026, 11, 15, tzinfo=UTC)
+
+
+def test_book_counts_an_event_once_for_its_team_and_key():
+    book = QuotaBook("2026-11")
+    assert book.add("e1", "t", "k", 100, Decimal("0.5"), NOW)
+    assert not book.add("e1", "t", "k", 100, Decimal("0.5"), NOW)  # redelivery
+    assert book.get(("team", "t")).tokens == 100 and book.get(("key", "k")).usd == Decimal("0.5")
+
+
+def test_reaching_a_limit_exactly_exhausts_it_and_thresholds_are_inclusive():
+    book = QuotaBook("2026-11")
+    book.add("e1", "t", "k", 800, Decimal("4"), NOW)
+    u = book.get(("team", "t"))
+    assert exhausted_by(u, Limits(tokens_per_month=801)) is None
+    assert exhausted_by(u, Limits(tokens_per_month=800)) == "tokens_per_month"
+    assert exhausted_by(u, Limits(budget_usd_per_month=Decimal("4"))) == "budget_usd_per_month"
+    crossed = crossed_thresholds(u, Limits(budget_usd_per_month=Decimal("5")), [50, 80, 100])
+    assert [(m, p) for m, p, _, _ in crossed] == [("budget_usd", 50), ("budget_usd", 80)]
+
+
+def group(model: str, version: str, inp: int, cached: int, out: int, units: tuple[str, str, str]) -> UsageGroup:
+    ui, uo, uc = (Decimal(x) for x in units)
+    return UsageGroup(model, version, ui, uo, uc, 1, inp, cached, out)
+
+
+def test_invoice_lines_round_once_half_even_and_add_up_exactly():
+    team = TeamState(team_id="team_x", name="x", plan="team")
+    # 1250 tokens at $2/1M = $0.0025 -> half-even to $0.00; 3750 at $2/1M = $0.0075 -> $0.01
+    groups = [group("a", "a@1", 1250, 0, 3750, ("2", "2", "1"))]
+    inv = assemble(team, "2026-10", Decimal("49"), usage_lines(groups), [], 0, NOW)
+    amounts = {line["component"]: line["amount_usd"] for line in inv["lines"] if line["type"] == "usage"}
+    assert amounts == {"input": "0.00", "output": "0.01"}
+    assert inv["total_usd"] == "49.01" and inv["subtotal_usd"] == "49.01"
+    assert sum(Decimal(line["amount_usd"]) for line in inv["lines"]) == Decimal(inv["total_usd"])
+    assert content_hash(inv) == content_hash(dict(inv))
+
+
+def test_adjustments_bring_a_closed_period_to_the_rounded_truth():
+    team = TeamState(team_id="team_x", name="x", plan="enterprise")
+    billed_groups = [group("a", "a@1", 1_000_000, 0, 0, ("2", "8", "1"))]
+    closed = assemble(team, "2026-09", Decimal(0), usage_lines(billed_groups), [], 0, NOW)
+    closed.update(invoice_id="inv_1", number="TW-000001", status="finalized")
+    truth = [group("a", "a@1", 1_500_000, 0, 0, ("2", "8", "1")), group("a", "a@2", 0, 0, 10, ("1", "1", "1"))]
+    lines = adjustment_lines("2026-09", closed, truth, billed_items("2026-09", {"2026-09": closed}))
+    by = {line["adjusts"]["price_version"]: line for line in lines}
+    assert by["a@1"]["quantity"] == 500_000 and by["a@1"]["amount_usd"] == "1.00"
+    assert by["a@1"]["reason"] == "late usage" and by["a@1"]["adjusts"]["invoice_number"] == "TW-000001"
+    assert by["a@2"]["reason"] == "re-rating"
+
+
+def test_roi_savings_split_exactly_into_cache_routing_and_model_choice():
+    own = UnitPrice("v", Decimal("0.40"), Decimal("1.60"), Decimal("0.10"))  # gpt-4.1-mini
+    rows = [
+        RoiRow(
+            date(2026, 10, 3), "gpt-4.1-mini", "gpt-4.1-mini", "openai", "ok", own, 1, 1000, 0, 500, Decimal("0.0012")
+        ),
+        RoiRow(date(2026, 10, 3), "gpt-4.1-mini", "gpt-4.1-mini", "openai", "cached", own, 1, 1000, 0, 500, Decimal(0)),
+        RoiRow(date(2026, 10, 3), "gpt-4.1", "gpt-4.1-mini", "openai", "ok", own, 1, 1000, 0, 500, Decimal("0.0012")),
+    ]
+    r = compute(rows, CONFIG, "team_x", "2026-10", NOW)
+    # baseline: mini's baseline 2/8 for rows 1-2, gpt-4.1's own 2/8 for the routed row: 3 x 0.006
+    assert r["baseline_cost_usd"] == "0.02" and r["actual_cost_usd"] == "0.00"
+    b = r["savings_breakdown_usd"]
+    assert (b["cache"], b["routing"]) == ("0.00", "0.00")  # fractions of a cent, rounded for display
+    assert r["savings_pct"] == "86.67"
+
+
+def gate_with(limit: int) -> tuple[QuotaGate, KeyState]:
+    gate = QuotaGate(CONFIG, default_max_tokens=100)
+    gate.on_control(TeamState(team_id="t", name="t", plan="enterprise"))
+    key = KeyState(key_id="k", key_hash="h", prefix="p", team_id="t", limits=Limits(tokens_per_month=limit))
+    return gate, key
+
+
+def body(max_tokens: int) -> dict:
+    return {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+
+
+def test_gate_reserves_worst_case_so_concurrent_calls_overshoot_by_at_most_one_reservation():
+    gate, key = gate_with(1000)
+    period = f"{datetime.now(UTC):%Y-%m}"
+    gate.on_control(QuotaSignal(scope="key", id="k", state="ok", period=period, used_tokens=900))
+    admitted = []
+    for i in range(50):  # fifty concurrent calls: none has finished yet
+        try:
+            gate.admit({"event_id": f"e{i}"}, key, body(50))
+            admitted.append(i)
+        except QuotaExceeded:
+            pass
+    worst, _ = gate.worst_case(body(50))
+    assert len(admitted) == 100 // worst + (100 % worst > 0)
+    for i in admitted:  # each used its whole worst case
+        gate.settle({"event_id": f"e{i}", "status": "ok", "prompt_tokens": worst - 50, "completion_tokens": 50,
+                     "served_model": "gpt-4.1", "provider": "openai"})  # fmt: skip
+    used = 900 + worst * len(admitted)
+    assert used - 1000 < worst  # the overshoot bound: one reservation
+    with pytest.raises(QuotaExceeded):
+        gate.admit({"event_id": "late"}, key, body(1))
+
+
+def test_gate_obeys_signals_and_forgets_counted_events():
+    gate, key = gate_with(10_000)
+    period = f"{datetime.now(UTC):%Y-%m}"
+    gate.admit({"event_id": "e1"}, key, body(10))
+    gate.settle({"event_id": "e1", "status": "ok", "prompt_tokens": 5, "completion_tokens": 10,
+                 "served_model": "gpt-4.1", "provider": "openai"})  # fmt: skip
+    st = gate.states[("key", "k")]
+    assert st.pending_tokens == 15
+    gate.on_control(QuotaSignal(scope="key", id="k", state="ok", period=period, used_tokens=15, counted=["e1"]))
+    assert st.pending_tokens == 0 and st.used(period)[0] == 15
+    gate.on_control(QuotaSignal(scope="key", id="k", state="exhausted", period=period, used_tokens=10_000,
+                                crossed_at=datetime.now(UTC)))  # fmt: skip
+    with pytest.raises(QuotaExceeded) as err:
+        gate.admit({"event_id": "e2"}, key, body(1))
+    assert err.value.code == "insufficient_quota" and int(err.value.headers["retry-after"]) > 0
+    gate.on_control(QuotaSignal(scope="key", id="k", state="ok", reason="restored", period=period, used_tokens=15))
+    gate.admit({"event_id": "e3"}, key, body(1))  # a raised limit (restored) lets calls through again
+
+
+def test_a_stale_exhausted_state_is_dropped_by_the_next_full_state():
+    gate, key = gate_with(10_000)
+    period = f"{datetime.now(UTC):%Y-%m}"
+    gate.on_control(QuotaSignal(scope="key", id="k", state="exhausted", period=period))
+    gate.on_control(Snapshot(published_at=NOW, keys=1, teams=1))
+    gate.on_control(Snapshot(published_at=NOW, keys=1, teams=1))  # a restart that did not re-assert it
+    gate.admit({"event_id": "e1"}, key, body(1))
+
+
+def test_quota_view_projection_never_overflows_and_is_none_past_the_reset():
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from schemas.config import Limits
+    from services.billing.quota import Usage, quota_view
+
+    now = datetime(2026, 11, 23, 12, tzinfo=UTC)
+    # One token used all month against a huge limit: the naive projection is millennia away.
+    tiny = quota_view(
+        ("team", "t"),
+        Usage(tokens=1, usd=Decimal("0.000001")),
+        Limits(tokens_per_month=10**15, budget_usd_per_month=Decimal(10**9)),
+        "2026-11",
+        now,
+        "ok",
+        None,
+    )
+    assert tiny["projected_exhaustion_at"] is None
+    fast = quota_view(("team", "t"), Usage(tokens=900, usd=Decimal(0)), Limits(tokens_per_month=1000), "2026-11", now,
+                      "ok", None)  # fmt: skip
+    assert fast["projected_exhaustion_at"] is not None

@@ -1,0 +1,65 @@
+"""`tollway reconcile --period YYYY-MM [--team T] [--direct]`: the reconciliation report as JSON.
+
+By default asks the billing API (`TOLLWAY_BILLING_URL`, `TOLLWAY_ADMIN_TOKEN`): with the embedded engine
+only the running process may open ClickHouse. `--direct` runs the same queries against ClickHouse itself
+(a ClickHouse server, or the embedded engine while `tollway up` is stopped). Exit 0 when `ok`, 3 when the
+report finds a gap or a difference, 1 on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import httpx
+
+DEFAULT_BILLING_URL = "http://127.0.0.1:8090"
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    p = subparsers.add_parser("reconcile", help="gaps, duplicates, DLQ, unpriced, metered vs rolled-up/invoiced")
+    p.add_argument("--period", required=True, help="YYYY-MM (UTC month)")
+    p.add_argument("--team", help="only this team id (or name, via the API)")
+    p.add_argument("--direct", action="store_true", help="query ClickHouse directly instead of the billing API")
+    return p
+
+
+async def _direct(period: str, team: str | None) -> dict[str, Any]:
+    from schemas.clickhouse import Store
+    from schemas.settings import CommonSettings
+    from services.billing.api.reconcile import reconcile_report
+
+    s = CommonSettings()
+    store = Store(s.resolved_clickhouse_url(), s.clickhouse_database)
+    await store.open()
+    try:
+        await store.migrate()
+        return await reconcile_report(store, period, team)
+    finally:
+        await store.close()
+
+
+def _api(period: str, team: str | None) -> dict[str, Any]:
+    url = os.environ.get("TOLLWAY_BILLING_URL", DEFAULT_BILLING_URL).rstrip("/")
+    token = os.environ.get("TOLLWAY_ADMIN_TOKEN") or os.environ.get("TOLLWAY_FINANCE_TOKEN")
+    if not token:
+        raise RuntimeError("TOLLWAY_ADMIN_TOKEN (or TOLLWAY_FINANCE_TOKEN) is not set")
+    params = {"period": period} | ({"team": team} if team else {})
+    r = httpx.get(f"{url}/v1/reconcile", params=params, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    if r.status_code != 200:
+        raise RuntimeError(f"billing API {r.status_code}: {r.text[:300]}")
+    return r.json()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = asyncio.run(_direct(args.period, args.team)) if args.direct else _api(args.period, args.team)
+    except (RuntimeError, ValueError, httpx.HTTPError) as err:
+        print(f"tollway reconcile: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2, default=str))
+    return 0 if report["ok"] else 3
