@@ -8,26 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tollway.keys_cli import DEFAULT_BILLING_URL, CliError, _call
+from tollway.billing_client import call, client, get_csv, guarded
 
-
-def billing_token() -> str:
-    for name in ("TOLLWAY_ADMIN_TOKEN", "TOLLWAY_FINANCE_TOKEN", "TOLLWAY_API_KEY"):
-        if os.environ.get(name):
-            return os.environ[name]
-    raise CliError("set TOLLWAY_ADMIN_TOKEN, TOLLWAY_FINANCE_TOKEN or TOLLWAY_API_KEY")
-
-
-def client() -> httpx.Client:
-    url = os.environ.get("TOLLWAY_BILLING_URL", DEFAULT_BILLING_URL).rstrip("/")
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {billing_token()}"}, timeout=60.0)
+# Admin reads everything; finance reads every team (finalize needs admin); a team key reads its own team.
+TOKENS = ("TOLLWAY_ADMIN_TOKEN", "TOLLWAY_FINANCE_TOKEN", "TOLLWAY_API_KEY")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -47,8 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        with client() as c:
+    def action() -> None:
+        with client(*TOKENS) as c:
             match args.invoices_command:
                 case "show":
                     print(json.dumps(_fetch(c, args, "application/json"), indent=2))
@@ -60,23 +50,15 @@ def run(args: argparse.Namespace) -> int:
                         sys.stdout.write(text)
                 case "finalize":
                     body: dict[str, Any] = {"period": args.period} | ({"team": args.team} if args.team else {})
-                    print(json.dumps(_call(c, "POST", "/v1/admin/invoices/finalize", json=body)["data"], indent=2))
-    except CliError as e:
-        print(f"tollway invoices: {e}", file=sys.stderr)
-        return 1
-    except httpx.HTTPError as e:
-        print(f"tollway invoices: cannot reach billing: {e}", file=sys.stderr)
-        return 1
-    return 0
+                    print(json.dumps(call(c, "POST", "/v1/admin/invoices/finalize", json=body)["data"], indent=2))
+
+    return guarded("invoices", action)
 
 
 def _fetch(c: httpx.Client, args: argparse.Namespace, accept: str) -> Any:
     path = f"/v1/invoices/{args.id}" if args.id else "/v1/invoices"
     params = {k: v for k, v in (("team", args.team), ("period", args.period)) if v and not args.id}
     if accept == "text/csv":
-        resp = c.get(path, params=params, headers={"Accept": "text/csv"})
-        if not resp.is_success:
-            raise CliError(f"GET {path} -> {resp.status_code}: {resp.text[:200]}")
-        return resp.text
-    out = _call(c, "GET", path, params=params)
+        return get_csv(c, path, params)
+    out = call(c, "GET", path, params=params)
     return out if args.id else out["data"]

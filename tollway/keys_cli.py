@@ -9,17 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from typing import Any
 
 import httpx
 
-DEFAULT_BILLING_URL = "http://127.0.0.1:8090"
-
-
-class CliError(Exception):
-    """A failure worth one line on stderr."""
+from tollway.billing_client import CliError, Conflict, call, client, guarded
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -45,30 +39,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    url = os.environ.get("TOLLWAY_BILLING_URL", DEFAULT_BILLING_URL).rstrip("/")
-    token = os.environ.get("TOLLWAY_ADMIN_TOKEN")
-    try:
-        if not token:
-            raise CliError("TOLLWAY_ADMIN_TOKEN is not set")
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30.0) as client:
+    def action() -> None:
+        with client("TOLLWAY_ADMIN_TOKEN", timeout_s=30.0) as c:
             match args.keys_command:
                 case "create":
-                    out = _create(client, args.team, args.plan, args.name, _extra(args))
+                    out = _create(c, args.team, args.plan, args.name, _extra(args))
                 case "revoke":
-                    out = _call(client, "DELETE", f"/v1/admin/keys/{args.key_id}")
+                    out = call(c, "DELETE", f"/v1/admin/keys/{args.key_id}")
                 case "list":
-                    params = {"team": args.team} if args.team else None
-                    out = _call(client, "GET", "/v1/admin/keys", params=params)["data"]
+                    out = call(c, "GET", "/v1/admin/keys", params={"team": args.team} if args.team else None)["data"]
                 case other:
                     raise CliError(f"unknown keys command {other!r}")
-    except CliError as e:
-        print(f"tollway keys: {e}", file=sys.stderr)
-        return 1
-    except httpx.HTTPError as e:
-        print(f"tollway keys: cannot reach billing at {url}: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(out, indent=2))
-    return 0
+        print(json.dumps(out, indent=2))
+
+    return guarded("keys", action)
 
 
 def _extra(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,7 +76,7 @@ def _create(
         body["plan"] = plan
     if name:
         body["name"] = name
-    key = _call(client, "POST", "/v1/admin/keys", json=body)
+    key = call(client, "POST", "/v1/admin/keys", json=body)
     return {**key, "team_created": created}
 
 
@@ -103,8 +87,8 @@ def _ensure_team(client: httpx.Client, team: str, plan: str | None) -> tuple[str
         return found, False
     body: dict[str, Any] = {"name": team} | ({"plan": plan} if plan else {})
     try:
-        return _call(client, "POST", "/v1/admin/teams", json=body)["team_id"], True
-    except _Conflict:
+        return call(client, "POST", "/v1/admin/teams", json=body)["team_id"], True
+    except Conflict:
         # Someone created it between our lookup and our create: use theirs.
         found = _find_team(client, team)
         if found is None:
@@ -113,24 +97,8 @@ def _ensure_team(client: httpx.Client, team: str, plan: str | None) -> tuple[str
 
 
 def _find_team(client: httpx.Client, team: str) -> str | None:
-    teams = _call(client, "GET", "/v1/admin/teams")["data"]
+    teams = call(client, "GET", "/v1/admin/teams")["data"]
     match = next((t for t in teams if t["team_id"] == team), None) or next(
         (t for t in teams if t["name"] == team), None
     )
     return match["team_id"] if match else None
-
-
-class _Conflict(CliError):
-    pass
-
-
-def _call(client: httpx.Client, method: str, path: str, **kw: Any) -> Any:
-    resp = client.request(method, path, **kw)
-    if resp.is_success:
-        return resp.json()
-    try:
-        message = resp.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = resp.text[:200] or resp.reason_phrase
-    error = _Conflict if resp.status_code == 409 else CliError
-    raise error(f"{method} {path} -> {resp.status_code}: {message}")

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from typing import Any
 
 import httpx
 
-DEFAULT_BILLING_URL = "http://127.0.0.1:8090"
+from tollway.billing_client import CliError, call, client
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -44,21 +43,15 @@ async def _direct(period: str, team: str | None) -> dict[str, Any]:
 
 
 def _api(period: str, team: str | None) -> dict[str, Any]:
-    url = os.environ.get("TOLLWAY_BILLING_URL", DEFAULT_BILLING_URL).rstrip("/")
-    token = os.environ.get("TOLLWAY_ADMIN_TOKEN") or os.environ.get("TOLLWAY_FINANCE_TOKEN")
-    if not token:
-        raise RuntimeError("TOLLWAY_ADMIN_TOKEN (or TOLLWAY_FINANCE_TOKEN) is not set")
     params = {"period": period} | ({"team": team} if team else {})
-    r = httpx.get(f"{url}/v1/reconcile", params=params, headers={"Authorization": f"Bearer {token}"}, timeout=120)
-    if r.status_code != 200:
-        raise RuntimeError(f"billing API {r.status_code}: {r.text[:300]}")
-    return r.json()
+    with client("TOLLWAY_ADMIN_TOKEN", "TOLLWAY_FINANCE_TOKEN", timeout_s=120.0) as c:
+        return call(c, "GET", "/v1/reconcile", params=params)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         report = asyncio.run(_direct(args.period, args.team)) if args.direct else _api(args.period, args.team)
-    except (RuntimeError, ValueError, httpx.HTTPError) as err:
+    except (CliError, RuntimeError, ValueError, httpx.HTTPError) as err:
         print(f"tollway reconcile: {err}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2, default=str))

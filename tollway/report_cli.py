@@ -6,10 +6,8 @@ import argparse
 import json
 import sys
 
-import httpx
-
-from tollway.invoices_cli import client
-from tollway.keys_cli import CliError, _call
+from tollway.billing_client import call, client, get_csv, guarded
+from tollway.invoices_cli import TOKENS
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -24,19 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     params = {k: v for k, v in (("team", args.team), ("period", args.period)) if v}
-    try:
-        with client() as c:
+
+    def action() -> None:
+        with client(*TOKENS) as c:
             if args.csv:
-                resp = c.get("/v1/reports/roi", params=params, headers={"Accept": "text/csv"})
-                if not resp.is_success:
-                    raise CliError(f"GET /v1/reports/roi -> {resp.status_code}: {resp.text[:200]}")
-                sys.stdout.write(resp.text)
+                sys.stdout.write(get_csv(c, "/v1/reports/roi", params))
             else:
-                print(json.dumps(_call(c, "GET", "/v1/reports/roi", params=params), indent=2))
-    except CliError as e:
-        print(f"tollway report: {e}", file=sys.stderr)
-        return 1
-    except httpx.HTTPError as e:
-        print(f"tollway report: cannot reach billing: {e}", file=sys.stderr)
-        return 1
-    return 0
+                print(json.dumps(call(c, "GET", "/v1/reports/roi", params=params), indent=2))
+
+    return guarded("report", action)
