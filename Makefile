@@ -35,6 +35,10 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Proxy overhead vs direct and vs LiteLLM/Portkey, metering throughput, quota lag (see bench/README.md).
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.export
 
