@@ -137,5 +137,29 @@ class Store:
             settings=settings,
         )
 
+    async def insert_raw(
+        self,
+        table: str,
+        data: bytes,
+        column_names: Sequence[str],
+        fmt: str,
+        dedup_token: str | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        """Insert bytes already in a ClickHouse input format (e.g. ArrowStream): ClickHouse parses them natively,
+        with no per-value conversion in Python. Same dedup token semantics as `insert_columns`; `settings` are
+        extra per-insert ClickHouse settings."""
+        settings = dict(settings or {})
+        if dedup_token:
+            settings["insert_deduplication_token"] = dedup_token
+        await self._run(
+            self._client.raw_insert,
+            f"{self.db}.{table}",
+            list(column_names),
+            insert_block=data,
+            settings=settings or None,
+            fmt=fmt,
+        )
+
     async def insert_rows(self, table: str, rows: Sequence[Sequence[Any]], column_names: Sequence[str]) -> None:
         await self._run(self._client.insert, f"{self.db}.{table}", rows, column_names=list(column_names))

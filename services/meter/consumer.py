@@ -17,7 +17,7 @@ from schemas.config import GatewayConfig
 from schemas.prices import PriceBook
 from services.meter import metrics
 from services.meter.dlq import DeadLetterSink
-from services.meter.pricing import decode_and_price
+from services.meter.pricing import DeadLetter, PricedBatch, decode_and_price
 from services.meter.rerate import price_held
 from services.meter.rollups import run_rollups
 from services.meter.settings import MeterSettings
@@ -91,8 +91,7 @@ async def run_meter(
         ),
     ]
 
-    async def process(records: list, give_up: asyncio.Event) -> bool:
-        batch, dead = decode_and_price(records, book)
+    async def finish(batch: PricedBatch, dead: list[DeadLetter], give_up: asyncio.Event) -> bool:
         # Rows, then dead letters (topic and table), then the commit: a crash anywhere replays the batch.
         if not await writer.insert(batch, give_up) or not await writer.insert_dead(dead, give_up):
             log.warning("meter_stopping_uncommitted", rows=batch.rows)  # replayed on next start
@@ -114,19 +113,52 @@ async def run_meter(
                   partitions={f"{t}:{p}": [a, b] for (t, p), (a, b) in batch.spans.items()})  # fmt: skip
         return True
 
+    # Two-stage pipeline: while batch N is written and committed (its insert runs on the ClickHouse thread,
+    # off the GIL), batch N+1 is fetched and priced here. At most one batch is in flight and the next one
+    # starts only after it committed, so commits stay in offset order and a batch that could not be written
+    # stops everything after it (nothing later is ever committed past an uncommitted batch).
+    in_flight: asyncio.Task[bool] | None = None
+
+    async def handed_over(records: list, give_up: asyncio.Event) -> bool:
+        """Price `records`, wait for the batch in flight, then put this one in flight. False: stop now."""
+        nonlocal in_flight
+        batch, dead = decode_and_price(records, book)
+        if in_flight is not None:
+            ok = await in_flight
+            in_flight = None
+            if not ok:
+                return False  # this batch was never written or committed: replayed on next start
+        in_flight = asyncio.create_task(finish(batch, dead, give_up), name="meter-batch")
+        return True
+
+    async def settle() -> bool:
+        nonlocal in_flight
+        if in_flight is None:
+            return True
+        try:
+            return await in_flight
+        finally:
+            in_flight = None
+
     try:
         while not stop.is_set():
             records = await fetch_batch(consumer, settings.batch_max_rows, settings.batch_max_wait_ms)
-            if records and not await process(records, stop):
+            if records and not await handed_over(records, stop):
                 return
+        if not await settle():
+            return
         if drain:
             # Shutting down with a broker that forgets (the bundled one): take what is left first.
             deadline = time.monotonic() + drain_timeout_s
             while time.monotonic() < deadline:
                 records = await fetch_batch(consumer, settings.batch_max_rows, settings.batch_max_wait_ms)
-                if not records or not await process(records, never):
+                if not records or not await handed_over(records, never):
                     break
+            await settle()
     finally:
+        if in_flight is not None:  # cancelled or failed mid-loop: never leave a write/commit running unseen
+            in_flight.cancel()
+            await asyncio.gather(in_flight, return_exceptions=True)
         background_stop.set()
         await asyncio.gather(*background, return_exceptions=True)
         await consumer.stop()

@@ -103,6 +103,38 @@ async def _async(v):
     return v
 
 
+async def committed(bootstrap: str, group: str, topic: str, partitions: int = 4) -> dict[int, int]:
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await probe.start()
+    try:
+        return {p: (await probe.committed(TopicPartition(topic, p))) or 0 for p in range(partitions)}
+    finally:
+        await probe.stop()
+
+
+async def test_nothing_is_committed_past_a_batch_that_is_not_written(bootstrap, store, unique):
+    """The pipelined meter prices batch N+1 while batch N is written, but never commits N+1 (nor anything
+    after it) while N's insert keeps failing; once ClickHouse is back every offset is committed, in order."""
+    topic, team = f"usage-{unique}", f"team_{unique}"
+    await create_topic(bootstrap, topic)
+    flaky = FlakyStore(store)
+    events = events_for(team, 6_000, f"px-{unique}")
+    async with meter_task(settings(unique, topic), CONFIG, flaky, bootstrap):
+        await produce(bootstrap, topic, [(team.encode(), e.to_bytes()) for e in events[:1_000]])
+        await eventually(lambda: totals(store, team), lambda r: r[0] == 1_000)
+        before = await eventually(lambda: committed(bootstrap, f"g-{unique}", topic),
+                                  lambda c: sum(c.values()) == 1_000)  # fmt: skip
+        flaky.failing = True
+        ends = await produce(bootstrap, topic, [(team.encode(), e.to_bytes()) for e in events[1_000:]])
+        await eventually(lambda: _async(flaky.failed_attempts), lambda n: n >= 4, timeout_s=30)
+        assert await committed(bootstrap, f"g-{unique}", topic) == before  # several batches in hand, none committed
+        assert (await totals(store, team))[0] == 1_000
+        flaky.failing = False
+        await eventually(lambda: totals(store, team), lambda r: r[0] == 6_000, timeout_s=60)
+        await eventually(lambda: committed(bootstrap, f"g-{unique}", topic), lambda c: {p: o for p, o in c.items() if o} == ends,
+                         timeout_s=30)  # fmt: skip
+
+
 async def test_garbage_is_dead_lettered_with_reason_in_topic_and_table(bootstrap, store, unique):
     topic, team = f"usage-{unique}", f"team_{unique}"
     await create_topic(bootstrap, topic, partitions=1)

@@ -50,16 +50,22 @@ class FlakyStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def insert_columns(self, *a: Any, **kw: Any) -> None:
+    def _fail_if_down(self) -> None:
         if self.failing:
             self.failed_attempts += 1
             raise ConnectionError("injected: ClickHouse unavailable")
+
+    # Every write path the meter has: Arrow (its main one), columns (fallback), rows.
+    async def insert_raw(self, *a: Any, **kw: Any) -> None:
+        self._fail_if_down()
+        await self._inner.insert_raw(*a, **kw)
+
+    async def insert_columns(self, *a: Any, **kw: Any) -> None:
+        self._fail_if_down()
         await self._inner.insert_columns(*a, **kw)
 
     async def insert_rows(self, *a: Any, **kw: Any) -> None:
-        if self.failing:
-            self.failed_attempts += 1
-            raise ConnectionError("injected: ClickHouse unavailable")
+        self._fail_if_down()
         await self._inner.insert_rows(*a, **kw)
 
 
