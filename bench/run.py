@@ -1,8 +1,8 @@
 """`python -m bench.run`: run the benchmark parts, print one table, write JSON under bench/results/.
 
 Parts (each runnable alone with --only): proxy (direct + Tollway, plus its cache-hit path), litellm, portkey,
-variants (Tollway with proposed hot-path changes applied at start), emit (usage-event CPU cost), meter
-(bench/meter_throughput.py), quota (bench/quota_lag.py), profile (py-spy; not in the default set).
+variants (Tollway with one landed hot-path change taken back out, to see what it buys), emit (usage-event CPU
+cost), meter (bench/meter_throughput.py), quota (bench/quota_lag.py), profile (py-spy; not in the default set).
 Direct-to-mock is measured in every run that drives a gateway. Bounded: 7-8 minutes at the defaults, plus
 the peers' one-time installs on a fresh machine.
 """
@@ -32,11 +32,10 @@ from bench.procs import can_pin
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_PARTS = ("proxy", "litellm", "portkey", "variants", "emit", "meter", "quota")
 ALL_PARTS = (*DEFAULT_PARTS, "profile")
-# proposed proxy changes, measured by applying them at start (bench/variant_proxy.py); name -> variant
+# what each landed change buys, measured by taking it back out at start (bench/variant_proxy.py); name -> variant
 VARIANTS = {
-    "tollway+aiohttp": "aiohttp",
-    "tollway+aiohttp+uvloop": "aiohttp,uvloop",
-    "tollway+aiohttp+uvloop+fastpath": "aiohttp,uvloop,fastpath",
+    "tollway+asyncio+h11": "asyncio",
+    "tollway+fastapi-routes": "fastapi",
 }
 EXTERNAL = {"meter": "bench.meter_throughput", "quota": "bench.quota_lag"}  # owned by issues 4 and 5
 EXTERNAL_TIMEOUT_S = 180  # both took ~35 s each here; keeps the whole run under 15 minutes
@@ -165,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     gateways = [p for p in ("proxy", "litellm", "portkey", "profile") if p in parts]
     if "variants" in parts:
         gateways += list(VARIANTS)
-    if "profile" in parts:  # the proxy as it is, then with every proposed change applied
-        gateways += ["profile+variant"]
     mocks: list = []
     try:
         if gateways:
@@ -183,9 +180,6 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     if part in VARIANTS:
                         t = targets.start_tollway(run_dir, mock_urls, variant=VARIANTS[part], name=part)
-                    elif part == "profile+variant":
-                        best = list(VARIANTS)[-1]
-                        t = targets.start_tollway(run_dir, mock_urls, variant=VARIANTS[best], name=best)
                     else:
                         t = starters.get(part, targets.start_tollway)(run_dir, mock_urls)
                 except Exception as err:

@@ -159,7 +159,7 @@ def rows(res: dict) -> list[list[str]]:
     ok = _ge(lite_p99 / max(tw_p99, 0.01), 4) if lite_p99 is not None and tw_p99 is not None else None
     row("peer added p99 / Tollway's, c=32", "", ratio_p99, ">=4x LiteLLM", _met(ok))
 
-    # proposed changes, measured: Tollway with each applied at start (bench/variant_proxy.py)
+    # landed changes, measured: Tollway with one taken back out at start (bench/variant_proxy.py)
     for v in res.get("proxy", {}):
         if not v.startswith("tollway+"):
             continue

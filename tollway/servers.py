@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,9 +21,19 @@ class QuietServer(uvicorn.Server):
         yield
 
 
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# httptools parses HTTP in C (h11 is pure Python); uvloop only matters where the CLI made the loop
+# (tollway/cli.py), the setting just tells uvicorn not to fight it. Both optional: h11/asyncio otherwise.
+HTTP_IMPL = "httptools" if _available("httptools") else "h11"
+LOOP_IMPL = "uvloop" if _available("uvloop") else "asyncio"
+
+
 def make_server(app: Any, host: str, port: int) -> QuietServer:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=10)  # fmt: skip
+                            timeout_graceful_shutdown=10, loop=LOOP_IMPL, http=HTTP_IMPL)  # fmt: skip
     return QuietServer(config)
 
 

@@ -67,9 +67,9 @@ async def forward(health: Health, route: ModelRoute, policy: RetryConfig, attemp
                 last = err
                 if not err.retryable:
                     health.release(s)  # the provider answered: it is up, the request is the problem
-                    metrics.UPSTREAM_ATTEMPTS.labels(route.name, s.target.provider, "rejected").inc()
+                    metrics.attempts_by(route.name, s.target.provider, "rejected").inc()
                     raise
-                metrics.UPSTREAM_ATTEMPTS.labels(route.name, s.target.provider, "failed").inc()
+                metrics.attempts_by(route.name, s.target.provider, "failed").inc()
                 if err.upstream_status == 429:
                     health.throttled(s, err.retry_after_s if err.retry_after_s is not None else policy.backoff_max_s)
                 else:
@@ -91,7 +91,7 @@ async def forward(health: Health, route: ModelRoute, policy: RetryConfig, attemp
                 raise
             up_s = time.perf_counter() - t0
             health.success(s, up_s)
-            metrics.UPSTREAM_ATTEMPTS.labels(route.name, s.target.provider, "ok").inc()
+            metrics.attempts_by(route.name, s.target.provider, "ok").inc()
             if s is not first:
                 metrics.FALLBACKS.labels(route.name).inc()
             return Forwarded(value, s, up_s)

@@ -228,10 +228,8 @@ class ProxyHandler:
             self.s.emitter.emit(ev)
             metrics.EVENTS_QUEUED.set(self.s.emitter.queued)
         model = ev.get("served_model") or ev.get("requested_model") or "unknown"
-        metrics.REQUESTS.labels(
-            call.endpoint, model if route else "unknown", ev.get("provider", ""), ev["status"]
-        ).inc()
-        metrics.LATENCY.labels(call.endpoint).observe(ev["latency_ms"] / 1000)
+        metrics.requests_by(call.endpoint, model if route else "unknown", ev.get("provider", ""), ev["status"]).inc()
+        metrics.latency_by(call.endpoint).observe(ev["latency_ms"] / 1000)
 
     def fail(self, call: Call, err: GatewayError, route: ModelRoute | None = None) -> Response:
         rejected = err.code in ("rate_limit_exceeded", "insufficient_quota")
@@ -300,7 +298,7 @@ class ProxyHandler:
             log.exception("proxy_internal_error", request_id=call.request_id)
             return self.fail(call, GatewayError(f"Internal error ({type(err).__name__})."), route)
         reply = fwd.value
-        metrics.UPSTREAM_LATENCY.labels(fwd.route.target.provider).observe(fwd.upstream_s)
+        metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
         usage, ev["usage_source"] = usage_fields(reply.data), "provider"
         if usage is None:
             usage, ev["usage_source"] = estimate_tokens(body, completion_chars(reply.data)), "estimated"
@@ -308,8 +306,8 @@ class ProxyHandler:
             usage["completion_tokens"] = 0
         ev.update(usage)
         ev["status"] = "ok"
-        metrics.TOKENS.labels(route.name, "prompt").inc(usage["prompt_tokens"])
-        metrics.TOKENS.labels(route.name, "completion").inc(usage["completion_tokens"])
+        metrics.tokens_by(route.name, "prompt").inc(usage["prompt_tokens"])
+        metrics.tokens_by(route.name, "completion").inc(usage["completion_tokens"])
         if call.cache_key is not None:
             self._store(call, route, reply.body, usage, fwd.route.target.provider)
         self.finish(call, reply.status, route)
@@ -318,7 +316,7 @@ class ProxyHandler:
 
     def _json_attempt(self, body: dict[str, Any], path: str) -> Any:
         async def attempt(target: Target, budget_s: float) -> UpstreamReply:
-            reply = await post_json(self.s.http, target, path, orjson.dumps({**body, "model": target.upstream_model}),
+            reply = await post_json(self.s.upstream, target, path, orjson.dumps({**body, "model": target.upstream_model}),
                                     budget_s)  # fmt: skip
             if reply.status >= 300:
                 raise upstream_failure(reply.status, reply.body, reply.data, reply.retry_after)
@@ -350,8 +348,8 @@ class ProxyHandler:
                 metrics.CLIENT_DISCONNECTS.labels(route.name).inc()
             if out.ttft_ms is not None:
                 metrics.TTFT.labels(route.name).observe(out.ttft_ms / 1000)
-            metrics.TOKENS.labels(route.name, "prompt").inc(ev["prompt_tokens"])
-            metrics.TOKENS.labels(route.name, "completion").inc(ev["completion_tokens"])
+            metrics.tokens_by(route.name, "prompt").inc(ev["prompt_tokens"])
+            metrics.tokens_by(route.name, "completion").inc(ev["completion_tokens"])
             if assembler is not None and out.completed and not out.upstream_broken:
                 completion = assembler.completion()
                 if completion is not None:
@@ -361,7 +359,7 @@ class ProxyHandler:
 
         async def attempt(target: Target, budget_s: float) -> StreamRelay:
             payload = orjson.dumps({**upstream_body, "model": target.upstream_model})
-            resp = await open_stream(self.s.http, target, path, payload, budget_s)
+            resp = await open_stream(self.s.upstream, target, path, payload, budget_s)
             relay = StreamRelay(resp, call.started, wants_usage, on_end, assembler)
             await relay.prime()
             return relay
@@ -369,7 +367,7 @@ class ProxyHandler:
         t_fwd = time.perf_counter()
         fwd = await forward(self.health, route, route.retry or self.config.retry, attempt, ev, call.started)
         fwd_s = time.perf_counter() - t_fwd
-        metrics.UPSTREAM_LATENCY.labels(fwd.route.target.provider).observe(fwd.upstream_s)
+        metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
         metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
         relay = fwd.value
         return SSEResponse(relay.events(), relay.finish, relay.aclose, headers=call.headers)

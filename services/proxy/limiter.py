@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import structlog
 
 from services.proxy import metrics
-from services.proxy.limits import Rule, Verdict, first_violation, verdict, window_position
+from services.proxy.limits import Rule, Verdict, exceeds, verdict, window_position
 
 log = structlog.get_logger("tollway.proxy.limiter")
 
@@ -48,15 +48,25 @@ class MemoryLimiter:
         self, rules: Sequence[Rule], costs: Sequence[int], now: float | None = None
     ) -> tuple[Verdict, Ticket]:
         now = time.time() if now is None else now
-        positions = [window_position(now, r.window_s) for r in rules]
-        buckets = [self._counts(r, idx) for r, (idx, _) in zip(rules, positions, strict=True)]
-        counts = [(b[1], b[2]) for b in buckets]
-        fracs = [f for _, f in positions]
-        rejected = first_violation(rules, costs, counts, fracs)
+        # one pass: window, counts and the limit check per rule (the common case is far below every cap)
+        windows: list[int] = []
+        buckets: list[list[float]] = []
+        counts: list[tuple[float, float]] = []
+        fracs: list[float] = []
+        rejected: int | None = None
+        for i, rule in enumerate(rules):
+            idx, frac = window_position(now, rule.window_s)
+            b = self._counts(rule, idx)
+            windows.append(idx)
+            buckets.append(b)
+            counts.append((b[1], b[2]))
+            fracs.append(frac)
+            if rejected is None and exceeds(rule, costs[i], b[1], b[2], frac):
+                rejected = i
         if rejected is None:
             for b, cost in zip(buckets, costs, strict=True):
                 b[1] += cost
-        return verdict(rules, costs, counts, fracs, rejected), Ticket(tuple(rules), tuple(i for i, _ in positions))
+        return verdict(rules, costs, counts, fracs, rejected), Ticket(tuple(rules), tuple(windows))
 
     def correct(self, ticket: Ticket, deltas: Sequence[int]) -> None:
         """Replace an admission-time estimate by the actual count (tpm), in the window it was counted in."""

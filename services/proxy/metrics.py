@@ -1,5 +1,7 @@
 """Proxy metrics (prefix tollway_), defined once per process."""
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter("tollway_requests_total", "Proxied requests", ["endpoint", "model", "provider", "status"])
@@ -37,3 +39,27 @@ CACHE_ENTRIES = Gauge("tollway_cache_entries", "Entries in the response cache")
 RATE_LIMITED = Counter("tollway_rate_limited_total", "Requests rejected by a rate limit", ["scope", "metric"])
 RATELIMIT_ERRORS = Counter("tollway_ratelimit_store_errors_total", "Shared limit store unreachable (failed open)")
 CLIENT_DISCONNECTS = Counter("tollway_client_disconnects_total", "Streams the client left before the end", ["model"])
+
+
+class Children:
+    """A metric's label children, resolved once per label values: `labels()` hashes, validates and locks on
+    every call (~2% of a call's CPU), a dict lookup does not. Bounded by the same label sets as the metric."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+requests_by = Children(REQUESTS)
+latency_by = Children(LATENCY)
+upstream_latency_by = Children(UPSTREAM_LATENCY)
+tokens_by = Children(TOKENS)
+attempts_by = Children(UPSTREAM_ATTEMPTS)

@@ -105,6 +105,7 @@ class QuotaGate:
         self.reservations: dict[str, Reservation] = {}
         self.teams: dict[str, TeamState] = {}
         self._limits: dict[str, tuple[Any, Limits]] = {}
+        self._team_limits: dict[str, tuple[TeamState, Limits]] = {}  # per team state object, like keys'
         self._gen = 0
 
     # -- control topic ------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ class QuotaGate:
         if hit is not None and hit[0][0] is key and hit[0][1] is team:
             return hit[1]  # type: ignore[return-value]
         out = (
-            None if team is None else monthly_limits(self.config, "team", team.plan, team.limits),
+            self._team_limit(team),
             monthly_limits(self.config, "key", key.plan, key.limits),
         )
         self._limits[key.key_id] = ((key, team), out)  # type: ignore[assignment]
@@ -262,5 +263,14 @@ class QuotaGate:
         if entity[0] == "key":
             hit = self._limits.get(entity[1])
             return hit[1][1] if hit else None
-        team = self.teams.get(entity[1])
-        return None if team is None else monthly_limits(self.config, "team", team.plan, team.limits)
+        return self._team_limit(self.teams.get(entity[1]))
+
+    def _team_limit(self, team: TeamState | None) -> Limits | None:
+        if team is None:
+            return None
+        hit = self._team_limits.get(team.team_id)
+        if hit is not None and hit[0] is team:
+            return hit[1]
+        lim = monthly_limits(self.config, "team", team.plan, team.limits)
+        self._team_limits[team.team_id] = (team, lim)
+        return lim

@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from services.proxy.cache import CompletionAssembler
 from services.proxy.errors import GatewayError, UpstreamError, UpstreamUnavailable, error_body
+from services.proxy.upstream import TRANSPORT_ERRORS
 
 
 @dataclass(slots=True)
@@ -62,7 +63,7 @@ DONE = b"data: [DONE]\n\n"
 class StreamRelay:
     """One upstream SSE stream relayed to one client; `finish` runs exactly once however it ends."""
 
-    def __init__(self, resp: httpx.Response, started: float, client_wants_usage: bool,
+    def __init__(self, resp: aiohttp.ClientResponse, started: float, client_wants_usage: bool,
                  on_end: Callable[[StreamOutcome], None], assembler: CompletionAssembler | None = None) -> None:  # fmt: skip
         self.resp = resp
         self.started = started
@@ -70,8 +71,8 @@ class StreamRelay:
         self.on_end = on_end
         self.assembler = assembler
         self.out = StreamOutcome()
-        self._lines = resp.aiter_lines()
-        self._first: str | None = None
+        self._lines = _lines(resp.content)
+        self._first: bytes | None = None
         self._finished = False
 
     async def prime(self) -> None:
@@ -79,33 +80,33 @@ class StreamRelay:
         retried elsewhere. An upstream that breaks or ends here is a failed attempt, not a broken stream."""
         try:
             async for line in self._lines:
-                if line.startswith("data:"):
+                if line.startswith(b"data:"):
                     self._first = line[5:].strip()
                     return
-        except httpx.HTTPError as err:
-            await self.resp.aclose()
+        except TRANSPORT_ERRORS as err:
+            self.resp.close()
             failure: GatewayError = UpstreamUnavailable(
                 f"upstream stream failed before its first event: {type(err).__name__}"
             )
             failure.retryable = True
             raise failure from err
-        await self.resp.aclose()
+        self.resp.close()
         failure = UpstreamError("upstream stream ended before its first event")
         failure.retryable = True
         raise failure
 
-    async def _payloads(self) -> AsyncIterator[str]:
+    async def _payloads(self) -> AsyncIterator[bytes]:
         if self._first is not None:
             yield self._first
         async for line in self._lines:
-            if line.startswith("data:"):
+            if line.startswith(b"data:"):
                 yield line[5:].strip()
 
     async def events(self) -> AsyncIterator[bytes]:
         out = self.out
         try:
             async for payload in self._payloads():
-                if payload == "[DONE]":
+                if payload == b"[DONE]":
                     out.completed = True
                     yield DONE
                     return
@@ -135,7 +136,7 @@ class StreamRelay:
                         out.content_chars += len(orjson.dumps(delta["tool_calls"]))
                     if first.get("finish_reason"):
                         out.finished = True
-                yield _sse(payload.encode())
+                yield _sse(payload)
             if out.finished:  # some providers end without [DONE]; the SDKs read it as the end either way
                 out.completed = True
                 yield DONE
@@ -143,7 +144,7 @@ class StreamRelay:
                 out.upstream_broken = True
                 yield _sse(error_body("The upstream provider ended the stream early.", "api_error",
                                       "upstream_stream_broken"))  # fmt: skip
-        except httpx.HTTPError:
+        except TRANSPORT_ERRORS:
             out.upstream_broken = True
             yield _sse(error_body("The upstream provider's stream broke.", "api_error", "upstream_stream_broken"))
 
@@ -155,7 +156,21 @@ class StreamRelay:
         self.on_end(self.out)
 
     async def aclose(self) -> None:
-        await self.resp.aclose()
+        # close, not release: a stream cut short must drop the connection so the provider stops generating
+        self.resp.close()
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The body line by line (no terminator), as chunks arrive; no cap on a line's length."""
+    rest = b""
+    async for chunk in content.iter_any():
+        if rest:
+            chunk = rest + chunk
+        *lines, rest = chunk.split(b"\n")
+        for line in lines:
+            yield line[:-1] if line.endswith(b"\r") else line
+    if rest:
+        yield rest
 
 
 class SSEResponse(Response):

@@ -1,13 +1,20 @@
-"""The hop to the provider: one pooled HTTP client for the whole process, errors mapped to gateway errors."""
+"""The hop to the provider: one pooled aiohttp session for the whole process, errors mapped to gateway errors.
+
+aiohttp, not httpx, on this hop: httpx's pool walks every pooled connection per queued request
+(encode/httpx#3215) and was half the proxy's CPU under load (bench/README.md, finding 1). httpx stays for
+everything off the hot path (health probes, CLI, tests).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
+from yarl import URL
 
 from services.proxy.errors import GatewayError, RateLimited, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from services.proxy.retry import parse_retry_after, retryable
@@ -22,20 +29,33 @@ class UpstreamReply:
     retry_after: str | None = None
 
 
-def open_client(max_connections: int) -> httpx.AsyncClient:
-    # One client, opened in the lifespan: per-request clients would pay a TCP+TLS handshake every call.
-    return httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        timeout=httpx.Timeout(60.0, connect=5.0),
-        http2=False,
+def open_session(max_connections: int) -> aiohttp.ClientSession:
+    """One session, opened in the lifespan (inside the running loop): per-request sessions would pay a TCP+TLS
+    handshake every call. Keep-alive pool of `max_connections`, DNS answers cached for 5 minutes."""
+    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=300,
+                                     keepalive_timeout=30.0)  # fmt: skip
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers={"content-type": "application/json"},
+        skip_auto_headers=("User-Agent",),
+        cookie_jar=aiohttp.DummyCookieJar(),  # one provider's Set-Cookie must never ride along on other tenants' calls
+        timeout=aiohttp.ClientTimeout(total=60.0, connect=5.0),
+        raise_for_status=False,
     )
 
 
-def _timeout(t: Target, budget_s: float | None = None) -> httpx.Timeout:
-    if budget_s is None:
-        return httpx.Timeout(t.timeout_s, connect=t.connect_timeout_s)
-    budget_s = max(budget_s, 0.001)
-    return httpx.Timeout(min(t.timeout_s, budget_s), connect=min(t.connect_timeout_s, budget_s))
+@lru_cache(maxsize=1024)
+def _url(base_url: str, path: str) -> URL:
+    return URL(base_url + path)  # parsed once per (provider, endpoint), not per call
+
+
+def _timeout(t: Target, budget_s: float | None, stream: bool = False) -> aiohttp.ClientTimeout:
+    read = t.timeout_s if budget_s is None else max(min(t.timeout_s, budget_s), 0.001)
+    connect = min(t.connect_timeout_s, read)
+    if stream:
+        # a stream may outlive the deadline as long as chunks keep coming: bound each read, not the whole
+        return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
+    return aiohttp.ClientTimeout(total=read, connect=connect)
 
 
 def upstream_failure(status: int, body: bytes, data: Any, retry_after: str | None = None) -> GatewayError:
@@ -49,9 +69,18 @@ def upstream_failure(status: int, body: bytes, data: Any, retry_after: str | Non
     return err
 
 
-def _transport(err: GatewayError) -> GatewayError:
-    err.retryable = True  # connect errors and timeouts: another try, or another route, may well work
-    return err
+def transport_failure(target: Target, err: BaseException) -> GatewayError:
+    """A call that got no HTTP answer (timeout, refused, reset): retryable, another try or route may work."""
+    out: GatewayError
+    if isinstance(err, TimeoutError):  # aiohttp's ServerTimeoutError is both a ClientError and a TimeoutError
+        out = UpstreamTimeout(f"provider '{target.provider}' timed out")
+    else:
+        out = UpstreamUnavailable(f"provider '{target.provider}' unreachable: {type(err).__name__}")
+    out.retryable = True
+    return out
+
+
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 def _failure(status: int, data: Any) -> GatewayError:
@@ -75,48 +104,39 @@ def _failure(status: int, data: Any) -> GatewayError:
     return UpstreamError(message)
 
 
-async def post_json(client: httpx.AsyncClient, target: Target, path: str, body: bytes,
+def _json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+async def post_json(session: aiohttp.ClientSession, target: Target, path: str, body: bytes,
                     budget_s: float | None = None) -> UpstreamReply:  # fmt: skip
     try:
-        resp = await client.post(target.base_url + path, content=body, headers=target.headers,
-                                 timeout=_timeout(target, budget_s))  # fmt: skip
-    except httpx.TimeoutException as err:
-        raise _transport(UpstreamTimeout(f"provider '{target.provider}' timed out")) from err
-    except httpx.HTTPError as err:
-        raise _transport(
-            UpstreamUnavailable(f"provider '{target.provider}' unreachable: {type(err).__name__}")
-        ) from err
-    raw = resp.content
-    try:
-        data = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError:
-        data = None
-    return UpstreamReply(resp.status_code, raw, data, resp.headers.get("retry-after"))
+        async with session.post(_url(target.base_url, path), data=body, headers=target.headers,
+                                timeout=_timeout(target, budget_s)) as resp:  # fmt: skip
+            raw = await resp.read()
+            status, retry_after = resp.status, resp.headers.get("retry-after")
+    except TRANSPORT_ERRORS as err:
+        raise transport_failure(target, err) from err
+    return UpstreamReply(status, raw, _json(raw), retry_after)
 
 
-async def open_stream(client: httpx.AsyncClient, target: Target, path: str, body: bytes,
-                      budget_s: float | None = None) -> httpx.Response:  # fmt: skip
+async def open_stream(session: aiohttp.ClientSession, target: Target, path: str, body: bytes,
+                      budget_s: float | None = None) -> aiohttp.ClientResponse:  # fmt: skip
     """Start a streamed call; on a non-2xx answer read the error body, close, and raise."""
-    req = client.build_request("POST", target.base_url + path, content=body, headers=target.headers,
-                               timeout=_timeout(target, budget_s))  # fmt: skip
     try:
-        resp = await client.send(req, stream=True)
-    except httpx.TimeoutException as err:
-        raise _transport(UpstreamTimeout(f"provider '{target.provider}' timed out")) from err
-    except httpx.HTTPError as err:
-        raise _transport(
-            UpstreamUnavailable(f"provider '{target.provider}' unreachable: {type(err).__name__}")
-        ) from err
-    if resp.status_code >= 400:
+        resp = await session.post(_url(target.base_url, path), data=body, headers=target.headers,
+                                  timeout=_timeout(target, budget_s, stream=True))  # fmt: skip
+    except TRANSPORT_ERRORS as err:
+        raise transport_failure(target, err) from err
+    if resp.status >= 400:
         try:
-            raw = await resp.aread()
-        except httpx.HTTPError:
+            raw = await resp.read()
+        except TRANSPORT_ERRORS:
             raw = b""
         finally:
-            await resp.aclose()
-        try:
-            data = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            data = None
-        raise upstream_failure(resp.status_code, raw, data, resp.headers.get("retry-after"))
+            resp.release()
+        raise upstream_failure(resp.status, raw, _json(raw), resp.headers.get("retry-after"))
     return resp
