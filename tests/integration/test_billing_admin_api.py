@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import httpx
 import pytest
 
-from schemas.clickhouse import Store
 from schemas.config import load_config
 from schemas.keys import hash_key
 from services.billing.accounts import Accounts
-from services.billing.app import create_app
-from services.billing.settings import BillingSettings
-
-ADMIN = {"Authorization": "Bearer admin-token-for-tests"}
-FINANCE = {"Authorization": "Bearer finance-token-for-tests"}
-
-
-@asynccontextmanager
-async def running_billing(store: Store, bootstrap: str) -> AsyncIterator[httpx.AsyncClient]:
-    settings = BillingSettings(admin_token="admin-token-for-tests", finance_token="finance-token-for-tests")
-    app = create_app(settings, load_config("tollway.yaml"), store, bootstrap)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://billing") as client:
-            yield client
-
-
-@pytest.fixture
-async def billing(store: Store, bootstrap: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with running_billing(store, bootstrap) as client:
-        yield client
+from tests.support.billing import ADMIN, FINANCE
 
 
 def assert_error(resp: httpx.Response, status: int, code: str) -> dict[str, str]:

@@ -4,34 +4,16 @@ republishes the whole state ending with a Snapshot. Only key hashes ever travel.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 
-import httpx
-import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas.clickhouse import Store
-from schemas.config import load_config
 from schemas.control import CONTROL_TOPIC, KeyState, Snapshot, TeamState, decode
 from schemas.keys import hash_key
-from services.billing.app import create_app
-from services.billing.settings import BillingSettings
+from tests.support.billing import ADMIN, running_billing
 
-ADMIN = {"Authorization": "Bearer admin-token-for-tests"}
 Record = tuple[bytes, object, bytes]  # (kafka key, decoded message, raw value)
-
-
-@asynccontextmanager
-async def running_billing(store: Store, bootstrap: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(
-        BillingSettings(admin_token="admin-token-for-tests"), load_config("tollway.yaml"), store, bootstrap
-    )
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://billing") as client:
-            yield client
 
 
 async def read_control_until(
@@ -56,12 +38,6 @@ async def read_control_until(
 
 def states_of(seen: list[Record], key_id: str) -> list[KeyState]:
     return [m for _, m, _ in seen if isinstance(m, KeyState) and m.key_id == key_id]
-
-
-@pytest.fixture
-async def billing(store: Store, bootstrap: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with running_billing(store, bootstrap) as client:
-        yield client
 
 
 async def test_created_key_is_published_with_its_hash_never_its_secret(billing, bootstrap, unique):

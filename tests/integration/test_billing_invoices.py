@@ -7,26 +7,19 @@ import asyncio
 import csv
 import io
 import itertools
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from types import SimpleNamespace
 
-import httpx
-import pytest
-
 from schemas.clickhouse import Store
 from schemas.config import load_config
 from schemas.prices import PriceBook
-from services.billing.app import create_app
 from services.billing.invoices import content_hash
-from services.billing.settings import BillingSettings
 from services.meter.pricing import decode_and_price
 from services.meter.writer import UsageWriter
+from tests.support.billing import ADMIN, FINANCE
 from tests.support.events import make_event
 
-ADMIN = {"Authorization": "Bearer admin-token-for-tests"}
-FINANCE = {"Authorization": "Bearer finance-token-for-tests"}
 CONFIG = load_config("tollway.yaml")
 # USD per 1M tokens from tollway.yaml, typed in again here so the test does not trust the code under test.
 PRICES = {"gpt-4.1": {"input": "2.00", "cached_input": "0.50", "output": "8.00"},
@@ -43,16 +36,6 @@ async def write(store: Store, events: list) -> None:
     batch, dead = decode_and_price(records, PriceBook(CONFIG))
     assert not dead
     assert await UsageWriter(store).insert(batch, asyncio.Event())
-
-
-@pytest.fixture
-async def billing(store: Store, bootstrap: str, unique: str) -> AsyncIterator[httpx.AsyncClient]:
-    settings = BillingSettings(admin_token="admin-token-for-tests", finance_token="finance-token-for-tests",
-                               quota_group=f"q-{unique}")  # fmt: skip
-    app = create_app(settings, CONFIG, store, bootstrap)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://billing") as c:
-            yield c
 
 
 def expected_lines(events: list) -> dict[tuple[str, str], tuple[int, str]]:

@@ -16,28 +16,20 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.clickhouse import Store
-from schemas.config import load_config
 from schemas.control import ALERTS_TOPIC, CONTROL_TOPIC, QuotaSignal, decode
 from schemas.events import USAGE_TOPIC
-from services.billing.app import create_app as billing_app
-from services.billing.settings import BillingSettings
 from services.proxy.app import create_app as proxy_app
 from services.proxy.settings import ProxySettings
+from tests.support.billing import ADMIN, running_billing
 from tests.support.events import make_event
 from tests.support.stack import gateway_config, mock_upstream
 from tests.support.waiting import eventually
 
-ADMIN = {"Authorization": "Bearer admin-token-for-tests"}
 
-
-@contextlib.asynccontextmanager
-async def running_billing(store: Store, bootstrap: str, group: str, config=None) -> AsyncIterator[httpx.AsyncClient]:
-    settings = BillingSettings(admin_token="admin-token-for-tests", quota_group=group, quota_update_interval_ms=20)
-    app = billing_app(settings, config or load_config("tollway.yaml"), store, bootstrap)
-    async with app.router.lifespan_context(app):
-        await asyncio.wait_for(app.state.quota.ready.wait(), 10)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://billing") as c:
-            yield c
+def quota_billing(store: Store, bootstrap: str, group: str, config=None):
+    """Billing whose quota loop follows the usage stream in its own group, updating every 20 ms."""
+    return running_billing(store, bootstrap, config=config, wait_quota=True, quota_group=group,
+                           quota_update_interval_ms=20)  # fmt: skip
 
 
 async def read_topic(bootstrap: str, topic: str, done: Callable[[list], bool], timeout_s: float = 20.0) -> list:
@@ -79,7 +71,7 @@ async def produce(bootstrap: str, events: list) -> None:
 
 async def test_stream_counted_once_signals_exhausted_alerts_once_and_raised_limit_restores(store, bootstrap, unique):
     group = f"q-{unique}"
-    async with running_billing(store, bootstrap, group) as billing:
+    async with quota_billing(store, bootstrap, group) as billing:
         team = (await billing.post("/v1/admin/teams", json={"name": f"q-{unique}", "plan": "enterprise",
                                                             "limits": {"tokens_per_month": 1000}}, headers=ADMIN)).json()  # fmt: skip
         tid = team["team_id"]
@@ -111,7 +103,7 @@ async def test_stream_counted_once_signals_exhausted_alerts_once_and_raised_limi
 
     # Restart: the stream is replayed (offsets are committed late on purpose) and nothing counts twice;
     # no threshold is alerted again.
-    async with running_billing(store, bootstrap, group) as billing:
+    async with quota_billing(store, bootstrap, group) as billing:
         more = make_event(tid, key_id=key["key_id"], prompt_tokens=1000, completion_tokens=400)
         await produce(bootstrap, [more])
         await eventually(
@@ -133,7 +125,7 @@ async def test_seed_from_clickhouse_is_not_double_counted_by_a_replay(store, boo
     await store.insert_rows("usage_events", [[old.event_id, old.occurred_at, "r", tid, "key_test", "chat.completions",
                             "gpt-4.1", "gpt-4.1", "openai", "ok", 200, 700, True, 0, datetime.now(UTC) - timedelta(minutes=1), 1]],
                             cols)  # fmt: skip
-    async with running_billing(store, bootstrap, f"q-{unique}") as billing:
+    async with quota_billing(store, bootstrap, f"q-{unique}") as billing:
         quota = billing._transport.app.state.quota  # type: ignore[attr-defined]
         assert quota.book.get(("team", tid)).tokens == 700
         fresh = make_event(tid, prompt_tokens=5, completion_tokens=5)
@@ -171,7 +163,7 @@ async def test_crossing_is_rejected_by_every_proxy_within_the_lag_and_concurrenc
 ):
     async with (
         mock_upstream() as upstream,
-        running_billing(store, bootstrap, f"q-{unique}", gateway_config("http://unused")) as billing,
+        quota_billing(store, bootstrap, f"q-{unique}", gateway_config("http://unused")) as billing,
         running_proxy(bootstrap, upstream, tmp_path / "a", f"a-{unique}") as (proxy_a, _),
         running_proxy(bootstrap, upstream, tmp_path / "b", f"b-{unique}") as (proxy_b, _),
     ):

@@ -12,9 +12,8 @@ from schemas.clickhouse import Store
 from schemas.config import load_config
 from services.billing.app import create_app
 from services.billing.settings import BillingSettings
+from tests.support.billing import ADMIN, FINANCE
 
-ADMIN = {"Authorization": "Bearer admin-token-for-tests"}
-FINANCE = {"Authorization": "Bearer finance-token-for-tests"}
 PERIOD = "2026-09"
 
 

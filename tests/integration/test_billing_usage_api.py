@@ -4,7 +4,6 @@ and who may read which team."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -12,13 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from schemas.clickhouse import Store
-from schemas.config import load_config
-from services.billing.app import create_app
-from services.billing.settings import BillingSettings
+from tests.support.billing import ADMIN, FINANCE
 
-ADMIN = {"Authorization": "Bearer admin-token-for-tests"}
-FINANCE = {"Authorization": "Bearer finance-token-for-tests"}
 MARCH = {"from": "2026-03-01", "to": "2026-03-31"}
 COLUMNS = (
     "event_id", "occurred_at", "request_id", "team_id", "key_id", "endpoint", "requested_model", "served_model",
@@ -51,16 +45,6 @@ def event(
 
 def at(day: int, hour: int = 12, minute: int = 0, second: int = 0, ms: int = 0) -> datetime:
     return datetime(2026, 3, day, hour, minute, second, ms * 1000, tzinfo=UTC)
-
-
-@pytest.fixture
-async def billing(store: Store, bootstrap: str) -> AsyncIterator[httpx.AsyncClient]:
-    settings = BillingSettings(admin_token="admin-token-for-tests", finance_token="finance-token-for-tests")
-    app = create_app(settings, load_config("tollway.yaml"), store, bootstrap)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://billing") as client:
-            yield client
 
 
 async def new_team(billing: httpx.AsyncClient, name: str) -> tuple[str, str]:

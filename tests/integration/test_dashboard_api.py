@@ -4,7 +4,6 @@ the page ships its own assets, the data agrees with `/v1/usage`, dedup holds, an
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -12,14 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from schemas.clickhouse import Store
-from schemas.config import load_config
-from services.billing.app import create_app
-from services.billing.settings import BillingSettings
 from services.meter.rollups import refresh_all
+from tests.support.billing import ADMIN, FINANCE
 
-ADMIN = {"Authorization": "Bearer admin-token-for-tests"}
-FINANCE = {"Authorization": "Bearer finance-token-for-tests"}
 COLUMNS = (
     "event_id", "occurred_at", "request_id", "team_id", "key_id", "endpoint", "requested_model", "served_model",
     "provider", "status", "http_status", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_hit",
@@ -36,16 +30,6 @@ def row(team_id: str, key_id: str, when: datetime, *, model: str = "gpt-4.1", co
         Decimal("2") if priced else Decimal(0), Decimal("8") if priced else Decimal(0), Decimal("0.5"),
         Decimal(0) if cached or not priced else Decimal(cost), datetime.now(UTC), 1,
     ]  # fmt: skip
-
-
-@pytest.fixture
-async def billing(store: Store, bootstrap: str) -> AsyncIterator[httpx.AsyncClient]:
-    settings = BillingSettings(admin_token="admin-token-for-tests", finance_token="finance-token-for-tests")
-    app = create_app(settings, load_config("tollway.yaml"), store, bootstrap)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://billing") as client:
-            yield client
 
 
 async def new_team(billing: httpx.AsyncClient, name: str) -> tuple[str, dict[str, Any]]:
