@@ -70,20 +70,25 @@ class Gateway:
         return [e for e in self.events if e.get("team_id") == team]
 
 
+def record_events(gw: Gateway) -> None:
+    """Keep a copy of every usage event the proxy emits (they still go on to the spool and broker)."""
+    emitter = gw.app.state.emitter
+    forward_emit = emitter.emit
+
+    def capture(fields: dict[str, Any]) -> None:
+        gw.events.append(dict(fields))
+        forward_emit(fields)
+
+    emitter.emit = capture
+
+
 @contextlib.asynccontextmanager
 async def gateway(bootstrap: str, tmp: Path, config: GatewayConfig, **settings: Any) -> AsyncIterator[Gateway]:
     s = ProxySettings(data_dir=tmp, proxy_instance=f"t-{uuid.uuid4().hex[:8]}", max_body_bytes=64 * 1024, **settings)
     app = create_app(s, config, bootstrap)
     async with app.router.lifespan_context(app):
         gw = Gateway(app, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy"))
-        emitter = app.state.emitter
-        forward_emit = emitter.emit
-
-        def capture(fields: dict[str, Any]) -> None:
-            gw.events.append(dict(fields))
-            forward_emit(fields)
-
-        emitter.emit = capture
+        record_events(gw)
         try:
             yield gw
         finally:

@@ -20,7 +20,7 @@ import pytest
 from schemas.config import GatewayConfig, Limits
 from services.proxy.app import create_app
 from services.proxy.settings import ProxySettings
-from tests.integration.test_proxy_gateway import CHAT, Gateway, make_config
+from tests.integration.test_proxy_gateway import CHAT, Gateway, make_config, record_events
 from tests.support.stack import mock_upstream
 from tests.support.waiting import eventually
 from tollway.broker import free_port
@@ -35,14 +35,7 @@ async def served_gateway(bootstrap: str, tmp: Path, config: GatewayConfig, **set
     srv = make_server(app, "127.0.0.1", 0)
     task = await start_server(srv, "proxy-under-test")
     gw = Gateway(app, httpx.AsyncClient(base_url=f"http://127.0.0.1:{bound_port(srv)}", timeout=10))
-    emitter = app.state.emitter
-    forward_emit = emitter.emit
-
-    def capture(fields: dict[str, Any]) -> None:
-        gw.events.append(dict(fields))
-        forward_emit(fields)
-
-    emitter.emit = capture
+    record_events(gw)
     try:
         yield gw
     finally:
