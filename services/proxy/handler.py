@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import structlog
 import uuid_utils
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from schemas.control import KeyState, TeamState
@@ -33,6 +33,24 @@ CHAT = "chat.completions"
 EMBEDDINGS = "embeddings"
 
 
+class JSONBytes(Response):
+    """A JSON body already in bytes: the raw header list is built directly (Response.init_headers re-checks
+    and re-encodes every header through a MutableHeaders)."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, status_code: int, headers: dict[str, str]) -> None:
+        self.status_code = status_code
+        self.body = body
+        self.background = None
+        # the same list, in the same order, as Response.init_headers builds for these headers
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        if not (status_code < 200 or status_code in (204, 304)):
+            raw.append((b"content-length", str(len(body)).encode("latin-1")))
+        raw.append((b"content-type", b"application/json"))
+        self.raw_headers = raw
+
+
 class Call:
     """What one request accumulates on its way; becomes the usage event at the end."""
 
@@ -41,8 +59,9 @@ class Call:
 
     def __init__(self, request: Request, endpoint: str) -> None:
         self.started = time.perf_counter()
+        uid = uuid_utils.uuid7()  # one id for both: the event's id, and the request id when the caller sent none
         rid = request.headers.get("x-request-id")
-        self.request_id = rid[:200] if rid and rid.isprintable() else f"req_{uuid_utils.uuid7().hex}"
+        self.request_id = rid[:200] if rid and rid.isprintable() else f"req_{uid.hex}"
         self.endpoint = endpoint
         self.headers: dict[str, str] = {"x-request-id": self.request_id}  # on every response, with x-ratelimit-*
         self.ticket: Ticket | None = None
@@ -51,7 +70,7 @@ class Call:
         self.cache_key: bytes | None = None
         self.done = False
         self.event: dict[str, Any] = {
-            "event_id": str(uuid_utils.uuid7()),
+            "event_id": str(uid),
             "occurred_at": utc_now(),
             "request_id": self.request_id,
             "endpoint": endpoint,
@@ -64,22 +83,35 @@ class Call:
         return (time.perf_counter() - self.started) * 1000
 
 
-async def read_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], int]:
+async def read_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > max_bytes:
         raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
-    raw = bytearray()
-    async for part in request.stream():
-        raw += part
-        if len(raw) > max_bytes:
-            raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
+    parts: list[bytes] = []
+    size = 0
+    receive = request.receive
+    while True:  # straight from ASGI receive: Request.stream()'s async generator costs more than the read
+        message = await receive()
+        if message["type"] != "http.request":
+            request._is_disconnected = True
+            raise ClientDisconnect()
+        part = message.get("body", b"")
+        if part:
+            size += len(part)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
+            parts.append(part)
+        if not message.get("more_body", False):
+            break
+    raw = parts[0] if len(parts) == 1 else b"".join(parts)
+    request._stream_consumed = True
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         raise InvalidRequest(f"Request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object.")
-    return body, len(raw)
+    return body, raw
 
 
 def validate_chat(body: dict[str, Any]) -> None:
@@ -250,11 +282,13 @@ class ProxyHandler:
         ev = call.event
         route: ModelRoute | None = None
         body: dict[str, Any] = {}
+        raw = b""
         try:
             key = authenticate(request, self.s.view)
             ev["team_id"], ev["key_id"] = key.team_id, key.key_id
             ev["metadata"] = dict(key.metadata)
-            body, call.body_bytes = await read_body(request, self.s.settings.max_body_bytes)
+            body, raw = await read_body(request, self.s.settings.max_body_bytes)
+            call.body_bytes = len(raw)
             ev["requested_model"] = str(body.get("model", ""))[:256]
             if isinstance(body.get("user"), str):
                 ev["end_user"] = body["user"][:256]
@@ -280,7 +314,7 @@ class ProxyHandler:
                 return await self._stream(call, route, body, path)
             t_fwd = time.perf_counter()
             fwd = await forward(self.health, route, route.retry or self.config.retry,
-                                self._json_attempt(body, path), ev, call.started)  # fmt: skip
+                                self._json_attempt(body, raw, path), ev, call.started)  # fmt: skip
             fwd_s = time.perf_counter() - t_fwd
         except GatewayError as err:
             return self.fail(call, err, route)
@@ -312,12 +346,17 @@ class ProxyHandler:
             self._store(call, route, reply.body, usage, fwd.route.target.provider)
         self.finish(call, reply.status, route)
         metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
-        return Response(reply.body, status_code=reply.status, media_type="application/json", headers=call.headers)
+        return JSONBytes(reply.body, reply.status, call.headers)
 
-    def _json_attempt(self, body: dict[str, Any], path: str) -> Any:
+    def _json_attempt(self, body: dict[str, Any], raw: bytes, path: str) -> Any:
+        requested = body.get("model")
+
         async def attempt(target: Target, budget_s: float) -> UpstreamReply:
-            reply = await post_json(self.s.upstream, target, path, orjson.dumps({**body, "model": target.upstream_model}),
-                                    budget_s)  # fmt: skip
+            # the caller's bytes go as they came when the route keeps the model name (no re-serialization)
+            payload = (
+                raw if requested == target.upstream_model else orjson.dumps({**body, "model": target.upstream_model})
+            )
+            reply = await post_json(self.s.upstream, target, path, payload, budget_s)
             if reply.status >= 300:
                 raise upstream_failure(reply.status, reply.body, reply.data, reply.retry_after)
             return reply

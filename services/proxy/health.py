@@ -20,7 +20,7 @@ log = structlog.get_logger("tollway.proxy.health")
 
 
 class RouteState:
-    __slots__ = ("breaker", "cool_until", "ewma_s", "gauge", "model", "target")
+    __slots__ = ("breaker", "cool_until", "ewma_s", "gauge", "model", "shown", "target")
 
     def __init__(self, model: str, target: Target, cfg: HealthConfig) -> None:
         self.model = model
@@ -31,6 +31,7 @@ class RouteState:
         # the child gauge is looked up once: labels() on every request costs a dict build and a lock
         self.gauge = metrics.BREAKER_STATE.labels(model, target.provider, str(target.index))
         self.gauge.set(0)
+        self.shown = 0  # the gauge's value: set again only when the state changes (a locked write per call)
 
     def available_for_retry(self) -> bool:
         return self.breaker.state != "open"
@@ -101,7 +102,10 @@ class Health:
         s.breaker.release()
 
     def _show(self, s: RouteState) -> None:
-        s.gauge.set(STATE_VALUE[s.breaker.state])
+        value = STATE_VALUE[s.breaker.state]
+        if value != s.shown:
+            s.shown = value
+            s.gauge.set(value)
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = time.monotonic()

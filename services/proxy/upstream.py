@@ -49,7 +49,14 @@ def _url(base_url: str, path: str) -> URL:
     return URL(base_url + path)  # parsed once per (provider, endpoint), not per call
 
 
+@lru_cache(maxsize=1024)
+def _full_timeout(timeout_s: float, connect_timeout_s: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=timeout_s, connect=min(connect_timeout_s, timeout_s))
+
+
 def _timeout(t: Target, budget_s: float | None, stream: bool = False) -> aiohttp.ClientTimeout:
+    if not stream and (budget_s is None or budget_s >= t.timeout_s):
+        return _full_timeout(t.timeout_s, t.connect_timeout_s)  # the common case: one object per target
     read = t.timeout_s if budget_s is None else max(min(t.timeout_s, budget_s), 0.001)
     connect = min(t.connect_timeout_s, read)
     if stream:
