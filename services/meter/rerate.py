@@ -20,6 +20,7 @@ import structlog
 
 from schemas.clickhouse import Store
 from schemas.events import UsageEvent
+from schemas.periods import bounds, checked_period
 from schemas.prices import PriceBook, price
 from services.meter import metrics
 from services.meter.pricing import COLUMNS, PricedBatch, row_version
@@ -32,16 +33,6 @@ ADJ_COLUMNS = (
     "delta_cached_input", "delta_output", "delta_total", "reason", "run_id", "created_at",
 )  # fmt: skip
 _EVENT_FIELDS = set(UsageEvent.model_fields)
-
-
-def period_bounds(period: str) -> tuple[datetime, datetime]:
-    """'YYYY-MM' -> [first instant of the month, first instant of the next) in UTC."""
-    try:
-        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
-    except ValueError:
-        raise ValueError(f"period: expected YYYY-MM, got {period!r}") from None
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-    return start, end
 
 
 def _event(row: dict[str, Any]) -> UsageEvent:
@@ -126,7 +117,7 @@ class RerateResult:
 
 
 async def rerate_period(store: Store, book: PriceBook, period: str) -> RerateResult:
-    start, end = period_bounds(period)
+    start, end = bounds(checked_period(period))
     result = RerateResult(period=period, run_id=str(uuid.uuid4()))
     result.held_priced, result.still_held = await price_held(store, book)
     rows = await store.query_dicts(_RERATE_SQL, {"start": start, "end": end})

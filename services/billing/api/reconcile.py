@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from schemas.clickhouse import Store
 from services.billing.auth import Caller, staff_caller
-from services.billing.errors import InvalidRequest
+from services.billing.periods import bounds, parse_period
 
 router = APIRouter(tags=["reconcile"])
 
@@ -59,15 +59,6 @@ FROM (
 GROUP BY proxy_instance ORDER BY proxy_instance"""
 
 
-def parse_period(period: str) -> tuple[datetime, datetime]:
-    try:
-        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
-    except ValueError:
-        raise InvalidRequest(f"period: expected YYYY-MM, got {period[:20]!r}") from None
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-    return start, end
-
-
 def _money(v: Decimal | None) -> str | None:
     if v is None:
         return None
@@ -95,7 +86,7 @@ async def _invoiced(store: Store, period: str, team_id: str | None) -> dict[tupl
 
 
 async def reconcile_report(store: Store, period: str, team_id: str | None = None) -> dict[str, Any]:
-    start, end = parse_period(period)
+    start, end = bounds(parse_period(period, datetime.now(UTC)))
     params: dict[str, Any] = {"start": start, "end": end}
     team_filter = ""
     if team_id is not None:
