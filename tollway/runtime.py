@@ -16,7 +16,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
@@ -27,6 +27,10 @@ from schemas.settings import CommonSettings
 from tollway.broker import BundledBroker, wait_for_broker
 from tollway.servers import QuietServer, make_server, start_server, stop_server
 from tollway.topics import ensure_topics
+
+if TYPE_CHECKING:
+    from services.meter.health import MeterHealth
+    from services.meter.settings import MeterSettings
 
 log = structlog.get_logger("tollway")
 
@@ -235,20 +239,39 @@ async def run_billing() -> None:
 
 async def run_meter_alone() -> None:
     from services.meter.consumer import run_meter
+    from services.meter.health import MeterHealth
     from services.meter.settings import MeterSettings
 
     s = MeterSettings()
     bootstrap = _require_bootstrap(s)
     config = load_or_exit(s)
-    await ensure_topics(bootstrap, s.usage_partitions)
     stop = asyncio.Event()
-    install_stop_signals(stop)
-    if s.meter_metrics_port:
-        import prometheus_client
+    health = MeterHealth(stop)
+    # Listening before the slow start-up steps: probes see "alive, not started" rather than a refused connection.
+    async with _meter_http(s, health):
+        health.phase = "creating Kafka topics"
+        await ensure_topics(bootstrap, s.usage_partitions)
+        install_stop_signals(stop)
+        health.phase = "opening ClickHouse"
+        async with clickhouse(s) as store:
+            health.phase = "starting the consumer"
+            await run_meter(s, config, store, bootstrap, stop, health.started)
 
-        prometheus_client.start_http_server(s.meter_metrics_port, addr="127.0.0.1")
-    async with clickhouse(s) as store:
-        await run_meter(s, config, store, bootstrap, stop)
+
+@contextlib.asynccontextmanager
+async def _meter_http(s: MeterSettings, health: MeterHealth) -> AsyncIterator[None]:
+    from services.meter.health import serving
+
+    async with contextlib.AsyncExitStack() as stack:
+        if s.http_port is not None:
+            try:
+                bound = await stack.enter_async_context(serving(health, s.meter_http_host, s.http_port))
+            except OSError as err:
+                print(f"tollway: the meter cannot listen on {s.meter_http_host}:{s.http_port} "
+                      f"(TOLLWAY_METER_HTTP_HOST/_PORT): {err}", file=sys.stderr)  # fmt: skip
+                raise SystemExit(2) from None
+            print(f"tollway meter: /metrics /healthz /readyz on http://{s.meter_http_host}:{bound}", flush=True)
+        yield
 
 
 async def run_mock() -> None:

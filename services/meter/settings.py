@@ -19,4 +19,12 @@ class MeterSettings(CommonSettings):
     rollup_catchup_s: float = 86_400.0
     # A SIGKILLed member holds its partitions until its session expires: lower means faster takeover.
     meter_session_timeout_ms: int = 10_000
-    meter_metrics_port: int | None = None  # `tollway meter` alone: serve /metrics here
+    # `tollway meter` alone serves /metrics, /healthz and /readyz here (services/meter/health.py). Off unless a
+    # port is set: meters sharing a host (tests, benchmarks, a laptop) would otherwise fight over one port.
+    meter_http_host: str = "0.0.0.0"
+    meter_http_port: int | None = None
+    meter_metrics_port: int | None = None  # the old name of meter_http_port, still honoured
+
+    @property
+    def http_port(self) -> int | None:
+        return self.meter_http_port if self.meter_http_port is not None else self.meter_metrics_port

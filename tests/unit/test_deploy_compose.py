@@ -94,16 +94,31 @@ def test_tollway_services_run_real_cli_commands(services: dict[str, Any]) -> Non
 
 
 def test_health_checks_probe_the_real_endpoints(services: dict[str, Any]) -> None:
-    for name in ("kafka", "clickhouse", "redis", "proxy", "billing", "gateway", "grafana"):
+    for name in ("kafka", "clickhouse", "redis", "proxy", "meter", "billing", "gateway", "grafana"):
         test = services[name]["healthcheck"]["test"]
         assert test and test[0] in ("CMD", "CMD-SHELL"), name
     proxy_check = " ".join(services["proxy"]["healthcheck"]["test"])
     assert "/healthz" in proxy_check and "/readyz" in proxy_check
     assert ":8080" in proxy_check
+    meter_env = env_of(services["meter"])
+    meter_check = " ".join(services["meter"]["healthcheck"]["test"])
+    assert f"127.0.0.1:{meter_env['TOLLWAY_METER_HTTP_PORT']}'" in meter_check
+    assert meter_env["TOLLWAY_METER_HTTP_HOST"] == "0.0.0.0", "scrapers on the compose network must reach it"
+    assert meter_env["TOLLWAY_METER_HTTP_PORT"] in [str(p) for p in services["meter"]["expose"]]
+    meter = meter_routes()
+    assert "/healthz" in meter_check and "/readyz" in meter_check and {"/healthz", "/readyz", "/metrics"} <= meter
     billing_check = " ".join(services["billing"]["healthcheck"]["test"])
     assert "/healthz" in billing_check and ":8090" in billing_check
     assert "/ping" in " ".join(services["clickhouse"]["healthcheck"]["test"])
     assert "9092" in " ".join(services["kafka"]["healthcheck"]["test"])
+
+
+def meter_routes() -> set[str]:
+    """GET paths the standalone meter's server really has (services/meter/health.py)."""
+    from services.meter.health import MeterHealth, create_app
+
+    app = create_app(MeterHealth())
+    return {r.resource.canonical for r in app.router.routes() if r.method == "GET" and r.resource is not None}
 
 
 def test_start_order_waits_on_health(services: dict[str, Any]) -> None:

@@ -54,18 +54,24 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 def serves_get(app: Any, path: str) -> bool:
-    """Whether the app routes `GET path` to a handler (asked through Starlette's own matching)."""
+    """Whether the app routes `GET path` to a handler (asked through Starlette's or aiohttp's own matching)."""
+    from aiohttp import web
     from starlette.routing import Match
 
+    if isinstance(app, web.Application):  # the standalone meter's
+        return any(r.method == "GET" and r.resource is not None and r.resource.canonical == path
+                   for r in app.router.routes())  # fmt: skip
     scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "query_string": b"", "headers": []}
     return any(r.matches(scope)[0] == Match.FULL for r in app.routes)
 
 
 @pytest.fixture(scope="module")
 def apps() -> dict[str, Any]:
-    """Paths the proxy and billing apps really serve (apps built, not started)."""
+    """Paths the proxy, billing and meter apps really serve (apps built, not started)."""
     from services.billing.app import create_app as billing_app
     from services.billing.settings import BillingSettings
+    from services.meter.health import MeterHealth
+    from services.meter.health import create_app as meter_app
     from services.proxy.app import create_app as proxy_app
     from services.proxy.settings import ProxySettings
 
@@ -73,6 +79,7 @@ def apps() -> dict[str, Any]:
     return {
         "tollway-proxy": proxy_app(ProxySettings(), config, "127.0.0.1:9"),
         "tollway-billing": billing_app(BillingSettings(), config, None, "127.0.0.1:9"),  # type: ignore[arg-type]
+        "tollway-meter": meter_app(MeterHealth()),
     }
 
 
@@ -113,11 +120,13 @@ def test_selectors_match_pod_labels(objects: list[dict[str, Any]]) -> None:
 
 
 def test_probes_hit_real_endpoints_on_the_listening_port(objects: list[dict[str, Any]], apps: dict[str, Any]) -> None:
-    assert not serves_get(apps["tollway-billing"], "/no-such-probe")  # the check can fail
+    for app in apps.values():
+        assert not serves_get(app, "/no-such-probe")  # the check can fail
     deployments = of_kind(objects, "Deployment")
     expected = {
         "tollway-proxy": ("TOLLWAY_PROXY_PORT", "/readyz"),
         "tollway-billing": ("TOLLWAY_BILLING_PORT", "/healthz"),
+        "tollway-meter": ("TOLLWAY_METER_HTTP_PORT", "/readyz"),
     }
     for name, (port_var, readiness) in expected.items():
         c = container(deployments[name])
@@ -133,6 +142,17 @@ def test_probes_hit_real_endpoints_on_the_listening_port(objects: list[dict[str,
             assert serves_get(apps[name], get["path"]), f"{name} {probe}: {get['path']} is not a route"
             port = get["port"]
             assert (ports[port] if isinstance(port, str) else port) == listen
+
+
+def test_prometheus_scrapes_metrics_on_the_listening_port(objects: list[dict[str, Any]], apps: dict[str, Any]) -> None:
+    deployments = of_kind(objects, "Deployment")
+    for name, app in apps.items():
+        template = deployments[name]["spec"]["template"]
+        notes = template["metadata"].get("annotations") or {}
+        assert notes.get("prometheus.io/scrape") == "true", f"{name} is not scraped"
+        ports = {p["containerPort"] for p in container(deployments[name])["ports"]}
+        assert int(notes["prometheus.io/port"]) in ports, f"{name}: scrape port {notes['prometheus.io/port']}"
+        assert serves_get(app, notes["prometheus.io/path"]), f"{name}: {notes['prometheus.io/path']} is not a route"
 
 
 def test_containers_run_real_cli_commands(objects: list[dict[str, Any]]) -> None:
