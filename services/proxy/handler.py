@@ -356,7 +356,7 @@ class ProxyHandler:
             payload = (
                 raw if requested == target.upstream_model else orjson.dumps({**body, "model": target.upstream_model})
             )
-            reply = await post_json(self.s.upstream, target, path, payload, budget_s)
+            reply = await post_json(self.s.plain, target, path, payload, budget_s)
             if reply.status >= 300:
                 raise upstream_failure(reply.status, reply.body, reply.data, reply.retry_after)
             return reply

@@ -1,8 +1,10 @@
-"""The hop to the provider: one pooled aiohttp session for the whole process, errors mapped to gateway errors.
+"""The hop to the provider, errors mapped to gateway errors: plain calls through the process's keep-alive
+HTTP/1.1 pool (services/proxy/http1.py), streamed calls through one pooled aiohttp session.
 
-aiohttp, not httpx, on this hop: httpx's pool walks every pooled connection per queued request
-(encode/httpx#3215) and was half the proxy's CPU under load (bench/README.md, finding 1). httpx stays for
-everything off the hot path (health probes, CLI, tests).
+Not httpx on this hop: httpx's pool walks every pooled connection per queued request (encode/httpx#3215)
+and was half the proxy's CPU under load (bench/README.md, finding 1); aiohttp's per-request machinery was
+the next fifth (finding 13), hence the small client for the plain calls. httpx stays for everything off
+the hot path (health probes, CLI, tests).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import orjson
 from yarl import URL
 
 from services.proxy.errors import GatewayError, RateLimited, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from services.proxy.http1 import Endpoint, Http1Pool, endpoint
 from services.proxy.retry import parse_retry_after, retryable
 from services.proxy.routing import Target
 
@@ -49,20 +52,10 @@ def _url(base_url: str, path: str) -> URL:
     return URL(base_url + path)  # parsed once per (provider, endpoint), not per call
 
 
-@lru_cache(maxsize=1024)
-def _full_timeout(timeout_s: float, connect_timeout_s: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=timeout_s, connect=min(connect_timeout_s, timeout_s))
-
-
-def _timeout(t: Target, budget_s: float | None, stream: bool = False) -> aiohttp.ClientTimeout:
-    if not stream and (budget_s is None or budget_s >= t.timeout_s):
-        return _full_timeout(t.timeout_s, t.connect_timeout_s)  # the common case: one object per target
+def _stream_timeout(t: Target, budget_s: float | None) -> aiohttp.ClientTimeout:
+    # a stream may outlive the deadline as long as chunks keep coming: bound each read, not the whole
     read = t.timeout_s if budget_s is None else max(min(t.timeout_s, budget_s), 0.001)
-    connect = min(t.connect_timeout_s, read)
-    if stream:
-        # a stream may outlive the deadline as long as chunks keep coming: bound each read, not the whole
-        return aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
-    return aiohttp.ClientTimeout(total=read, connect=connect)
+    return aiohttp.ClientTimeout(total=None, connect=min(t.connect_timeout_s, read), sock_read=read)
 
 
 def upstream_failure(status: int, body: bytes, data: Any, retry_after: str | None = None) -> GatewayError:
@@ -88,6 +81,8 @@ def transport_failure(target: Target, err: BaseException) -> GatewayError:
 
 
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+# what the plain hop raises for a call without a complete answer (refused, reset, TLS, unreadable HTTP)
+PLAIN_ERRORS = (OSError, TimeoutError)
 
 
 def _failure(status: int, data: Any) -> GatewayError:
@@ -118,14 +113,24 @@ def _json(raw: bytes) -> Any:
         return None
 
 
-async def post_json(session: aiohttp.ClientSession, target: Target, path: str, body: bytes,
+_endpoints: dict[tuple[int, str], tuple[Target, Endpoint]] = {}
+
+
+def _endpoint(target: Target, path: str) -> Endpoint:
+    # Target holds a dict (unhashable): keyed by identity, checked against the object, built once per route
+    hit = _endpoints.get((id(target), path))
+    if hit is None or hit[0] is not target:
+        hit = (target, endpoint(target.base_url, path, target.headers))
+        _endpoints[(id(target), path)] = hit
+    return hit[1]
+
+
+async def post_json(pool: Http1Pool, target: Target, path: str, body: bytes,
                     budget_s: float | None = None) -> UpstreamReply:  # fmt: skip
+    timeout = target.timeout_s if budget_s is None else max(min(target.timeout_s, budget_s), 0.001)
     try:
-        async with session.post(_url(target.base_url, path), data=body, headers=target.headers,
-                                timeout=_timeout(target, budget_s)) as resp:  # fmt: skip
-            raw = await resp.read()
-            status, retry_after = resp.status, resp.headers.get("retry-after")
-    except TRANSPORT_ERRORS as err:
+        status, raw, retry_after = await pool.post(_endpoint(target, path), body, timeout, target.connect_timeout_s)
+    except PLAIN_ERRORS as err:
         raise transport_failure(target, err) from err
     return UpstreamReply(status, raw, _json(raw), retry_after)
 
@@ -135,7 +140,7 @@ async def open_stream(session: aiohttp.ClientSession, target: Target, path: str,
     """Start a streamed call; on a non-2xx answer read the error body, close, and raise."""
     try:
         resp = await session.post(_url(target.base_url, path), data=body, headers=target.headers,
-                                  timeout=_timeout(target, budget_s, stream=True))  # fmt: skip
+                                  timeout=_stream_timeout(target, budget_s))  # fmt: skip
     except TRANSPORT_ERRORS as err:
         raise transport_failure(target, err) from err
     if resp.status >= 400:
