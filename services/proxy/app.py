@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
@@ -88,10 +87,6 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
         control_task = asyncio.create_task(st.control.run(st.stop), name="control-listener")
         st.handler = ProxyHandler(st)
         log.info("proxy_started", instance=instance, models=len(config.models))
-        # Everything built above lives as long as the process: move it out of the collector's sight, so a full
-        # collection walks only what requests allocate (measured: GC time over a c=1 run 74 ms -> 5 ms).
-        gc.collect()
-        gc.freeze()
         try:
             yield
         finally:

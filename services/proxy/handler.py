@@ -257,8 +257,7 @@ class ProxyHandler:
             self.settle_limits(call, ev.get("prompt_tokens", 0) + ev.get("completion_tokens", 0)
                                if ev["status"] != "cached" else 0)  # fmt: skip
         if "team_id" in ev:  # only calls that got past auth are events
-            self.s.emitter.emit(ev)
-            metrics.EVENTS_QUEUED.set(self.s.emitter.queued)
+            self.s.emitter.emit(ev)  # (the queue-depth gauge is the sender's to update, once per round)
         model = ev.get("served_model") or ev.get("requested_model") or "unknown"
         metrics.requests_by(call.endpoint, model if route else "unknown", ev.get("provider", ""), ev["status"]).inc()
         metrics.latency_by(call.endpoint).observe(ev["latency_ms"] / 1000)

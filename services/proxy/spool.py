@@ -117,15 +117,26 @@ class Spool:
                 break
         return out
 
-    def iter_from(self, pos: Pos) -> Iterator[tuple[bytes, Pos]]:
+    def iter_from(self, pos: Pos, chunk_bytes: int = 256 * 1024) -> Iterator[tuple[bytes, Pos]]:
+        # One pread per chunk of records, not two per record: the sender reads every event once.
         seg, off = pos
         for n in sorted(k for k in self._sizes if k >= seg):
             off = off if n == seg else 0
             size = self._sizes[n]
             fd = self._reader(n)
+            buf, base = b"", off  # buf holds the segment's bytes from `base` on
             while off + HEADER.size <= size:
-                length, crc = HEADER.unpack(os.pread(fd, HEADER.size, off))
-                payload = os.pread(fd, length, off + HEADER.size)
+                start = off - base
+                if start + HEADER.size > len(buf):
+                    buf, base, start = os.pread(fd, max(chunk_bytes, HEADER.size), off), off, 0
+                    if len(buf) < HEADER.size:
+                        break
+                length, crc = HEADER.unpack_from(buf, start)
+                end = start + HEADER.size + length
+                if end > len(buf):  # the record runs past the chunk: read from its start, at least all of it
+                    buf, base = os.pread(fd, max(chunk_bytes, HEADER.size + length), off), off
+                    start, end = 0, HEADER.size + length
+                payload = buf[start + HEADER.size : end]
                 if len(payload) != length or zlib.crc32(payload) != crc:
                     log.error("spool_record_corrupt", segment=n, offset=off)
                     break
