@@ -36,6 +36,7 @@ ALL_PARTS = (*DEFAULT_PARTS, "profile")
 VARIANTS = {
     "tollway+asyncio+h11": "asyncio",
     "tollway+fastapi-routes": "fastapi",
+    "tollway+aiohttp-plain": "aiohttp",
 }
 EXTERNAL = {"meter": "bench.meter_throughput", "quota": "bench.quota_lag"}  # owned by issues 4 and 5
 EXTERNAL_TIMEOUT_S = 180  # both took ~35 s each here; keeps the whole run under 15 minutes
