@@ -71,6 +71,8 @@ def run_target(t: Target, duration_s: float, warmup_s: float, stream_calls: int,
     for sc in SCENARIOS:
         log(f"  {t.name}: {sc.label} ...")
         out["scenarios"][sc.name] = measure(t, sc, duration_s, warmup_s)
+    if t.name == "floor":  # forwards whole bodies only (bench/floor_app.py): no streaming to measure
+        return out
     log(f"  {t.name}: streaming, {stream_calls} calls at c=1 ...")
     try:
         body = orjson.dumps(chat_body(t.models["instant"], stream=True))

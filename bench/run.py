@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gateways = [p for p in ("proxy", "litellm", "portkey", "profile") if p in parts]
     if "variants" in parts:
-        gateways += list(VARIANTS)
+        gateways += [*VARIANTS, "floor"]
     mocks: list = []
     try:
         if gateways:
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             res["proxy"]["direct"] = proxy_bench.run_target(targets.direct(mock_urls), args.duration, args.warmup,
                                                             args.stream_calls, log)  # fmt: skip
             starters = {"proxy": targets.start_tollway, "litellm": targets.start_litellm,
-                        "portkey": targets.start_portkey}  # fmt: skip
+                        "portkey": targets.start_portkey, "floor": targets.start_floor}  # fmt: skip
             for part in gateways:
                 name = "tollway" if part in ("proxy", "profile") else part
                 log(f"[{part}] starting {name} ...")

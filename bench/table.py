@@ -159,9 +159,10 @@ def rows(res: dict) -> list[list[str]]:
     ok = _ge(lite_p99 / max(tw_p99, 0.01), 4) if lite_p99 is not None and tw_p99 is not None else None
     row("peer added p99 / Tollway's, c=32", "", ratio_p99, ">=4x LiteLLM", _met(ok))
 
-    # landed changes, measured: Tollway with one taken back out at start (bench/variant_proxy.py)
+    # landed changes, measured: Tollway with one taken back out at start (bench/variant_proxy.py); and the
+    # floor (bench/floor_app.py): server + client hop with no gateway logic, the part no gateway code can remove
     for v in res.get("proxy", {}):
-        if not v.startswith("tollway+"):
+        if not (v.startswith("tollway+") or v == "floor"):
             continue
         a1, a32, mx = added(res, v, "c1_instant"), added(res, v, "c32_50ms"), _sc(res, v, "max_instant")
         row(f"{v}: c=1 added p50 / p99 ms", "", {"tollway": pair(*a1, sign=True)})

@@ -168,6 +168,28 @@ def start_tollway(run_dir: Path, mock_urls: dict[str, str], variant: str = "", n
     return Target(name, same_url(base), {k: f"bench-{k}" for k in MOCKS}, headers, proc=proxy, procs=procs)
 
 
+def start_floor(run_dir: Path, mock_urls: dict[str, str]) -> Target:
+    """bench/floor_app.py, pinned like a gateway, one instance per mock (it forwards to a fixed upstream)."""
+    urls, procs = {}, []
+    try:
+        for kind, url in mock_urls.items():
+            port = free_port()
+            cmd = [sys.executable, "-m", "uvicorn", "bench.floor_app:app", "--port", str(port), "--loop", "uvloop",
+                   "--http", "httptools", "--log-level", "warning", "--no-access-log", "--no-proxy-headers"]  # fmt: skip
+            env = {**base_env(), "BENCH_FLOOR_UPSTREAM": url, "PYTHONPATH": str(REPO)}
+            p = start(f"floor-{kind}", cmd, run_dir, env=env, cpu=PROXY_CPU, cwd=REPO)
+            procs.append(p)
+            wait_port(p, port)
+            urls[kind] = f"http://127.0.0.1:{port}/v1/chat/completions"
+    except BaseException:
+        for p in reversed(procs):
+            p.stop()
+        raise
+    # the CPU that counts is the instance serving the scenario; the instant one carries the throughput runs
+    return Target("floor", urls, {k: f"bench-{k}" for k in MOCKS}, proc=procs[list(mock_urls).index("instant")],
+                  procs=procs)  # fmt: skip
+
+
 def create_key(env: dict[str, str]) -> str:
     out = subprocess.run([tollway_bin(), "keys", "create", "--team", "bench", "--plan", "bench"], env=env,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
