@@ -3,7 +3,8 @@
     .venv/bin/python bench/meter_throughput.py [--events 200000] [--partitions 4] [--procs 2]
 
 Starts a bundled broker and an embedded ClickHouse in a temp dir, fills a topic, then measures (1) a bare
-consumer reading every record (the ceiling), (2) decode_and_price alone (CPU), (3) the real meter loop
+consumer reading every record (the ceiling), (2) decode and price alone (CPU), both the per-record reference
+`decode_and_price` and the columnar path the meter uses (`decode_and_price_columnar`), (3) the real meter loop
 (fetch, decode, price, Arrow insert, commit) until every event is committed, in this process. The meter rate
 is steady state: events committed after the first commit, over the time since it (the first batch's group
 join and warm-up are reported apart, as `meter_first_commit_s`). `--procs N` also runs N meter processes in
@@ -30,6 +31,7 @@ from schemas.clickhouse import Store
 from schemas.config import load_config
 from schemas.prices import PriceBook
 from services.meter import metrics
+from services.meter.columnar import decode_and_price_columnar
 from services.meter.consumer import run_meter
 from services.meter.pricing import decode_and_price
 from services.meter.settings import MeterSettings
@@ -69,11 +71,11 @@ async def raw_consume(bootstrap: str, n: int) -> float:
         await c.stop()
 
 
-def cpu_only(values: list[bytes], book: PriceBook) -> float:
+def cpu_only(values: list[bytes], book: PriceBook, decode=decode_and_price) -> float:
     recs = [SimpleNamespace(topic=TOPIC, partition=0, offset=i, key=None, value=v) for i, v in enumerate(values)]
     t0 = time.perf_counter()
     for i in range(0, len(recs), 20_000):
-        decode_and_price(recs[i : i + 20_000], book)
+        decode(recs[i : i + 20_000], book)
     return len(recs) / (time.perf_counter() - t0)
 
 
@@ -186,7 +188,9 @@ async def main() -> None:
             await create_topic(broker.bootstrap, TOPIC, args.partitions)
             values = await fill(broker.bootstrap, args.events)
             raw = await raw_consume(broker.bootstrap, args.events)
-            cpu = cpu_only(values, PriceBook(load_config("tollway.yaml")))
+            book = PriceBook(load_config("tollway.yaml"))
+            cpu = cpu_only(values, book)
+            columnar = cpu_only(values, book, decode_and_price_columnar)
             res = await meter(broker.bootstrap, args.events, Path(d))
             if args.procs:
                 res |= await meters(broker.bootstrap, args.events, args.procs, args.partitions, Path(d))
@@ -194,6 +198,7 @@ async def main() -> None:
             broker.stop()
     rate = res["meter_topic_to_clickhouse_eps"]
     print(json.dumps({"events": args.events, "raw_consume_eps": round(raw), "decode_and_price_eps": round(cpu),
+                      "decode_and_price_columnar_eps": round(columnar),
                       **res, "meter_vs_raw": round(rate / raw, 3), "cpus": os.cpu_count(),
                       "load_avg_before": [round(x, 2) for x in load_before],
                       "load_avg_after": [round(x, 2) for x in os.getloadavg()]}, indent=2))  # fmt: skip

@@ -16,8 +16,9 @@ from schemas.clickhouse import Store
 from schemas.config import GatewayConfig
 from schemas.prices import PriceBook
 from services.meter import metrics
+from services.meter.columnar import decode_and_price_columnar
 from services.meter.dlq import DeadLetterSink
-from services.meter.pricing import DeadLetter, PricedBatch, decode_and_price
+from services.meter.pricing import DeadLetter, PricedBatch
 from services.meter.rerate import price_held
 from services.meter.rollups import run_rollups
 from services.meter.settings import MeterSettings
@@ -122,7 +123,7 @@ async def run_meter(
     async def handed_over(records: list, give_up: asyncio.Event) -> bool:
         """Price `records`, wait for the batch in flight, then put this one in flight. False: stop now."""
         nonlocal in_flight
-        batch, dead = decode_and_price(records, book)
+        batch, dead = decode_and_price_columnar(records, book)
         if in_flight is not None:
             ok = await in_flight
             in_flight = None

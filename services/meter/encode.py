@@ -58,30 +58,39 @@ def _decimal_array(col: Sequence[Any], t: pa.Decimal128Type) -> pa.Array:
 
 
 class ArrowBatch:
-    """Every column but `ingested_at` converted once; `ipc(now)` adds the per-attempt stamp and serialises."""
+    """Every column but `ingested_at` converted once; `ipc(now)` adds the per-attempt stamp and serialises.
 
-    __slots__ = ("_arrays", "_rows")
+    `columns` (Python lists, `rows` of them) and `fast` (rows the columnar path already built in SCHEMA) go
+    out as record batches of one stream: ClickHouse reads them as one insert."""
 
-    def __init__(self, columns: Sequence[Sequence[Any]], rows: int) -> None:
+    __slots__ = ("_arrays", "_fast", "_rows")
+
+    def __init__(self, columns: Sequence[Sequence[Any]], rows: int, fast: pa.Table | None = None) -> None:
         arrays: list[pa.Array | None] = []
-        try:
-            for i, (col, t) in enumerate(zip(columns, TYPES, strict=True)):
-                if i == INGESTED_AT:
-                    arrays.append(None)
-                elif pa.types.is_decimal(t):
-                    arrays.append(_decimal_array(col, t))
-                else:
-                    arrays.append(pa.array(col, type=t))
-        except (pa.ArrowException, TypeError, ValueError, OverflowError, decimal.DecimalException) as err:
-            raise ArrowEncodeError(f"{type(err).__name__}: {err}"[:300]) from err
+        if rows:
+            try:
+                for i, (col, t) in enumerate(zip(columns, TYPES, strict=True)):
+                    if i == INGESTED_AT:
+                        arrays.append(None)
+                    elif pa.types.is_decimal(t):
+                        arrays.append(_decimal_array(col, t))
+                    else:
+                        arrays.append(pa.array(col, type=t))
+            except (pa.ArrowException, TypeError, ValueError, OverflowError, decimal.DecimalException) as err:
+                raise ArrowEncodeError(f"{type(err).__name__}: {err}"[:300]) from err
         self._arrays = arrays
         self._rows = rows
+        self._fast = fast if fast is not None and fast.num_rows else None
 
     def ipc(self, ingested_at: datetime) -> bytes:
-        arrays = list(self._arrays)
-        arrays[INGESTED_AT] = pa.repeat(pa.scalar(ingested_at, type=_TS), self._rows)
-        batch = pa.record_batch(arrays, schema=SCHEMA)
+        stamp = pa.scalar(ingested_at, type=_TS)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, SCHEMA) as w:
-            w.write_batch(batch)
+            if self._rows:
+                arrays = list(self._arrays)
+                arrays[INGESTED_AT] = pa.repeat(stamp, self._rows)
+                w.write_batch(pa.record_batch(arrays, schema=SCHEMA))
+            if self._fast is not None:
+                w.write_table(self._fast.set_column(INGESTED_AT, SCHEMA.field(INGESTED_AT),
+                                                    pa.repeat(stamp, self._fast.num_rows)))  # fmt: skip
         return sink.getvalue().to_pybytes()

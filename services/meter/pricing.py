@@ -74,10 +74,26 @@ class DeadLetter:
 @dataclass(slots=True)
 class PricedBatch:
     columns: list[list[Any]] = field(default_factory=lambda: [[] for _ in COLUMNS])
-    rows: int = 0
+    rows: int = 0  # all rows: those in `columns` and those in `fast`
     unpriced: int = 0
     # (topic, partition) -> (first offset, last offset): names the batch for insert dedup and the commit.
     spans: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    # Rows priced by the columnar path (services/meter/columnar.py), already a pyarrow Table in encode.SCHEMA.
+    fast: Any = None
+
+    @property
+    def column_rows(self) -> int:
+        """Rows held as Python lists in `columns`."""
+        return self.rows - (self.fast.num_rows if self.fast is not None else 0)
+
+    def all_columns(self) -> list[list[Any]]:
+        """Every row as Python lists, for the column insert (the fallback when Arrow refuses a value)."""
+        columns = [list(c) for c in self.columns]
+        if self.fast is not None:
+            for i, (name, col) in enumerate(zip(COLUMNS, self.fast.columns, strict=True)):
+                values = col.to_pylist()
+                columns[i].extend([dict(m) for m in values] if name == "metadata" else values)
+        return columns
 
     def dedup_token(self) -> str:
         """Same records -> same token, so a retried insert of this batch is dropped by ClickHouse."""
@@ -257,10 +273,12 @@ def decode_and_price(records: list[Any], book: PriceBook) -> tuple[PricedBatch, 
             gc.enable()
 
 
-def _decode_and_price(records: list[Any], book: PriceBook) -> tuple[PricedBatch, list[DeadLetter]]:
+def _decode_and_price(
+    records: list[Any], book: PriceBook, now: datetime | None = None
+) -> tuple[PricedBatch, list[DeadLetter]]:
     batch = PricedBatch()
     dead: list[DeadLetter] = []
-    now = datetime.now(UTC)
+    now = now or datetime.now(UTC)
     now_ms = int(now.timestamp() * 1000)
     v_priced, v_unpriced = row_version(True, now_ms), row_version(False, now_ms)
     spans = batch.spans

@@ -55,11 +55,13 @@ class UsageWriter:
         if batch.rows == 0:
             return True
         token = batch.dedup_token()
+        columns: list | None = None
         try:
             # Converted once; each attempt only adds its ingested_at and serialises (cheap).
-            arrow: ArrowBatch | None = ArrowBatch(batch.columns, batch.rows)
+            arrow: ArrowBatch | None = ArrowBatch(batch.columns, batch.column_rows, batch.fast)
         except ArrowEncodeError as err:
             arrow = None  # the column insert stores exactly what it always did
+            columns = batch.all_columns()
             log.warning("arrow_encode_fallback", rows=batch.rows, error=str(err))
 
         async def attempt() -> None:
@@ -70,8 +72,9 @@ class UsageWriter:
                 await self.store.insert_raw(TABLE, arrow.ipc(now), COLUMNS, ARROW_FORMAT, dedup_token=token,
                                             settings=RAW_INSERT_SETTINGS)  # fmt: skip
             else:
-                batch.columns[INGESTED_AT] = [now] * batch.rows
-                await self.store.insert_columns(TABLE, batch.columns, COLUMNS, dedup_token=token)
+                assert columns is not None
+                columns[INGESTED_AT] = [now] * batch.rows
+                await self.store.insert_columns(TABLE, columns, COLUMNS, dedup_token=token)
             metrics.INSERT_SECONDS.observe(time.perf_counter() - t0)
             metrics.BATCH_ROWS.observe(batch.rows)
             log.debug("batch_written", rows=batch.rows, insert_ms=round((time.perf_counter() - t0) * 1000, 1),

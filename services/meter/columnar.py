@@ -1,0 +1,408 @@
+"""Decode and price a whole batch in Arrow: one JSON parse for all records, checks and prices as column kernels.
+
+`pricing.decode_and_price` (per record: orjson, Python checks, Decimal) stays the reference and the fallback:
+a record takes this path only when the checks below prove that the reference would store exactly the same
+row, and every other record goes through the reference itself, so the outcome never depends on the path.
+
+- The records are joined by newlines and parsed by pyarrow with an explicit schema of the 28 v1 fields as
+  the proxy writes them and `unexpected_field_behavior="error"`: an extra field, a duplicate key, a value of
+  another JSON type or a number its column cannot hold fails the parse of the whole part, which is then
+  split in halves (a bounded number of times) so that the rest still takes this path.
+- `metadata` is parsed as an empty struct: any key in it fails the parse, so a parsed row's metadata is `{}`
+  (or null, left to the reference). Maps with keys (their order and duplicate keys are orjson's business)
+  go to the reference: when the first parse of a batch fails, records without `"metadata":{}` in their
+  bytes are routed there before the parts are parsed again.
+- Rows line up with records: each record starts with `{` and ends with `}`, so it holds at least one JSON
+  document (a `{` right after a `}` can only start a new one), and the parse must give exactly one row per
+  record.
+- Each row is checked as `exact_fields` checks it: lengths in code points, the UUID pattern, enums, ranges,
+  nulls only where allowed, counts that fit their columns, valid UTF-8. NaN/Infinity (pyarrow parses them,
+  orjson does not) and timestamps in any form but the proxy's `YYYY-MM-DDTHH:MM:SS[.ffffff]Z` from 1970 on
+  go to the reference.
+- Prices are looked up once per (model, provider, UTC day). Costs are exact: tokens x the price as an integer
+  in uint64 when every row's product fits (then no Decimal step can round), else decimal256 with a bound on
+  the digits of the sum (Decimal's default context keeps 28). A price with more fractional digits than its
+  column (encode.py truncates those) or a cost that would round sends the row to the reference.
+
+tests/unit/test_meter_columnar.py compares both paths on generated batches, row for row, and
+tests/integration/test_meter_columnar_store.py what ClickHouse stores.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from functools import reduce
+from operator import attrgetter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
+
+from schemas.prices import PriceBook
+from services.meter.encode import SCHEMA
+from services.meter.pricing import DeadLetter, PricedBatch, _decode_and_price, row_version
+
+_STR, _I64, _U64, _F64, _BOOL = pa.string(), pa.int64(), pa.uint64(), pa.float64(), pa.bool_()
+# What the proxy writes (UsageEvent.model_dump_json), field for field. Counts that are UInt64 columns are
+# parsed as uint64 (a negative count fails the block: rare, and the reference words the dead letter).
+SOURCE = pa.schema([
+    ("schema_version", _I64), ("event_id", _STR), ("occurred_at", _STR), ("request_id", _STR),
+    ("team_id", _STR), ("key_id", _STR), ("end_user", _STR), ("metadata", pa.struct([])), ("endpoint", _STR),
+    ("requested_model", _STR), ("served_model", _STR), ("provider", _STR), ("stream", _BOOL), ("status", _STR),
+    ("http_status", _I64), ("error_code", _STR), ("prompt_tokens", _U64), ("completion_tokens", _U64),
+    ("cached_tokens", _U64), ("latency_ms", _F64), ("ttft_ms", _F64), ("attempts", _I64),
+    ("fallback_used", _BOOL), ("cache_hit", _BOOL), ("client_disconnected", _BOOL), ("proxy_instance", _STR),
+    ("proxy_seq", _U64), ("usage_source", _STR),
+])  # fmt: skip
+_PARSE = pj.ParseOptions(explicit_schema=SOURCE, unexpected_field_behavior="error")
+_STRING_FIELDS = [f.name for f in SOURCE if f.type == _STR]
+_EMPTY_META = b'"metadata":{}'
+
+# Contract bounds, as in pricing.exact_fields (schemas/events.py): (field, min, max) in code points.
+_BOUNDS = (("request_id", 0, 200), ("team_id", 1, 64), ("key_id", 0, 64), ("endpoint", 0, 64),
+           ("requested_model", 0, 256), ("served_model", 0, 256), ("provider", 0, 128), ("proxy_instance", 0, 128))  # fmt: skip
+_OPTIONAL = (("end_user", 256), ("error_code", 128))
+_NOT_NULL = ("prompt_tokens", "completion_tokens", "cached_tokens", "proxy_seq", "stream", "fallback_used",
+             "cache_hit", "client_disconnected", "metadata")  # fmt: skip
+_UUID = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+# The proxy's serialisation of a UTC datetime (pydantic): seconds, then either nothing or 6 digits, then Z.
+# Years before 1970 are left to the reference (flooring to milliseconds differs from truncating there).
+_OCCURRED = (
+    r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{6})?Z$"
+)
+_SECONDS = "%Y-%m-%dT%H:%M:%S"
+_STATUS = pa.array(["ok", "error", "cached", "rejected"])
+_SOURCES = pa.array(["provider", "estimated"])
+_FREE = pa.array(["cached", "rejected"])  # priced, at zero cost (schemas/prices.py price_of)
+
+_UNIT = pa.decimal128(38, 12)
+_COST = pa.decimal128(38, 18)
+_PER_TOKEN = pa.decimal256(40, 18)  # unit price / 1e6, exact for a unit with at most 12 fractional digits
+_TOKENS = pa.decimal256(20, 0)
+_U64_THIRD = (2**64 - 1) // 3
+_TS = pa.timestamp("ms", tz="UTC")
+_MS_PER_DAY = 86_400_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SPLIT_MIN = 64  # a part this small that still fails to parse goes to the reference whole
+_MAX_FAILED_PARSES = 12
+
+
+def decode_and_price_columnar(records: list[Any], book: PriceBook) -> tuple[PricedBatch, list[DeadLetter]]:
+    """Same contract as `pricing.decode_and_price`: the same rows (in another order) and the same dead letters."""
+    enabled = gc.isenabled()
+    gc.disable()  # see pricing.decode_and_price
+    try:
+        return _columnar(records, book)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _columnar(records: list[Any], book: PriceBook) -> tuple[PricedBatch, list[DeadLetter]]:
+    now = datetime.now(UTC)
+    values = [r.value for r in records]
+    partitions = np.fromiter(map(_PARTITION, records), dtype=np.uint32, count=len(records))
+    offsets = np.fromiter(map(_OFFSET, records), dtype=np.uint64, count=len(records))
+    spans = _spans(records, partitions, offsets)
+
+    index, block = _candidates(values)
+    parts, slow = _parse_parts(values, index, block)
+    fast: pa.Table | None = None
+    if parts:
+        table = pa.concat_tables([t for _, t in parts]).combine_chunks() if len(parts) > 1 else parts[0][1]
+        index = np.concatenate([i for i, _ in parts])
+        fast, taken = _fast_rows(table, index, partitions, offsets, book, now)
+        slow.extend(np.setdiff1d(index, taken, assume_unique=True).tolist())
+    slow.sort()  # the reference's dead letters come in record order
+    batch, dead = _decode_and_price([records[i] for i in slow], book, now)
+    batch.spans = spans
+    if fast is not None and fast.num_rows:
+        batch.fast = fast
+        batch.rows += fast.num_rows
+        batch.unpriced += fast.num_rows - pc.sum(fast["priced"]).as_py()
+    return batch, dead
+
+
+_PARTITION, _OFFSET, _TOPIC = attrgetter("partition"), attrgetter("offset"), attrgetter("topic")
+
+
+def _spans(records: list[Any], partitions: np.ndarray, offsets: np.ndarray) -> dict[tuple[str, int], tuple[int, int]]:
+    """(topic, partition) -> (offset of its first record, offset of its last record), as the reference has it."""
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    if len({*map(_TOPIC, records)}) != 1:
+        for r in records:
+            key = (r.topic, r.partition)
+            span = spans.get(key)
+            spans[key] = (r.offset, r.offset) if span is None else (span[0], r.offset)
+        return spans
+    topic = records[0].topic
+    first: dict[int, int] = {}
+    for p in np.unique(partitions).tolist():
+        at = np.flatnonzero(partitions == p)
+        first[p] = int(at[0])
+        spans[(topic, p)] = (int(offsets[at[0]]), int(offsets[at[-1]]))
+    return dict(sorted(spans.items(), key=lambda kv: first[kv[0][1]]))  # in order of first appearance
+
+
+def _candidates(values: list[bytes | None]) -> tuple[np.ndarray, bytes | None]:
+    """Indices of the records that may take the Arrow path (the others go to the reference), and their bytes
+    joined by newlines when that is all of them."""
+    n = len(values)
+    if not n:
+        return np.arange(0), None
+    try:
+        block = b"\n".join(values)  # type: ignore[arg-type]  # a None value makes this raise
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)  # type: ignore[arg-type]
+    except TypeError:
+        block = None
+    # The common case, checked on the joined bytes: every record is non-empty, starts with `{` and ends with
+    # `}` (so it yields at least one row: with one row per record in all, each yields exactly one). Metadata
+    # is not looked at: if a record has some, the parse fails and _parse_parts routes record by record.
+    if block is not None and lengths.min() > 0:
+        ends = np.cumsum(lengths + 1) - 1  # the newline after each record (one past the block for the last)
+        starts = ends - lengths
+        raw = np.frombuffer(block, dtype=np.uint8)
+        if (raw[starts] == ord("{")).all() and (raw[ends - 1] == ord("}")).all():
+            return np.arange(n, dtype=np.int64), block
+    return _routed(values, range(n)), None
+
+
+def _routed(values: list[bytes | None], among: Iterable[int]) -> np.ndarray:
+    """The records that are one JSON object with empty metadata, by their bytes: a record with a metadata map
+    would fail the whole part's parse (see the module doc), so it goes to the reference up front."""
+    return np.fromiter(
+        (i for i in among if (v := values[i]) and v[:1] == b"{" and v[-1:] == b"}" and _EMPTY_META in v),
+        dtype=np.int64,
+    )
+
+
+def _read(values: list[bytes], index: np.ndarray, block: bytes | None = None) -> pa.Table | None:
+    if block is None:
+        block = b"\n".join([values[i] for i in index.tolist()])
+    try:
+        # One block on this thread: Arrow's thread pool cut the wall time of a parse but cost more CPU in all
+        # (bench: two meters 99k/s with it, 145k/s without, on 2 cores); the other core has the insert.
+        table = pj.read_json(pa.BufferReader(block), read_options=pj.ReadOptions(use_threads=False,
+                             block_size=len(block) + 1), parse_options=_PARSE)  # fmt: skip
+        if table.num_rows != len(index):
+            return None
+        for name in _STRING_FIELDS:  # pyarrow's JSON reader does not check UTF-8; orjson refuses bad bytes
+            table[name].validate(full=True)
+    except (pa.ArrowException, ValueError):
+        return None
+    return table
+
+
+def _parse_parts(
+    values: list[bytes], index: np.ndarray, block: bytes | None
+) -> tuple[list[tuple[np.ndarray, pa.Table]], list[int]]:
+    """Parse the candidates; a part that fails is halved (a bounded number of times) to isolate the culprits."""
+    parts: list[tuple[np.ndarray, pa.Table]] = []
+    slow = sorted(set(range(len(values))) - set(index.tolist())) if len(index) != len(values) else []
+    todo, failures = [index] if len(index) else [], 0
+    while todo:
+        part = todo.pop()
+        if failures > _MAX_FAILED_PARSES:  # failing all over: not worth more parses, the reference takes it
+            slow.extend(part.tolist())
+            continue
+        whole = block is not None and len(part) == len(values)
+        table = _read(values, part, block if whole else None)
+        if table is not None:
+            parts.append((part, table))
+            continue
+        failures += 1
+        if whole:  # the optimistic first try: now leave out the records with metadata (or anything odd)
+            routed = _routed(values, part.tolist())
+            if len(routed) < len(part):
+                slow.extend(np.setdiff1d(part, routed, assume_unique=True).tolist())
+                todo.append(routed)
+                continue
+        if len(part) <= _SPLIT_MIN:
+            slow.extend(part.tolist())
+        else:
+            half = len(part) // 2
+            todo += [part[half:], part[:half]]
+    return parts, slow
+
+
+def _contract(t: pa.Table) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """(rows exact_fields would accept, occurred_at as UTC epoch ms)."""
+    at = t["occurred_at"]
+    seconds = pc.utf8_slice_codeunits(at, 0, 19)
+    parsed = pc.strptime(seconds, format=_SECONDS, unit="s", error_is_null=True)
+    shaped = pc.match_substring_regex(at, _OCCURRED)
+    # Milliseconds are the fraction's first 3 digits (floored, as encode.py stores a datetime).
+    frac = pc.if_else(pc.and_(shaped, pc.equal(pc.utf8_length(at), 27)), pc.utf8_slice_codeunits(at, 20, 23), "0")
+    ms = pc.add(pc.cast(pc.cast(parsed, pa.timestamp("ms")), _I64), pc.cast(frac, _I64))
+    conds = [
+        shaped,
+        pc.equal(t["schema_version"], 1),
+        pc.match_substring_regex(t["event_id"], _UUID),
+        # strptime turns 02-30 into 03-02 where fromisoformat refuses it (the pattern bounds everything else).
+        pc.equal(pc.day(parsed), pc.cast(pc.if_else(shaped, pc.utf8_slice_codeunits(at, 8, 10), "0"), _I64)),
+        pc.is_in(t["status"], value_set=_STATUS),
+        pc.is_in(t["usage_source"], value_set=_SOURCES),
+        pc.and_(pc.greater_equal(t["http_status"], 0), pc.less_equal(t["http_status"], 999)),
+        pc.and_(pc.greater_equal(t["attempts"], 0), pc.less_equal(t["attempts"], 2**16 - 1)),
+        pc.and_(pc.is_finite(t["latency_ms"]), pc.greater_equal(t["latency_ms"], 0)),
+        pc.or_kleene(pc.is_null(t["ttft_ms"]),
+                     pc.and_(pc.is_finite(t["ttft_ms"]), pc.greater_equal(t["ttft_ms"], 0))),
+        *(pc.is_valid(t[name]) for name in _NOT_NULL),
+    ]  # fmt: skip
+    for name, lo, hi in _BOUNDS:
+        conds.append(_length_within(t[name], lo, hi))
+    for name, hi in _OPTIONAL:
+        conds.append(pc.or_kleene(pc.is_null(t[name]), _length_within(t[name], 0, hi)))
+    ok = pc.fill_null(reduce(pc.and_kleene, conds), False)
+    return ok, ms
+
+
+def _length_within(col: pa.ChunkedArray, lo: int, hi: int) -> pa.ChunkedArray:
+    """lo <= code points <= hi. A string has at most as many code points as bytes and at least one if it has
+    any byte, so the byte length (no scan) settles it unless some value has more bytes than `hi`."""
+    size = pc.binary_length(col)
+    if (pc.max(size).as_py() or 0) > hi:
+        size = pc.utf8_length(col)
+    return pc.and_(pc.greater_equal(size, lo), pc.less_equal(size, hi)) if lo else pc.less_equal(size, hi)
+
+
+def _digits_ok(d: Decimal) -> bool:
+    """A unit price the column holds exactly and whose products encode.py would not truncate."""
+    if not d.is_finite() or d < 0 or d >= 10**26:
+        return False
+    _, digits, exp = d.as_tuple()
+    return isinstance(exp, int) and exp >= -12 and len(digits) <= 28
+
+
+def _groups(model: pa.Array, provider: pa.Array, day: pa.Array, book: PriceBook) -> tuple[pa.Array, dict]:
+    """Per-row group id and per-group price columns (few groups: models x providers x days in the batch)."""
+    m = pc.dictionary_encode(model)
+    p = pc.dictionary_encode(provider)
+    first_day = pc.min(day).as_py() or 0
+    days = pc.subtract(day, first_day)
+    n_p, n_d = len(p.dictionary), pc.max(days).as_py() + 1
+    key = pc.add(pc.multiply(pc.cast(m.indices, _I64), n_p * n_d),
+                 pc.add(pc.multiply(pc.cast(p.indices, _I64), n_d), days))  # fmt: skip
+    uniq = pc.unique(key)
+    gid = pc.index_in(key, value_set=uniq)
+    cols: dict[str, list] = {k: [] for k in ("has", "ok", "version", "in", "out", "cached", "in_m", "out_m",
+                                              "cached_m", "max_total")}  # fmt: skip
+    exponents: list[int] = []
+    models, providers = m.dictionary.to_pylist(), p.dictionary.to_pylist()
+    for k in uniq.to_pylist():
+        mi, rest = divmod(k, n_p * n_d)
+        pi, di = divmod(rest, n_d)
+        unit = book.at(models[mi], providers[pi], _EPOCH + timedelta(days=first_day + di))
+        prices = (unit.input, unit.output, unit.cached_input) if unit else (Decimal(0),) * 3
+        ok = all(_digits_ok(x) for x in prices)
+        if not ok:
+            prices = (Decimal(0),) * 3  # placeholder: these rows go to the reference
+        cols["has"].append(unit is not None)
+        cols["ok"].append(ok)
+        cols["version"].append(unit.version if unit else "")
+        for name, x in zip(("in", "out", "cached"), prices, strict=True):
+            cols[name].append(x)
+            cols[f"{name}_m"].append(x.scaleb(-6))
+        # Decimal adds the three costs at the smallest exponent; an exact sum that keeps <= 28 digits there
+        # (and fits Decimal(38, 18)) means no step rounded: each product's coefficient (tokens x the unit's) is
+        # at most that sum's, and dividing by 1e6 only moves the exponent.
+        min_exp = min(x.as_tuple().exponent for x in prices)  # type: ignore[type-var]
+        exponents.append(min_exp)  # type: ignore[arg-type]
+        cols["max_total"].append(min(Decimal(10) ** 20, Decimal(10) ** (22 + min_exp)))
+    # The same prices as integers at one scale for the batch, and the most tokens each may multiply in uint64
+    # with room for the sum of three: within those, every product and the sum stay far below 10**28 digits.
+    scale = max(0, -min(exponents))
+    for name in ("in", "out", "cached"):
+        ints = [int(x.scaleb(scale)) for x in cols[name]]
+        cols[f"{name}_max"] = [_U64_THIRD // u if u else _U64_THIRD for u in ints]
+        cols[f"{name}_int"] = [u if u <= _U64_THIRD else 0 for u in ints]  # beyond: only 0 tokens take this way
+    arrays = {
+        "has": pa.array(cols["has"], _BOOL), "ok": pa.array(cols["ok"], _BOOL),
+        "version": pa.array(cols["version"], _STR),
+        **{k: pa.array(cols[k], _UNIT) for k in ("in", "out", "cached")},
+        **{f"{k}_m": pa.array(cols[f"{k}_m"], _PER_TOKEN) for k in ("in", "out", "cached")},
+        "max_total": pa.array(cols["max_total"], pa.decimal256(40, 18)),
+        **{f"{k}_{x}": pa.array(cols[f"{k}_{x}"], _U64) for k in ("in", "out", "cached") for x in ("int", "max")},
+        "scale": scale,
+    }  # fmt: skip
+    return gid, arrays
+
+
+def _fast_rows(table: pa.Table, index: np.ndarray, partitions: np.ndarray, offsets: np.ndarray, book: PriceBook,
+               now: datetime) -> tuple[pa.Table, np.ndarray]:  # fmt: skip
+    """The priced rows for what passes every check, in encode.SCHEMA, and which record indices they are."""
+    ok, ms = _contract(table)
+    t = table.filter(ok).combine_chunks()
+    ms = pc.filter(ms, ok).combine_chunks()
+    index = index[ok.to_numpy(zero_copy_only=False)]
+    if not t.num_rows:
+        return t, index
+
+    served, requested = t["served_model"].chunk(0), t["requested_model"].chunk(0)
+    model = pc.if_else(pc.equal(served, ""), requested, served)
+    day = pc.divide(ms, _MS_PER_DAY)  # integer division; ms >= 0 here
+    gid, g = _groups(model, t["provider"].chunk(0), day, book)
+    has = pc.take(g["has"], gid)
+    prompt, completion, cached = (t[c].chunk(0) for c in ("prompt_tokens", "completion_tokens", "cached_tokens"))
+    charge = pc.and_(has, pc.invert(pc.is_in(t["status"].chunk(0), value_set=_FREE)))
+    zero = pa.scalar(0, _U64)
+    # OpenAI counts cached tokens inside prompt_tokens: bill them once, at the cached rate (prices.cost_of).
+    cached_eff = pc.min_element_wise(cached, prompt)
+    tokens = {
+        "in": pc.if_else(charge, pc.subtract(prompt, cached_eff), zero),
+        "out": pc.if_else(charge, completion, zero),
+        "cached": pc.if_else(charge, cached_eff, zero),
+    }
+    priceable = pc.or_(pc.invert(has), pc.take(g["ok"], gid))
+    if pc.all(reduce(pc.and_, [pc.less_equal(v, pc.take(g[f"{k}_max"], gid)) for k, v in tokens.items()])).as_py():
+        # The common case: tokens x price-as-integer in uint64, then read as a decimal at the prices' scale.
+        ints = {k: pc.multiply(v, pc.take(g[f"{k}_int"], gid)) for k, v in tokens.items()}
+        ints["total"] = pc.add(pc.add(ints["in"], ints["cached"]), ints["out"])
+        at_scale = pa.decimal128(38, g["scale"] + 6)
+        costs = {k: pc.cast(pc.cast(v, pa.decimal128(20, 0)).view(at_scale), _COST) for k, v in ints.items()}
+        total = costs.pop("total")
+        keep = priceable
+    else:
+        # Counts too big for that: exact decimal256, and a bound on the sum's digits (see _groups).
+        costs = {k: pc.multiply(pc.cast(v, _TOKENS), pc.take(g[f"{k}_m"], gid)) for k, v in tokens.items()}
+        total = pc.add(pc.add(costs["in"], costs["cached"]), costs["out"])
+        keep = pc.and_(priceable, pc.less(total, pc.take(g["max_total"], gid)))
+    if not pc.all(keep).as_py():
+        t, ms, gid, has, total = (x.filter(keep) for x in (t, ms, gid, has, total))
+        costs = {k: v.filter(keep) for k, v in costs.items()}
+        index = index[keep.to_numpy(zero_copy_only=False)]
+
+    any_tokens = pc.or_(pc.not_equal(t["prompt_tokens"], zero), pc.not_equal(t["completion_tokens"], zero))
+    priced = pc.or_(has, pc.invert(any_tokens)).combine_chunks()  # no price and no tokens: "none", priced
+    version = pc.if_else(has, pc.take(g["version"], gid), pc.if_else(any_tokens, "", "none"))
+    zero_unit = pa.scalar(Decimal(0), _UNIT)
+    units = {k: pc.if_else(has, pc.take(g[k], gid), zero_unit) for k in ("in", "out", "cached")}
+    now_ms = int(now.timestamp() * 1000)
+    n = t.num_rows
+    columns = {
+        **{name: t[name] for name in SOURCE.names},
+        "occurred_at": pc.cast(ms, _TS),
+        "end_user": pc.fill_null(t["end_user"], ""),
+        "error_code": pc.fill_null(t["error_code"], ""),
+        "metadata": pa.MapArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], _STR),
+                                            pa.array([], _STR), type=SCHEMA.field("metadata").type),
+        "http_status": pc.cast(t["http_status"], pa.uint16()),
+        "attempts": pc.cast(t["attempts"], pa.uint16()),
+        "schema_version": pc.cast(t["schema_version"], pa.uint16()),
+        "priced": priced, "price_version": version,
+        "unit_input": units["in"], "unit_output": units["out"], "unit_cached_input": units["cached"],
+        "cost_input": pc.cast(costs["in"], _COST), "cost_cached_input": pc.cast(costs["cached"], _COST),
+        "cost_output": pc.cast(costs["out"], _COST), "cost_total": pc.cast(total, _COST),
+        "kafka_partition": pa.array(partitions[index]), "kafka_offset": pa.array(offsets[index]),
+        "ingested_at": pa.nulls(n, _TS),  # stamped per insert attempt (encode.ArrowBatch.ipc)
+        "row_version": pc.if_else(priced, pa.scalar(row_version(True, now_ms), _U64),
+                                  pa.scalar(row_version(False, now_ms), _U64)),
+    }  # fmt: skip
+    out = pa.Table.from_arrays([columns[name] for name in SCHEMA.names], schema=SCHEMA)
+    return out, index
