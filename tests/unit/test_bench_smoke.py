@@ -124,3 +124,13 @@ def test_bench_gateway_config_is_a_valid_tollway_config() -> None:
     cfg = targets.tollway_config({"instant": "http://127.0.0.1:1/v1", "50ms": "http://127.0.0.1:2/v1"})
     parsed = GatewayConfig.model_validate(cfg)
     assert set(parsed.models) == {"bench-instant", "bench-50ms"} and parsed.default_plan == "bench"
+
+
+async def test_request_path_harness_answers_and_restores_the_upstream_hop() -> None:
+    from bench import request_path
+    from services.proxy import handler
+
+    real = handler.post_json
+    per_call = await request_path.measure(30)
+    assert 0 < per_call < 0.1  # seconds of CPU per call; it raises if any call was not a 200
+    assert handler.post_json is real
