@@ -10,6 +10,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -196,6 +197,7 @@ _str, _int, _bool, _float, _dict = str, int, bool, float, dict
 _uuid_match = _UUID.fullmatch
 _fromiso = datetime.fromisoformat
 _U16, _U64 = 2**16 - 1, 2**64 - 1
+_COST_LIMIT = Decimal(10) ** 20  # cost columns are Decimal(38, 18)
 _N_FIELDS = 28  # every UsageEvent v1 field: what the proxy writes (model_dump of the whole event)
 
 
@@ -325,6 +327,12 @@ def _decode_and_price(
                 tail = (True, unit.version, unit.input, unit.output, unit.cached_input, cost.input,
                         cost.cached_input, cost.output, cost.total)  # fmt: skip
             tails[pk] = tail
+        if tail[8] >= _COST_LIMIT:
+            # Only an absurd catalog price gets here, but such a cost would fail the batch's insert on every
+            # retry (Decimal(38, 18) holds < 10^20): a dead letter with the reason, never a stuck meter.
+            dead.append(DeadLetter("unbillable event: its cost at the catalog price exceeds the cost columns "
+                                   "(Decimal(38, 18)); check the price", topic, partition, offset, r.key, value))  # fmt: skip
+            continue
         append((*f, *tail, partition, offset, now, v_priced if tail[0] else v_unpriced))
     if rows:
         batch.columns = [list(c) for c in zip(*rows, strict=True)]

@@ -21,8 +21,8 @@ from schemas.config import load_config, parse_config
 from schemas.prices import PriceBook
 from services.meter import columnar
 from services.meter.columnar import decode_and_price_columnar
-from services.meter.encode import ArrowBatch
-from services.meter.pricing import decode_and_price
+from services.meter.encode import ArrowBatch, ArrowEncodeError
+from services.meter.pricing import COLUMNS, decode_and_price
 from tests.support.events import make_event
 
 CONFIG = load_config("tollway.yaml")
@@ -170,10 +170,21 @@ def records(values: list[bytes | None], partitions: int = 3) -> list[SimpleNames
             for i, v in enumerate(values)]  # fmt: skip
 
 
-def stored(batch) -> pa.Table:
-    """What ClickHouse receives for the batch, without the per-batch stamp row_version, in offset order."""
-    body = ArrowBatch(batch.columns, batch.column_rows, batch.fast).ipc(INGESTED)
+def stored(batch) -> pa.Table | None:
+    """What ClickHouse receives for the batch, without the per-batch stamp row_version, in offset order;
+    None when Arrow refuses a value of the batch (the writer then takes the column insert)."""
+    try:
+        body = ArrowBatch(batch.columns, batch.column_rows, batch.fast).ipc(INGESTED)
+    except ArrowEncodeError:
+        return None
     return pa.ipc.open_stream(body).read_all().drop_columns(["row_version"]).sort_by("kafka_offset")
+
+
+def column_insert_rows(batch) -> list[tuple]:
+    """The rows the column-insert fallback sends, in offset order, without the per-batch stamps."""
+    drop = {COLUMNS.index("row_version"), COLUMNS.index("ingested_at")}
+    rows = [tuple(v for i, v in enumerate(row) if i not in drop) for row in zip(*batch.all_columns(), strict=True)]
+    return sorted(rows, key=lambda r: r[COLUMNS.index("kafka_offset")])
 
 
 def assert_same(values: list[bytes | None], book: PriceBook) -> int:
@@ -185,6 +196,12 @@ def assert_same(values: list[bytes | None], book: PriceBook) -> int:
     assert (got.rows, got.unpriced, got.spans) == (ref.rows, ref.unpriced, ref.spans)
     assert list(got.spans) == list(ref.spans)
     expected, actual = stored(ref), stored(got)
+    if expected is None or actual is None:
+        # a value beyond its column (e.g. a cost past Decimal(38,18) at an absurd price): both paths must fall
+        # back to the column insert, with the same rows
+        assert expected is None and actual is None
+        assert column_insert_rows(got) == column_insert_rows(ref)
+        return got.rows - got.column_rows
     assert actual.schema == expected.schema
     for name in expected.column_names:
         assert actual[name].to_pylist() == expected[name].to_pylist(), name
@@ -251,3 +268,12 @@ def test_costs_at_the_28_digit_edge_match_the_decimal_context():
     values += [make_event("t", occurred_at=when, provider="other", prompt_tokens=n, completion_tokens=n // 3,
                           cached_tokens=n // 7).to_bytes() for n in (10**6, edge // 2, edge)]  # fmt: skip
     assert assert_same(values, ODD_BOOK) >= 4  # the smaller ones are priced in Arrow, the rest by Decimal
+
+
+def test_a_cost_beyond_its_column_is_a_dead_letter_on_both_paths():
+    # found by the property test above in CI: 10^12 prompt tokens at one of ODD_BOOK's huge route prices, a
+    # cost Decimal(38, 18) cannot hold, which would have failed the batch's insert on every retry
+    value = b'{"schema_version":1,"event_id":"f728b4fa-4248-5e3a-0a5d-2f346baa9455","occurred_at":"2026-01-01T00:00:00Z","request_id":"","team_id":"0","key_id":"","end_user":null,"metadata":{"":""},"endpoint":"chat.completions","requested_model":"","served_model":"gpt-4.1","provider":"openai","stream":false,"status":"ok","http_status":200,"error_code":null,"prompt_tokens":1000000000001,"completion_tokens":0,"cached_tokens":0,"latency_ms":0.0,"ttft_ms":null,"attempts":0,"fallback_used":false,"cache_hit":false,"client_disconnected":false,"proxy_instance":"","proxy_seq":0,"usage_source":"provider"}'
+    ref, dead = decode_and_price(records([value]), ODD_BOOK)
+    assert ref.rows == 0 and len(dead) == 1 and "exceeds the cost columns" in dead[0].reason
+    assert_same([value, value.replace(b'"metadata":{"":""}', b'"metadata":{}')], ODD_BOOK)
