@@ -1,16 +1,18 @@
 """Meter throughput: topic -> ClickHouse events/s, next to the raw consume rate of the same topic, in one run.
 
-    .venv/bin/python bench/meter_throughput.py [--events 200000] [--partitions 4] [--procs 2]
+    .venv/bin/python -m bench.meter_throughput [--events 800000] [--partitions 4] [--procs 2]
 
 Starts a bundled broker and an embedded ClickHouse in a temp dir, fills a topic, then measures (1) a bare
 consumer reading every record (the ceiling), (2) decode and price alone (CPU), both the per-record reference
 `decode_and_price` and the columnar path the meter uses (`decode_and_price_columnar`), (3) the real meter loop
 (fetch, decode, price, Arrow insert, commit) until every event is committed, in this process. The meter rate
-is steady state: events committed after the first commit, over the time since it (the first batch's group
-join and warm-up are reported apart, as `meter_first_commit_s`). `--procs N` also runs N meter processes in
-one consumer group (each with its own embedded ClickHouse, as chdb allows one engine per process) on a
-second topic and reports their combined rate from the group's committed offsets. The box is shared: the
-load average is in the output; repeat runs and report ranges.
+is steady state: events committed between 20% of the topic and the point where the fetcher would reach its
+end (`meter_rate_window`, see `_window`), over the time between them. Group join and warm-up come before that
+window (`meter_first_commit_s`), and after it the pipeline only drains batches it fetched earlier: counting
+either would misstate the rate. `--procs N` also runs N meter processes in one consumer group (each with its
+own embedded ClickHouse, as chdb allows one engine per process) on a second topic and reports their combined
+rate from the group's committed offsets over the same window. The box is shared: the load average is in the
+output; repeat runs and report ranges.
 """
 
 from __future__ import annotations
@@ -79,12 +81,25 @@ def cpu_only(values: list[bytes], book: PriceBook, decode=decode_and_price) -> f
     return len(recs) / (time.perf_counter() - t0)
 
 
-BATCH_ROWS = int(os.environ.get("BENCH_METER_BATCH_ROWS", "20000"))  # the meter's default; env for experiments
+BATCH_ROWS = int(os.environ.get("BENCH_METER_BATCH_ROWS", "50000"))  # the meter's default; env for experiments
 
 
 def _settings(group: str, topic: str) -> MeterSettings:
     return MeterSettings(meter_group=group, usage_topic=topic, batch_max_rows=BATCH_ROWS, batch_max_wait_ms=200,
                          rollup_interval_s=3600)  # fmt: skip
+
+
+def _window(n: int) -> tuple[int, int]:
+    """The committed counts between which a rate is steady: after the first batches (group join, warm-up)
+    and before the fetcher reaches the end of the topic (from then on the pipeline only drains, which would
+    flatter the rate). The pipeline holds at most 1 fetching + pipeline_depth queued + 1 writing batches."""
+    in_pipeline = (MeterSettings().pipeline_depth + 2) * BATCH_ROWS
+    return max(n // 5, BATCH_ROWS), n - in_pipeline - BATCH_ROWS
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 async def meter(bootstrap: str, n: int, tmp: Path) -> dict:
@@ -98,23 +113,34 @@ async def meter(bootstrap: str, n: int, tmp: Path) -> dict:
                                          bootstrap, stop, started))  # fmt: skip
     await started.wait()
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    t_first, at_first = None, 0
+    rss_start = rss_peak = _rss_mb()
+    lo, hi = _window(n)
+    marks: dict[str, tuple[float, int]] = {}
     while (done := written._value.get() - base) < n:
-        if t_first is None and done > 0:
-            t_first, at_first = time.perf_counter(), done
+        for name, at in (("first", 1), ("lo", lo), ("hi", hi)):
+            if name not in marks and done >= at:
+                marks[name] = (time.perf_counter(), done)
         await asyncio.sleep(0.005)
+        rss_peak = max(rss_peak, _rss_mb())
     t_end, cpu = time.perf_counter(), time.process_time() - cpu_start
     stop.set()
     await task
     rows = (await store.query("SELECT count() FROM {db}.usage_events FINAL"))[0][0]
     await store.close()
-    t_first = t_first or t_end
-    return {"meter_topic_to_clickhouse_eps": round((n - at_first) / max(t_end - t_first, 1e-9)),
+    t_end_n = (t_end, n)
+    (t_a, c_a), (t_b, c_b) = marks.get("lo", t_end_n), marks.get("hi", t_end_n)
+    if c_b <= c_a:
+        (t_a, c_a), (t_b, c_b) = marks.get("first", (t_start, 0)), t_end_n
+    t_first, at_first = marks.get("first", t_end_n)
+    return {"meter_topic_to_clickhouse_eps": round((c_b - c_a) / max(t_b - t_a, 1e-9)),
+            "meter_rate_window": [c_a, c_b],
             "meter_first_commit_s": round(t_first - t_start, 3), "meter_first_batch_rows": at_first,
             "meter_wall_eps": round(n / (t_end - t_start)), "rows_final": rows,
             # CPU of this whole process (all threads: loop, ClickHouse engine, merges) per event, so a rate
             # per core that a loaded box cannot hide: events / CPU-second.
-            "meter_cpu_us_per_event": round(cpu / n * 1e6, 2), "meter_eps_per_cpu_s": round(n / cpu)}  # fmt: skip
+            "meter_cpu_us_per_event": round(cpu / n * 1e6, 2), "meter_eps_per_cpu_s": round(n / cpu),
+            # The memory the pipeline's batches in flight take (fetched, being priced, being written).
+            "meter_rss_growth_mb": round(rss_peak - rss_start)}  # fmt: skip
 
 
 def _meter_child(bootstrap: str, topic: str, data_dir: str, ready: object, stop: object, out: object) -> None:
@@ -157,10 +183,12 @@ async def meters(bootstrap: str, n: int, procs: int, partitions: int, tmp: Path)
     try:
         await asyncio.to_thread(lambda: [e.wait() for e in ready])
         t_start = time.perf_counter()
-        t_a = c_a = None
+        lo, hi = _window(n)
+        marks: dict[str, tuple[float, int]] = {}
         while (c := await committed_total(probe, tps)) < n:
-            if t_a is None and c >= n // 5:
-                t_a, c_a = time.perf_counter(), c
+            for name, at in (("lo", lo), ("hi", hi)):
+                if name not in marks and c >= at:
+                    marks[name] = (time.perf_counter(), c)
             await asyncio.sleep(0.02)
         t_end = time.perf_counter()
     finally:
@@ -169,14 +197,16 @@ async def meters(bootstrap: str, n: int, procs: int, partitions: int, tmp: Path)
     rows = [out.get(timeout=60) for _ in children]
     for ch in children:
         ch.join(60)
-    t_a, c_a = (t_a, c_a) if t_a is not None else (t_start, 0)
-    return {f"meters_{procs}_eps": round((n - c_a) / max(t_end - t_a, 1e-9)),
+    (t_a, c_a), (t_b, c_b) = marks.get("lo", (t_start, 0)), marks.get("hi", (t_end, n))
+    if c_b <= c_a:
+        (t_a, c_a), (t_b, c_b) = (t_start, 0), (t_end, n)
+    return {f"meters_{procs}_eps": round((c_b - c_a) / max(t_b - t_a, 1e-9)),
             f"meters_{procs}_wall_eps": round(n / (t_end - t_start)), f"meters_{procs}_rows_each": rows}  # fmt: skip
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--events", type=int, default=800_000)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--procs", type=int, default=0, help="also run this many meter processes in one group")
     args = ap.parse_args()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -114,52 +115,68 @@ async def run_meter(
                   partitions={f"{t}:{p}": [a, b] for (t, p), (a, b) in batch.spans.items()})  # fmt: skip
         return True
 
-    # Two-stage pipeline: while batch N is written and committed (its insert runs on the ClickHouse thread,
-    # off the GIL), batch N+1 is fetched and priced here. At most one batch is in flight and the next one
-    # starts only after it committed, so commits stay in offset order and a batch that could not be written
-    # stops everything after it (nothing later is ever committed past an uncommitted batch).
-    in_flight: asyncio.Task[bool] | None = None
+    # Three stages, each on its own thread so the two cores overlap them: this loop fetches batch N+2 (aiokafka,
+    # GIL), a decode thread prices batch N+1 (the pyarrow parse runs off the GIL), and `write_in_order` has
+    # batch N inserted (off the GIL, on the ClickHouse thread) and committed. Batches are written and committed
+    # strictly in fetch order, one at a time, and a batch that could not be written stops everything after it:
+    # nothing is ever committed past an unwritten batch.
+    decoder = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="meter-decode")
+    decoded: asyncio.Queue[asyncio.Future | None] = asyncio.Queue(maxsize=settings.pipeline_depth)
+    loop = asyncio.get_running_loop()
 
-    async def handed_over(records: list, give_up: asyncio.Event) -> bool:
-        """Price `records`, wait for the batch in flight, then put this one in flight. False: stop now."""
-        nonlocal in_flight
-        batch, dead = decode_and_price_columnar(records, book)
-        if in_flight is not None:
-            ok = await in_flight
-            in_flight = None
-            if not ok:
-                return False  # this batch was never written or committed: replayed on next start
-        in_flight = asyncio.create_task(finish(batch, dead, give_up), name="meter-batch")
+    async def write_in_order(give_up: asyncio.Event) -> bool:
+        """Write and commit each decoded batch in turn; False once one could not be written (stop now)."""
+        while (pending := await decoded.get()) is not None:
+            batch, dead = await pending
+            if not await finish(batch, dead, give_up):
+                return False  # never written or committed: replayed on next start
         return True
 
-    async def settle() -> bool:
-        nonlocal in_flight
-        if in_flight is None:
-            return True
+    async def hand_over(item: asyncio.Future | None, writer: asyncio.Task) -> bool:
+        """Queue `item` for the writer: a full queue waits for it, and a writer that stopped ends the wait."""
+        if writer.done():
+            return False
+        put = asyncio.ensure_future(decoded.put(item))
+        await asyncio.wait([put, writer], return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            return False
+        return True
+
+    async def pump(until: asyncio.Event | None, give_up: asyncio.Event, deadline: float | None = None) -> bool:
+        """Fetch and hand batches to the decoder until `until` is set, the log is drained (until=None) or the
+        writer stopped. True if the writer finished everything it was handed."""
+        writer = asyncio.create_task(write_in_order(give_up), name="meter-writer")
         try:
-            return await in_flight
+            while not writer.done() and not (until is not None and until.is_set()):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                records = await fetch_batch(consumer, settings.batch_max_rows, settings.batch_max_wait_ms)
+                if not records:
+                    if until is None:
+                        break  # drained
+                    continue
+                if not await hand_over(loop.run_in_executor(decoder, decode_and_price_columnar, records, book),
+                                       writer):  # fmt: skip
+                    break
+            await hand_over(None, writer)
+            return await writer
         finally:
-            in_flight = None
+            if not writer.done():  # cancelled mid-loop: never leave a write/commit running unseen
+                writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            while not decoded.empty():  # decoded but never written: replayed on next start
+                if (left := decoded.get_nowait()) is not None:
+                    left.cancel()
 
     try:
-        while not stop.is_set():
-            records = await fetch_batch(consumer, settings.batch_max_rows, settings.batch_max_wait_ms)
-            if records and not await handed_over(records, stop):
-                return
-        if not await settle():
+        if not await pump(stop, stop):
             return
         if drain:
             # Shutting down with a broker that forgets (the bundled one): take what is left first.
-            deadline = time.monotonic() + drain_timeout_s
-            while time.monotonic() < deadline:
-                records = await fetch_batch(consumer, settings.batch_max_rows, settings.batch_max_wait_ms)
-                if not records or not await handed_over(records, never):
-                    break
-            await settle()
+            await pump(None, never, time.monotonic() + drain_timeout_s)
     finally:
-        if in_flight is not None:  # cancelled or failed mid-loop: never leave a write/commit running unseen
-            in_flight.cancel()
-            await asyncio.gather(in_flight, return_exceptions=True)
+        decoder.shutdown(wait=True, cancel_futures=True)
         background_stop.set()
         await asyncio.gather(*background, return_exceptions=True)
         await consumer.stop()
