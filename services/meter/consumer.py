@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.clickhouse import Store
@@ -19,6 +19,7 @@ from schemas.prices import PriceBook
 from services.meter import metrics
 from services.meter.columnar import decode_and_price_columnar
 from services.meter.dlq import DeadLetterSink
+from services.meter.positions import CommitGuard
 from services.meter.pricing import DeadLetter, PricedBatch
 from services.meter.rerate import price_held
 from services.meter.rollups import run_rollups
@@ -81,6 +82,7 @@ async def run_meter(
     await producer.start()
     await consumer.start()
     dlq = DeadLetterSink(producer)
+    guard = CommitGuard()  # commits only what the broker's committed offsets prove safe (positions.py)
     log.info("meter_started", group=settings.meter_group, bootstrap=bootstrap)
     if started:
         started.set()
@@ -100,9 +102,8 @@ async def run_meter(
             return False
         await dlq.send(dead)
         metrics.DEAD_LETTERS.inc(len(dead))
-        offsets = {TopicPartition(t, p): last + 1 for (t, p), (_, last) in batch.spans.items()}
         try:
-            await consumer.commit(offsets)
+            await guard.commit(consumer, batch.spans)
         except (CommitFailedError, KafkaError) as err:
             # Lost the partitions to a rebalance: the new owner replays, dedup absorbs it.
             metrics.COMMIT_FAILURES.inc()

@@ -11,6 +11,11 @@ BATCH_ROWS = Histogram(
 INSERT_SECONDS = Histogram("tollway_meter_insert_seconds", "ClickHouse insert latency")
 INSERT_FAILURES = Counter("tollway_meter_insert_failures_total", "Failed ClickHouse insert attempts", ["table"])
 COMMIT_FAILURES = Counter("tollway_meter_commit_failures_total", "Offset commits that failed (rebalance)")
+POSITIONS_REWOUND = Counter(
+    "tollway_meter_positions_rewound_total",
+    "Partitions sought back to the broker's committed offset instead of committing a batch past it",
+    ["reason"],  # broker_behind (it forgot: restart, reset) | not_contiguous (batch read before that)
+)
 LAG = Gauge("tollway_meter_consumer_lag", "High watermark minus position", ["partition"])
 DEAD_LETTERS = Counter("tollway_meter_dead_letters_total", "Records sent to the DLQ")
 UNPRICED_HELD = Gauge("tollway_meter_unpriced_held", "Stored events still waiting for a price (last pass)")
