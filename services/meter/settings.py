@@ -13,9 +13,9 @@ class MeterSettings(CommonSettings):
     # matters only with a backlog). 50k over 20k: fewer parts to merge, ~1.3x events/s in bench/meter_throughput.
     batch_max_rows: int = 50_000
     batch_max_wait_ms: int = 200
-    # Batches fetched and being priced while the oldest is written: more overlaps more, at a batch of memory each
-    # (~50-60 MB at 50k rows; see docs/metering.md for the measured peak).
-    pipeline_depth: int = 3
+    # Priced batches waiting for the writer. 3 measured no faster than 2 (bench/README.md, round 4); under a
+    # backlog the meter's RSS grows ~300 MB at 20k rows and ~600 MB at 50k, mostly batches in flight.
+    pipeline_depth: int = 2
     # Threads pricing batches. The JSON parse (most of a batch's CPU) runs off the GIL, so two threads keep both
     # cores of a small box busy while this thread fetches; batches still commit in fetch order.
     decode_threads: int = 2
