@@ -185,6 +185,11 @@ def rows(res: dict) -> list[list[str]]:
     if meter:
         row("meter: events/s (raw consume)", num(raw, 0), {"tollway": num(m_rate, 0) if m_rate else "n/a"},
             ">=50,000", _met(_ge(m_rate, 50_000) if isinstance(m_rate, (int, float)) else None))  # fmt: skip
+        if isinstance(m_rate, (int, float)) and isinstance(raw, (int, float)) and raw:
+            row("meter: events/s / raw consume", "", {"tollway": num(m_rate / raw)}, ">=0.5",
+                _met(_ge(m_rate / raw, 0.5)))  # fmt: skip
+        if isinstance(two := meter.get("meters_2_eps"), (int, float)):
+            row("meter: events/s, two processes", "", {"tollway": num(two, 0)}, ">=100,000", _met(_ge(two, 100_000)))
     lag_delay = find(meter, "queryable_p50_ms", "delay_p50_ms", "visible_p50_ms")
     if lag_delay is not None:
         row("meter: response -> queryable p50 ms", "", {"tollway": num(lag_delay, 0)})

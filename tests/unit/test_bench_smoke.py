@@ -62,7 +62,7 @@ def fake_result() -> dict:
             "tollway+aiohttp": {"scenarios": {"c1_instant": sc(0.5, 1.0, 1700), "max_instant": sc(20, 30, 2500)}},
         },
         "emit": {"emit_us": 5.5, "end_to_end": {"cpu_us_per_event": 40.0}},
-        "meter": {"meter_topic_to_clickhouse_eps": 60000, "raw_consume_eps": 150000},
+        "meter": {"meter_topic_to_clickhouse_eps": 60000, "raw_consume_eps": 110000, "meters_2_eps": 120000},
         "quota": {"cross_p50_ms": 40, "cross_p99_ms": 120, "overshoot_max_tokens": 2},
         "errors": {"portkey": "did not start"},
     }  # fmt: skip
@@ -77,7 +77,17 @@ def test_table_shows_added_latency_ratios_and_targets() -> None:
     assert "2,100" in text and "60,000" in text and "40 / 120; over 2" in text
     assert "tollway+aiohttp: c=1 added p50 / p99 ms" in text
     assert "! portkey: did not start" in text
+    assert "120,000" in text  # two meter processes
     assert text.count("NO") == 0  # every target in the fake result is met
+
+
+def test_table_marks_a_meter_slower_than_half_the_raw_consume_rate() -> None:
+    res = fake_result()
+    res["meter"]["raw_consume_eps"] = 200_000
+    text = table.render(res)
+    line = next(ln for ln in text.splitlines() if "events/s / raw consume" in ln)
+    assert "0.30" in line and "NO" in line
+    assert text.count("NO") == 1
 
 
 def test_table_survives_an_empty_result() -> None:
