@@ -92,7 +92,7 @@ async def test_ledger_team_month_is_the_config_prices_before_and_after_a_rerate(
     versions = {(g.model, g.unit_input) for g in tm.groups}
     assert versions == {("gpt-4.1", OLD["input"]), ("gpt-4.1", NEW["input"]), ("gpt-4.1-mini", MINI["input"])}
     for g in tm.groups:  # every group's amount is its tokens at its own unit prices
-        assert g.exact_usd == sum((Decimal(line.quantity) * line.unit_usd_per_1m / 1_000_000 for line in g.lines()))
+        assert g.exact_usd == sum(Decimal(line.quantity) * line.unit_usd_per_1m / 1_000_000 for line in g.lines())
 
     (mtd,) = [m for m in await ledger.month_to_date(store, "2026-10") if m.team_id == "team-ledger"]
     assert mtd.usd == expected(events, after_rerate=True)
