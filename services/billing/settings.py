@@ -21,3 +21,5 @@ class BillingSettings(CommonSettings):
     quota_watch_ratio: float = 0.5
     quota_update_interval_ms: int = 100
     quota_commit_delay_s: float = 60.0
+    # Invoices: a month can be finalized this long after it ended (late events: spool replay, meter lag).
+    invoice_grace_s: float = 3600.0
