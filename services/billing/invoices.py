@@ -143,8 +143,11 @@ class Invoices:
         spans = [plan_history.PlanSpan(s.plan or self.config.default_plan, s.start, s.end) for s in spans]
         fees = {name: plan.fee_usd_per_month for name, plan in self.config.plans.items()}
         plan = spans[-1].plan if spans else default
-        return assemble(team.team_id, team.name, plan, period, usage_lines(items),
-                        plan_fee_lines(period, spans, fees), adjustments, unpriced, now)  # fmt: skip
+        doc = assemble(team.team_id, team.name, plan, period, usage_lines(items),
+                       plan_fee_lines(period, spans, fees), adjustments, unpriced, now)  # fmt: skip
+        if latest is not None and period < latest:  # closed without an invoice: billed as late usage there
+            doc["carried_to"] = next_period(latest)
+        return doc
 
     async def get(self, team: TeamState, period: str) -> dict[str, Any]:
         """The finalized document of a period if there is one, else the live draft."""

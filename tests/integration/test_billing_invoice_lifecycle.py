@@ -13,6 +13,8 @@ import io
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 
+import orjson
+
 from schemas.config import GatewayConfig, Price, load_config
 from schemas.periods import bounds, period_of
 from schemas.prices import PriceBook
@@ -251,3 +253,27 @@ async def test_two_billing_replicas_finalizing_at_once_give_one_invoice_per_team
     assert sum(created for _, created in results) == len(teams)
     rows = await store.query("SELECT invoice_id, count() FROM {db}.invoice_documents GROUP BY invoice_id")
     assert sorted(n for _, n in rows) == [1] * len(teams)  # the loser's write never landed
+
+
+async def test_an_upgraded_database_keeps_its_invoices_and_numbering_continues(store):
+    accounts = Accounts(store, CONFIG)
+    await accounts.load()
+    team = await accounts.create_team("legacy-team")
+    legacy = {"object": "invoice", "invoice_id": "inv_legacy1", "number": "TW-000041", "status": "finalized",
+              "team_id": team.team_id, "period": "2026-08", "lines": [], "total_usd": "0.00",
+              "finalized_at": "2026-09-01T02:00:00Z", "content_hash": "sha256:x"}  # fmt: skip
+    # As the code before 031 stored it, in 010's table; then the upgrade: 031 runs on this database.
+    await store.insert_rows("invoices", [["inv_legacy1", "TW-000041", 41, team.team_id, "2026-08", Decimal("0.00"),
+                                          orjson.dumps(legacy).decode(), "sha256:x", at(9, 1, 2)]],
+                            ("invoice_id", "number", "seq", "team_id", "period", "total_usd", "content",
+                             "content_hash", "finalized_at"))  # fmt: skip
+    await store.command("ALTER TABLE {db}.schema_migrations DELETE WHERE version = 31 SETTINGS mutations_sync = 1")
+    assert await store.migrate() == [31]
+    inv = Invoices(store, CONFIG)
+    assert (await inv.finalized(team.team_id)) == {"2026-08": legacy}
+    assert await inv.by_id("inv_legacy1") == legacy
+    doc, created = await inv.finalize(team, "2026-09")
+    assert created and doc["number"] == "TW-000042"
+    with_history = await store.query("SELECT plan FROM {db}.plan_changes FINAL WHERE entity_id = {t:String}",
+                                     parameters={"t": team.team_id})  # fmt: skip
+    assert with_history == [("team",)]  # the backfill collapses onto the row accounts wrote
