@@ -277,3 +277,20 @@ async def test_an_upgraded_database_keeps_its_invoices_and_numbering_continues(s
     with_history = await store.query("SELECT plan FROM {db}.plan_changes FINAL WHERE entity_id = {t:String}",
                                      parameters={"t": team.team_id})  # fmt: skip
     assert with_history == [("team",)]  # the backfill collapses onto the row accounts wrote
+
+
+async def test_finalizing_every_team_checks_all_first_and_skips_teams_that_did_not_exist(billing, store, unique):
+    early = await new_team(billing, unique, "early")
+    later = await new_team(billing, unique, "later")  # created now, no usage in the autumn
+    await meter(store, [make_event(early, occurred_at=at(9, 3)), make_event(early, occurred_at=at(10, 3))], CONFIG)
+
+    r = await billing.post("/v1/admin/invoices/finalize", json={"period": "2026-10"}, headers=ADMIN)
+    assert r.status_code == 409 and "2026-09" in r.json()["error"]["message"], r.text
+    for tid in (early, later):  # one team out of order finalizes nobody
+        assert (await invoice(billing, tid, "2026-10"))["status"] == "draft"
+
+    r = await billing.post("/v1/admin/invoices/finalize", json={"period": "2026-09"}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    finalized = {d["team_id"] for d in r.json()["data"]}
+    assert early in finalized and later not in finalized
+    assert (await invoice(billing, later, "2026-09"))["status"] == "draft"
