@@ -37,6 +37,8 @@ Public API (stable: add, don't change):
   TeamMonth(team_id, period, groups, unpriced)  .lines()  .exact_usd  .by_model() -> {model: Decimal}
   await groups(store, start, end, team_id=None) -> (list[LedgerGroup], unpriced: int)
       billable usage grouped by (model, price_version, unit prices); one group never merges two unit prices.
+  await groups_by_team(store, start, end, team_id=None) -> {team_id: (list[LedgerGroup], unpriced)}
+      the same, per team, in one query (reconciliation of every team).
   await team_month(store, team_id, period) -> TeamMonth         (the period's usage, adjustments by event period)
   await month_to_date(store, period, ingested_before=None) -> list[MonthToDate]
       per (team_id, key_id): billable tokens (priced or not), exact usd, last occurred_at, unpriced count:
@@ -198,6 +200,33 @@ async def groups(store: Store, start: datetime, end: datetime,
         for r in rows
     ]  # fmt: skip
     return out, int(unpriced[0][0]) if unpriced else 0
+
+
+_TEAM_GROUPS_SQL = """
+SELECT team_id, model, price_version, unit_input, unit_output, unit_cached_input, billable, count() AS requests,
+       sum(input_tokens) AS input_qty, sum(cached_input_tokens) AS cached_qty, sum(output_tokens) AS output_qty
+FROM {effective} AS x
+WHERE billable OR (status IN ({statuses}) AND NOT priced)
+GROUP BY team_id, model, price_version, unit_input, unit_output, unit_cached_input, billable
+ORDER BY team_id, model, price_version, unit_input, unit_output, unit_cached_input
+"""
+
+
+async def groups_by_team(store: Store, start: datetime, end: datetime,
+                         team_id: str | None = None) -> dict[str, tuple[list[LedgerGroup], int]]:  # fmt: skip
+    """`groups` for every team with usage in [start, end): {team_id: (groups, unpriced)}."""
+    sql = _TEAM_GROUPS_SQL.format(effective=effective_sql(team=team_id is not None), statuses=_STATUSES_SQL)
+    out: dict[str, tuple[list[LedgerGroup], int]] = {}
+    for r in await store.query_dicts(sql, parameters=_params(start, end, team_id)):
+        gs, unpriced = out.get(r["team_id"], ([], 0))
+        if r["billable"]:
+            gs.append(LedgerGroup(r["model"], r["price_version"], Decimal(r["unit_input"]), Decimal(r["unit_output"]),
+                                  Decimal(r["unit_cached_input"]), int(r["requests"]), int(r["input_qty"]),
+                                  int(r["cached_qty"]), int(r["output_qty"])))  # fmt: skip
+        else:
+            unpriced += int(r["requests"])
+        out[r["team_id"]] = (gs, unpriced)
+    return out
 
 
 async def team_month(store: Store, team_id: str, period: str) -> TeamMonth:
