@@ -52,6 +52,13 @@ class Documents:
         )
         return {period: orjson.loads(content) for period, content in rows}  # later keys win: the first written
 
+    async def every(self, team_id: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+        """(team, period) -> finalized document, for every team (or one): what reconcile compares."""
+        where, params = ("WHERE team_id = {t:String}", {"t": team_id}) if team_id else ("", {})
+        rows = await self.store.query(f"SELECT team_id, period, content FROM {{db}}.invoice_documents FINAL {where} "
+                                      "ORDER BY team_id, period, finalized_at DESC", parameters=params)  # fmt: skip
+        return {(team, period): orjson.loads(content) for team, period, content in rows}
+
     async def by_id(self, invoice_id: str) -> dict[str, Any] | None:
         rows = await self.store.query("SELECT content FROM {db}.invoice_documents FINAL WHERE invoice_id = {i:String}",
                                       parameters={"i": invoice_id})  # fmt: skip
