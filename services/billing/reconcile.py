@@ -31,12 +31,11 @@ from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-import orjson
-
 from schemas.clickhouse import Store
 from schemas.control import TeamState
 from schemas.periods import bounds, checked_period, next_period
 from services.billing import ledger
+from services.billing.invoice_documents import Documents
 from services.billing.invoices import Invoices
 
 CENT = Decimal("0.01")
@@ -171,9 +170,7 @@ def _blank() -> dict[str, Any]:
 
 
 async def _finalized(store: Store, team_id: str | None) -> dict[tuple[str, str], dict[str, Any]]:
-    where, params = ("WHERE team_id = {team:String}", {"team": team_id}) if team_id else ("", {})
-    rows = await store.query(f"SELECT team_id, period, content FROM {{db}}.invoices FINAL {where}", parameters=params)
-    return {(r[0], r[1]): orjson.loads(r[2]) for r in rows}
+    return await Documents(store).every(team_id)
 
 
 async def _carried(invoices: Invoices, team: TeamState, period: str, fin_periods: set[str]) -> dict[str, Decimal]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from schemas.settings import CommonSettings
 
 
@@ -21,3 +23,5 @@ class BillingSettings(CommonSettings):
     quota_watch_ratio: float = 0.5
     quota_update_interval_ms: int = 100
     quota_commit_delay_s: float = 60.0
+    # Invoices: a month can be finalized this long after it ended (late events: spool replay, meter lag).
+    invoice_grace_s: float = Field(default=3600.0, ge=0)
