@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import structlog
@@ -62,15 +61,6 @@ class PeriodOutOfOrder(Conflict):
 
 
 _STATUSES = ", ".join(f"'{s}'" for s in ledger.BILLABLE_STATUSES)
-# ledger.groups with an ingestion cut-off: the same effective rows, grouped the same way, counting only
-# events ingested by `as_of`, so a finalized invoice is exactly "what had arrived when it was finalized".
-_ITEMS_SQL = """
-SELECT model, price_version, unit_input, unit_output, unit_cached_input, count() AS requests,
-       sum(input_tokens) AS input_qty, sum(cached_input_tokens) AS cached_qty, sum(output_tokens) AS output_qty
-FROM {effective} AS x WHERE billable
-GROUP BY model, price_version, unit_input, unit_output, unit_cached_input
-"""
-_UNPRICED_SQL = "SELECT count() FROM {effective} AS x WHERE status IN ({statuses}) AND NOT priced"
 _USAGE_PERIODS_SQL = """
 SELECT DISTINCT formatDateTime(occurred_at, '%Y-%m') FROM {{db}}.usage_events
 WHERE team_id = {{team:String}} AND status IN ({statuses})
@@ -92,16 +82,8 @@ class Invoices:
 
     async def items(self, team_id: str, period: str, as_of: datetime) -> tuple[Items, int]:
         """The period's billable items (ledger rows of events ingested by `as_of`) and its unpriced count."""
-        start, end = bounds(period)
-        eff = ledger.effective_sql(team=True, ingested_before=True)
-        params = {"team": team_id, "start": start, "end": end, "ingested_before": as_of}
-        rows = await self.store.query_dicts(_ITEMS_SQL.format(effective=eff), parameters=params)
-        groups = [ledger.LedgerGroup(r["model"], r["price_version"], Decimal(r["unit_input"]),
-                                     Decimal(r["unit_output"]), Decimal(r["unit_cached_input"]), int(r["requests"]),
-                                     int(r["input_qty"]), int(r["cached_qty"]), int(r["output_qty"]))
-                  for r in rows]  # fmt: skip
-        unpriced = await self.store.query(_UNPRICED_SQL.format(effective=eff, statuses=_STATUSES), parameters=params)
-        return items_of([line for g in groups for line in g.lines()]), int(unpriced[0][0])
+        tm = await ledger.team_month(self.store, team_id, period, ingested_before=as_of)
+        return items_of(tm.lines()), tm.unpriced
 
     async def usage_periods(self, team_id: str) -> set[str]:
         rows = await self.store.query(_USAGE_PERIODS_SQL.format(statuses=_STATUSES), parameters={"team": team_id})
