@@ -35,8 +35,10 @@ async def _direct(period: str, team: str | None) -> dict[str, Any]:
     from services.billing.accounts import Accounts
     from services.billing.invoices import Invoices
     from services.billing.reconcile import reconcile_report
+    from tollway.logs import configure_logging
 
     s = CommonSettings()
+    configure_logging("warning", s.log_format)  # stdout carries the JSON report only; logs go to stderr
     config = load_config(s.config)
     store = Store(s.resolved_clickhouse_url(), s.clickhouse_database)
     await store.open()

@@ -225,8 +225,10 @@ async def reconcile_report(store: Store, period: str, team_id: str | None = None
 
     problems: list[dict[str, Any]] = []
     out_rows = []
-    totals: dict[str, Any] = defaultdict(int) | {k: ZERO for k in ("metered_usd", "rollup_usd", "billable_usd",
-                                                                     "invoiced_usd", "carried_usd")}  # fmt: skip
+    counts = ("events", "raw_rows", "duplicates_absorbed", "dead_letters", "dead_letters_outstanding", "clock_skewed",
+              "unpriced", "adjustments")  # fmt: skip
+    totals: dict[str, Any] = dict.fromkeys(counts, 0) | dict.fromkeys(("metered_usd", "rollup_usd", "billable_usd",
+                                                                       "invoiced_usd", "carried_usd"), ZERO)  # fmt: skip
     for (team, model), r in sorted(rows.items()):
         rollup_diff = r["metered"] - r["rollup_usd"]
         inv = invoiced.get((team, model), ZERO) if team in invoiced_teams else None
@@ -258,9 +260,9 @@ async def reconcile_report(store: Store, period: str, team_id: str | None = None
             "billable_usd": money(r["billable"]), "invoice_state": state, "invoiced_usd": money(inv),
             "carried_usd": money(car), "invoice_difference_usd": money(inv_diff),
         })  # fmt: skip
-        for k in ("events", "raw_rows", "dead_letters", "dead_letters_outstanding", "clock_skewed", "unpriced",
-                  "adjustments"):  # fmt: skip
-            totals[k] += r[k]
+        for k in counts:
+            if k != "duplicates_absorbed":
+                totals[k] += r[k]
         totals["duplicates_absorbed"] += max(0, r["raw_rows"] - r["events"])
         totals["metered_usd"] += r["metered"]
         totals["rollup_usd"] += r["rollup_usd"]
