@@ -80,7 +80,10 @@ SELECT e.event_id AS event_id, e.occurred_at AS occurred_at, e.ingested_at AS in
        if(a.n > 0, a.uo, e.unit_output) AS unit_output, if(a.n > 0, a.uc, e.unit_cached_input) AS unit_cached_input,
        e.cost_total AS stored_cost, a.delta AS adjustments_usd, a.n AS adjustment_count,
        e.cost_total + a.delta AS cost_usd
-FROM (SELECT *, {model} AS model FROM {{db}}.usage_events FINAL WHERE {range}{events_where}) AS e
+FROM (SELECT event_id, occurred_at, ingested_at, team_id, key_id, {model} AS model, requested_model, served_model,
+             provider, status, priced, cache_hit, prompt_tokens, completion_tokens, cached_tokens, price_version,
+             unit_input, unit_output, unit_cached_input, cost_total
+      FROM {{db}}.usage_events FINAL WHERE {range}{events_where}) AS e
 LEFT JOIN (
     SELECT event_id, count() AS n, argMax(price_version, seq) AS pv, argMax(unit_input, seq) AS ui,
            argMax(unit_output, seq) AS uo, argMax(unit_cached_input, seq) AS uc, sum(delta_total) AS delta
