@@ -40,7 +40,8 @@ Public API (stable: add, don't change):
       `ingested_before` counts only events ingested at or before it (an invoice "as of" its finalization).
   await groups_by_team(store, start, end, team_id=None) -> {team_id: (list[LedgerGroup], unpriced)}
       the same, per team, in one query (reconciliation of every team).
-  await team_month(store, team_id, period, ingested_before=None) -> TeamMonth         (the period's usage, adjustments by event period)
+  await team_month(store, team_id, period, ingested_before=None) -> TeamMonth
+      a UTC month's billable usage, adjustments attached by event period.
   await month_to_date(store, period, ingested_before=None) -> list[MonthToDate]
       per (team_id, key_id): billable tokens (priced or not), exact usd, last occurred_at, unpriced count:
       the quota seed.
