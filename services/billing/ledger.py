@@ -7,7 +7,8 @@ re-inserts collapse by event_id; a priced copy beats an unpriced one by row_vers
 same number: a rerate writes delta = (tokens at the new price) - (current cost), so cost + deltas is always
 the tokens at the effective unit prices.
 
-Rules stated here once and imported everywhere else:
+Rules stated once (the first two in `schemas/billed.py`, so the meter's rollups can share them; re-exported
+here) and imported everywhere else:
   * billed model (`BILLED_MODEL_SQL`): `if(served_model = '', requested_model, served_model)`;
   * billable (`BILLABLE_STATUSES`): status ok or error (a cache hit and a rejection are billed zero);
     a billable row that is not priced is *unpriced*: counted, billed zero until `tollway rerate` prices it;
@@ -55,13 +56,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from schemas.billed import BILLABLE_STATUSES, BILLED_MODEL_SQL
 from schemas.clickhouse import Store
 from schemas.config import GatewayConfig
 from schemas.periods import bounds
 from schemas.prices import MILLION
 
-BILLED_MODEL_SQL = "if(served_model = '', requested_model, served_model)"
-BILLABLE_STATUSES = ("ok", "error")
+__all__ = ["BILLABLE_STATUSES", "BILLED_MODEL_SQL", "COMPONENTS", "UNKNOWN_MODEL", "LedgerGroup", "LedgerLine",
+           "MonthToDate", "TeamMonth", "effective_sql", "groups", "groups_by_team", "month_to_date", "report_model",
+           "team_month"]  # fmt: skip
+
 COMPONENTS = ("input", "cached_input", "output")
 UNKNOWN_MODEL = "(unknown)"
 ZERO = Decimal(0)
