@@ -102,6 +102,8 @@ def plan_fee_lines(period: str, spans: list[PlanSpan], fees: dict[str, Decimal])
         fee = fees.get(s.plan, ZERO)
         if fee == 0:
             continue
+        # Decimal's 28 digits round this quotient to cents exactly: a fraction over <= 31 days of seconds is
+        # either on a half cent or at least 1e-9 away from one.
         exact = fee * s.seconds / month
         whole = s.seconds == month
         lines.append({

@@ -201,7 +201,8 @@ class Invoices:
                 problems.append(problem)
             todo.append(team)
         if problems:
-            raise PeriodOutOfOrder("; ".join(problems))
+            more = f" (and {len(problems) - 5} more teams)" if len(problems) > 5 else ""
+            raise PeriodOutOfOrder("; ".join(problems[:5]) + more)
         return [(team, *await self.finalize(team, period)) for team in todo]
 
 

@@ -162,6 +162,13 @@ async def test_a_plan_change_mid_month_prorates_the_fee_by_seconds(billing, stor
     spans = [s for s in (int((to_enterprise - created).total_seconds()), int((end - back).total_seconds())) if s]
     assert [(f["plan"], f["quantity"]) for f in fees] == [("team", s) for s in spans]
     assert [f["amount_usd"] for f in fees] == [str(r2(FEE_TEAM * s / month)) for s in spans]
+    # A key's plan changes are kept too (they set its limits; the fee follows the team's plan).
+    key = (await billing.post("/v1/admin/keys", json={"team_id": tid, "plan": "free"}, headers=ADMIN)).json()
+    assert (await billing.patch(f"/v1/admin/keys/{key['key_id']}", json={"plan": "team"}, headers=ADMIN)).is_success
+    rows = await store.query("SELECT plan FROM {db}.plan_changes FINAL WHERE scope = 'key' AND entity_id = {k:String} "
+                             "ORDER BY effective_at", parameters={"k": key["key_id"]})  # fmt: skip
+    assert [p for (p,) in rows] == ["free", "team"]
+    assert lines_of(await invoice(billing, tid, period), "plan_fee") == fees
 
 
 async def test_an_in_place_price_edit_never_merges_two_unit_prices(billing, store, unique):
