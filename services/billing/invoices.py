@@ -34,7 +34,7 @@ from schemas.config import GatewayConfig
 from schemas.control import TeamState
 from schemas.keys import new_id
 from schemas.prices import MILLION
-from services.billing import metrics
+from services.billing import ledger, metrics
 from services.billing.errors import Conflict, InvalidRequest, NotFound
 from services.billing.periods import bounds, iso, next_period, period_of
 
@@ -213,67 +213,19 @@ def to_csv(invoices: list[dict[str, Any]]) -> str:
 
 # -- storage ---------------------------------------------------------------------------------------------
 
-_GROUPS_SQL = """
-SELECT model, pv, ui, uo, uc, priced, count() AS requests,
-       sum(prompt_tokens - least(cached_tokens, prompt_tokens)) AS input_qty,
-       sum(least(cached_tokens, prompt_tokens)) AS cached_qty,
-       sum(completion_tokens) AS output_qty
-FROM (
-    SELECT if(e.served_model = '', e.requested_model, e.served_model) AS model, e.priced AS priced,
-           {pv} AS pv, {ui} AS ui, {uo} AS uo, {uc} AS uc,
-           e.prompt_tokens AS prompt_tokens, e.cached_tokens AS cached_tokens, e.completion_tokens AS completion_tokens
-    FROM (SELECT * FROM {{db}}.usage_events FINAL
-          WHERE team_id = {{team:String}} AND status IN ('ok', 'error')
-            AND occurred_at >= {{start:DateTime64(3, 'UTC')}} AND occurred_at < {{end:DateTime64(3, 'UTC')}}) AS e
-    {join}
-)
-GROUP BY model, pv, ui, uo, uc, priced
-ORDER BY model, pv
-"""
-_ADJ_JOIN = """LEFT JOIN (
-        SELECT event_id, argMax(price_version, seq) AS a_pv, argMax(unit_input, seq) AS a_ui,
-               argMax(unit_output, seq) AS a_uo, argMax(unit_cached_input, seq) AS a_uc
-        FROM {{db}}.usage_adjustments FINAL
-        WHERE team_id = {{team:String}}
-          AND occurred_at >= {{start:DateTime64(3, 'UTC')}} AND occurred_at < {{end:DateTime64(3, 'UTC')}}
-        GROUP BY event_id) AS a ON e.event_id = a.event_id"""
-
-
-def groups_sql(with_adjustments: bool) -> str:
-    if with_adjustments:
-        cols = {name: f"if(a.a_pv != '', a.a_{name}, e.{col})" for name, col in
-                (("pv", "price_version"), ("ui", "unit_input"), ("uo", "unit_output"), ("uc", "unit_cached_input"))}  # fmt: skip
-        return _GROUPS_SQL.format(join=_ADJ_JOIN.format(), **cols)
-    return _GROUPS_SQL.format(join="", pv="e.price_version", ui="e.unit_input", uo="e.unit_output",
-                              uc="e.unit_cached_input")  # fmt: skip
-
 
 class Invoices:
     def __init__(self, store: Store, config: GatewayConfig) -> None:
         self.store = store
         self.config = config
         self._lock = asyncio.Lock()
-        self._adjustments: bool | None = None
-
-    async def _has_adjustments(self) -> bool:
-        if self._adjustments is None:
-            rows = await self.store.query("EXISTS TABLE {db}.usage_adjustments")
-            self._adjustments = bool(rows and rows[0][0])
-        return self._adjustments
 
     async def usage_groups(self, team_id: str, period: str) -> tuple[list[UsageGroup], int]:
-        start, end = bounds(period)
-        sql = groups_sql(await self._has_adjustments())
-        rows = await self.store.query_dicts(sql, parameters={"team": team_id, "start": start, "end": end})
-        groups, unpriced = [], 0
-        for r in rows:
-            if not r["priced"]:
-                unpriced += int(r["requests"])
-                continue
-            groups.append(UsageGroup(r["model"], r["pv"], Decimal(r["ui"]), Decimal(r["uo"]), Decimal(r["uc"]),
-                                     int(r["requests"]), int(r["input_qty"]), int(r["cached_qty"]),
-                                     int(r["output_qty"])))  # fmt: skip
-        return groups, unpriced
+        """The period's billable usage as the ledger defines it (events FINAL + adjustments FINAL)."""
+        tm = await ledger.team_month(self.store, team_id, period)
+        groups = [UsageGroup(g.model, g.price_version, g.unit_input, g.unit_output, g.unit_cached_input, g.requests,
+                             g.input_tokens, g.cached_tokens, g.output_tokens) for g in tm.groups]  # fmt: skip
+        return groups, tm.unpriced
 
     async def finalized(self, team_id: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
         where, params = ("WHERE team_id = {team:String}", {"team": team_id}) if team_id else ("", {})
