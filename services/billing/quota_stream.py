@@ -39,7 +39,7 @@ from schemas.config import GatewayConfig, Limits
 from schemas.control import KeyState, QuotaSignal, monthly_limits
 from schemas.events import USAGE_TOPIC, UsageEvent
 from schemas.prices import PriceBook, price
-from services.billing import metrics
+from services.billing import ledger, metrics
 from services.billing.accounts import Accounts
 from services.billing.alerts import Alerts
 from services.billing.control import ControlPublisher
@@ -63,46 +63,15 @@ ACK_CHUNK = 2000  # event ids per acknowledgement message (~80 KB)
 SKEW_LOG_EVERY_S = 60.0  # one clock_skewed log line per proxy instance per minute (the metric counts all)
 
 
-async def table_exists(store: Store, table: str) -> bool:
-    rows = await store.query(f"EXISTS TABLE {{db}}.{table}")
-    return bool(rows and rows[0][0])
-
-
 async def ledger_month_to_date(store: Store, period: str, ingested_before: datetime) -> dict[Entity, Usage]:
     """Per team and per key: the ledger's month-to-date (billable tokens, exact cost incl. adjustments)."""
-    start, end = bounds(period)
-    params = {"start": start, "end": end, "cutoff": ingested_before}
-    rows = await store.query_dicts(
-        """SELECT team_id, key_id,
-                  sum(if(status IN ('ok', 'error'), prompt_tokens + completion_tokens, 0)) AS tokens,
-                  sum(cost_total) AS usd, count() AS events, max(occurred_at) AS last_at
-           FROM {db}.usage_events FINAL
-           WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}
-             AND ingested_at <= {cutoff:DateTime64(3, 'UTC')}
-           GROUP BY team_id, key_id""",
-        parameters=params,
-    )
-    if await table_exists(store, "usage_adjustments"):
-        adj = await store.query_dicts(
-            """SELECT team_id, key_id, sum(delta_total) AS usd FROM {db}.usage_adjustments FINAL
-               WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}
-               GROUP BY team_id, key_id""",
-            parameters=params,
-        )
-        rows += [{"team_id": r["team_id"], "key_id": r["key_id"], "tokens": 0, "usd": r["usd"], "events": 0,
-                  "last_at": None} for r in adj]  # fmt: skip
     out: dict[Entity, Usage] = {}
-    for r in rows:
-        last = r["last_at"].replace(tzinfo=UTC) if r["last_at"] is not None else None
-        for entity in (("team", r["team_id"]), ("key", r["key_id"])):
+    for r in await ledger.month_to_date(store, period, ingested_before):
+        for entity in (("team", r.team_id), ("key", r.key_id)):
             u = out.setdefault(entity, Usage())  # type: ignore[arg-type]
-            u.tokens, u.usd, u.events = (
-                u.tokens + int(r["tokens"]),
-                u.usd + Decimal(r["usd"]),
-                u.events + int(r["events"]),
-            )
-            if last is not None and (u.last_at is None or last > u.last_at):
-                u.last_at = last
+            u.tokens, u.usd = u.tokens + r.tokens, u.usd + r.usd
+            if r.last_at is not None and (u.last_at is None or r.last_at > u.last_at):
+                u.last_at = r.last_at
     return out
 
 

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import random
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from types import SimpleNamespace
 
 import httpx
 import orjson
@@ -26,13 +23,14 @@ from schemas.config import load_config, parse_config
 from schemas.control import ALERTS_TOPIC, CONTROL_TOPIC, QuotaSignal, decode
 from schemas.events import USAGE_TOPIC
 from schemas.prices import PriceBook
-from services.meter.pricing import decode_and_price
+from services.billing import ledger
+from services.billing.periods import bounds, period_of
 from services.meter.rerate import price_held
-from services.meter.writer import UsageWriter
 from services.proxy.app import create_app as proxy_app
 from services.proxy.settings import ProxySettings
 from tests.support.billing import ADMIN, running_billing
 from tests.support.events import make_event
+from tests.support.metered import meter
 from tests.support.stack import gateway_config, mock_upstream
 from tests.support.waiting import eventually
 
@@ -237,17 +235,6 @@ async def test_crossing_is_rejected_by_every_proxy_within_the_lag_and_concurrenc
 
 # -- quota = ledger, bounded trust in clocks, billing outages ----------------------------------------------
 
-_offsets = itertools.count(random.randrange(10**9, 10**12))  # batch offsets name the meter's dedup token
-
-
-async def meter_write(store: Store, events: list, config=None) -> None:
-    """Price and insert as the meter does (the rows the ledger is made of)."""
-    records = [SimpleNamespace(topic=USAGE_TOPIC, partition=0, offset=next(_offsets), key=None, value=e.to_bytes())
-               for e in events]  # fmt: skip
-    batch, dead = decode_and_price(records, PriceBook(config or load_config("tollway.yaml")))
-    assert not dead
-    assert await UsageWriter(store).insert(batch, asyncio.Event())
-
 
 def converging_billing(store: Store, bootstrap: str, group: str, config=None):
     """Billing that re-converges on the ledger every 0.2 s and gives up on a counted event the meter has not
@@ -288,16 +275,18 @@ async def test_quota_converges_to_the_ledger_when_the_meter_never_wrote_a_counte
         # The stream counts all three at once (the fast path) ...
         await eventually(lambda: billing.get("/v1/quota", headers=kh), lambda r: used(r)[0] == 4500)
         # ... but the meter writes two: the third was lost on the way (the audit's silently dropped calls).
-        await meter_write(store, events[:2])
+        await meter(store, events[:2])
         other = make_event(f"team_busy_{unique}", prompt_tokens=0, completion_tokens=0)
 
         async def probe() -> dict:
-            await meter_write(store, [other.model_copy(update={"event_id": str(uuid_utils.uuid7())})])  # meter goes on
+            await meter(store, [other.model_copy(update={"event_id": str(uuid_utils.uuid7())})])  # meter goes on
             return (await billing.get("/v1/quota", headers=kh)).json()
 
         truth = 2 * (1000 * GPT41_IN + 500 * GPT41_OUT) / 1_000_000
         q = await eventually(probe, lambda q: q["team"]["used"] == {"tokens": 3000, "usd": str(truth)}, interval_s=0.2)
         assert q["key"]["used"] == {"tokens": 3000, "usd": str(truth)}
+        (mtd,) = [m for m in await ledger.month_to_date(store, period_of(datetime.now(UTC))) if m.team_id == tid]
+        assert (mtd.tokens, mtd.usd) == (3000, truth)  # the one definition says the same
 
 
 def unpriced_config():
@@ -313,7 +302,7 @@ async def test_unpriced_usage_is_recounted_when_the_meter_prices_it(store, boots
         tid, kid, kh = await team_and_key(billing, f"unpriced-{unique}")
         e = make_event(tid, key_id=kid, prompt_tokens=1000, completion_tokens=500)
         await produce(bootstrap, [e])
-        await meter_write(store, [e], unpriced_config())  # stored unpriced
+        await meter(store, [e], unpriced_config())  # stored unpriced
         await eventually(lambda: billing.get("/v1/quota", headers=kh), lambda r: used(r) == (1500, Decimal(0)))
         # The operator adds the price; the meter's held-event pass writes the priced copy.
         priced, _ = await price_held(store, PriceBook(load_config("tollway.yaml")))
@@ -402,3 +391,32 @@ async def test_proxy_keeps_uncounted_usage_while_billing_is_down_so_overshoot_st
                              lambda v: v == (0, roomy_spent))  # fmt: skip
             r = await proxy.post("/v1/chat/completions", json=chat(), headers=tight)
             assert r.status_code == 429
+
+
+async def test_the_month_rolls_on_billings_clock_and_next_months_events_wait_for_it(store, bootstrap, unique):
+    async with quota_billing(store, bootstrap, f"q-{unique}") as billing:
+        tid, kid, kh = await team_and_key(billing, f"edge-{unique}", tokens_per_month=1000)
+        quota = billing._transport.app.state.quota  # type: ignore[attr-defined]
+        month = quota.book.period
+        _, end = bounds(month)
+        clock = [end - timedelta(seconds=1)]  # billing's clock: one second before the month ends
+        quota.clock = lambda: clock[0]
+        await produce(bootstrap, [make_event(tid, key_id=kid, occurred_at=end - timedelta(seconds=2),
+                                             prompt_tokens=1000, completion_tokens=0)])  # fmt: skip
+        await eventually(
+            lambda: billing.get("/v1/quota", headers=kh), lambda r: r.json()["team"]["state"] == "exhausted"
+        )
+        # A proxy whose clock is two seconds ahead: its call is dated in the next month.
+        ahead = make_event(
+            tid, key_id=kid, occurred_at=end + timedelta(seconds=1), prompt_tokens=30, completion_tokens=0
+        )
+        await produce(bootstrap, [ahead, make_event(tid, key_id=kid, occurred_at=end - timedelta(milliseconds=500),
+                                                    prompt_tokens=7, completion_tokens=0)])  # fmt: skip
+        await eventually(lambda: asyncio.sleep(0, quota.book.get(("team", tid)).tokens), lambda t: t == 1007)
+        assert quota.book.period == month and quota.state_of(("team", tid))[0] == "exhausted"
+        clock[0] = end + timedelta(seconds=2)  # billing's clock reaches the new month
+        await eventually(lambda: asyncio.sleep(0, (quota.book.period, quota.book.get(("team", tid)).tokens)),
+                         lambda v: v == (period_of(end), 30))  # fmt: skip
+        assert quota.state_of(("team", tid))[0] == "ok"
+    raw = await read_topic(bootstrap, CONTROL_TOPIC, lambda s: len(quota_signals(s, tid)) >= 2)
+    assert [s.reason for s in quota_signals(raw, tid)] == ["tokens_per_month", "new_period"]
