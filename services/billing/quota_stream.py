@@ -306,32 +306,37 @@ class QuotaService:
     async def _count(self, current: list[UsageEvent]) -> dict[Entity, datetime]:
         seeded = await self._already_seeded(current)
         touched: dict[Entity, datetime] = {}
+        gated: dict[Entity, bool] = {}
         counted_at = self.clock()
         for e in current:
             entities: tuple[Entity, Entity] = (("team", e.team_id), ("key", e.key_id))
             if e.event_id in seeded:
                 metrics.QUOTA_EVENTS.labels(outcome="seeded").inc()
-                self._acknowledge(entities, e.event_id)  # in billing's total: a proxy may forget it
+                self._acknowledge(entities, e.event_id, gated)  # in billing's total: a proxy may forget it
                 continue
             priced = price(e, self.book_)
             tokens = e.prompt_tokens + e.completion_tokens if e.status in BILLABLE else 0
             if not self.book.add(e.event_id, e.team_id, e.key_id, tokens, priced.cost.total, e.occurred_at,
                                  counted_at):  # fmt: skip
                 metrics.QUOTA_EVENTS.labels(outcome="duplicate").inc()
-                self._acknowledge(entities, e.event_id)
+                self._acknowledge(entities, e.event_id, gated)
                 continue
             metrics.QUOTA_EVENTS.labels(outcome="counted").inc()
-            self._acknowledge(entities, e.event_id)
+            self._acknowledge(entities, e.event_id, gated)
             finished = e.occurred_at + timedelta(milliseconds=e.latency_ms)
             for entity in entities:
                 touched[entity] = finished
         return touched
 
-    def _acknowledge(self, entities: tuple[Entity, Entity], event_id: str) -> None:
-        """Queue the id for the proxies' not-yet-counted ledgers (only entities they gate have one)."""
+    def _acknowledge(self, entities: tuple[Entity, Entity], event_id: str, gated: dict[Entity, bool]) -> None:
+        """Queue the id for the proxies' not-yet-counted ledgers (only entities they gate have one).
+        `gated` caches the limit lookup for one batch."""
         for entity in entities:
-            limits = self.limits(entity)
-            if limits is not None and has_monthly_limit(limits):
+            hit = gated.get(entity)
+            if hit is None:
+                limits = self.limits(entity)
+                hit = gated[entity] = limits is not None and has_monthly_limit(limits)
+            if hit:
                 self.counted.setdefault(entity, []).append(event_id)
 
     async def _already_seeded(self, events: list[UsageEvent]) -> set[str]:
@@ -419,13 +424,14 @@ class QuotaService:
         near_s = self.settings.quota_update_interval_ms / 1000
         ack_s = self.settings.quota_ack_interval_ms / 1000
         for entity in list(self.dirty | self.counted.keys()):
+            if self.state_of(entity)[0] == "exhausted":
+                self.dirty.discard(entity)
+                continue  # the proxies refuse it anyway; its ids are acknowledged once it is restored
             if mono - self.last_update.get(entity, 0.0) < (near_s if entity in self.dirty else ack_s):
                 continue
             self.dirty.discard(entity)
             self.last_update[entity] = mono
             ids = self.counted.pop(entity, [])
-            if self.state_of(entity)[0] == "exhausted":
-                continue  # the proxies refuse it anyway, and a restore clears their local counts
             for i in range(0, max(len(ids), 1), ACK_CHUNK):
                 await self.publisher.publish(self._signal(entity, "ok", counted=ids[i : i + ACK_CHUNK]))
             metrics.QUOTA_SIGNALS.labels(kind="usage").inc()

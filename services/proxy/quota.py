@@ -161,6 +161,7 @@ class QuotaGate:
             st.exhausted = None
             if msg.reason in ("restored", "new_period"):
                 st.crossed_at, st.first_429_seen = None, True
+            if msg.reason == "new_period":  # a restore keeps them: billing acknowledges them right after
                 st.pending.clear()
                 st.pending_tokens, st.pending_usd = 0, ZERO
 
