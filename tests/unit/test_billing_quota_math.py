@@ -231,3 +231,12 @@ def test_book_keeps_its_tail_while_the_meter_writes_nothing():
     assert out.dropped == 0 and book.get(("team", "t")).tokens == 100
     out = book.converge({}, set(), at(30), timedelta(seconds=60))
     assert out.dropped == 0 and not out.changed
+
+
+def test_book_tail_is_bounded_and_what_overflows_counts_until_the_next_convergence():
+    book = QuotaBook("2026-11", max_tail=2)
+    for i in range(3):
+        book.add(f"e{i}", "t", "k", 100, Decimal(0), at(i), counted_at=at(i))
+    assert len(book.tail) == 2 and book.get(("team", "t")).tokens == 300
+    out = book.converge({}, set(), None, timedelta(seconds=60))
+    assert out.dropped == 1 and book.get(("team", "t")).tokens == 200
