@@ -35,9 +35,12 @@ Public API (stable: add, don't change):
   LedgerGroup(model, price_version, unit_input, unit_output, unit_cached_input, requests,
               input_tokens, cached_tokens, output_tokens)  .lines()  .exact_usd
   TeamMonth(team_id, period, groups, unpriced)  .lines()  .exact_usd  .by_model() -> {model: Decimal}
-  await groups(store, start, end, team_id=None) -> (list[LedgerGroup], unpriced: int)
-      billable usage grouped by (model, price_version, unit prices); one group never merges two unit prices.
-  await team_month(store, team_id, period) -> TeamMonth         (the period's usage, adjustments by event period)
+  await groups(store, start, end, team_id=None, ingested_before=None) -> (list[LedgerGroup], unpriced: int)
+      billable usage grouped by (model, price_version, unit prices); one group never merges two unit prices;
+      `ingested_before` counts only events ingested at or before it (an invoice "as of" its finalization).
+  await groups_by_team(store, start, end, team_id=None) -> {team_id: (list[LedgerGroup], unpriced)}
+      the same, per team, in one query (reconciliation of every team).
+  await team_month(store, team_id, period, ingested_before=None) -> TeamMonth         (the period's usage, adjustments by event period)
   await month_to_date(store, period, ingested_before=None) -> list[MonthToDate]
       per (team_id, key_id): billable tokens (priced or not), exact usd, last occurred_at, unpriced count:
       the quota seed.
@@ -184,11 +187,14 @@ def _params(start: datetime, end: datetime, team_id: str | None) -> dict[str, ob
     return {"start": start, "end": end} | ({"team": team_id} if team_id is not None else {})
 
 
-async def groups(store: Store, start: datetime, end: datetime,
-                 team_id: str | None = None) -> tuple[list[LedgerGroup], int]:  # fmt: skip
-    """Billable usage in [start, end) grouped by (model, price version, unit prices), and the unpriced count."""
-    eff = effective_sql(team=team_id is not None)
+async def groups(store: Store, start: datetime, end: datetime, team_id: str | None = None,
+                 ingested_before: datetime | None = None) -> tuple[list[LedgerGroup], int]:  # fmt: skip
+    """Billable usage in [start, end) grouped by (model, price version, unit prices), and the unpriced count.
+    `ingested_before`: only events ingested at or before it (what had arrived when an invoice was finalized)."""
+    eff = effective_sql(team=team_id is not None, ingested_before=ingested_before is not None)
     params = _params(start, end, team_id)
+    if ingested_before is not None:
+        params["ingested_before"] = ingested_before
     rows = await store.query_dicts(_GROUPS_SQL.format(effective=eff), parameters=params)
     unpriced = await store.query(_UNPRICED_SQL.format(effective=eff, statuses=_STATUSES_SQL), parameters=params)
     out = [
@@ -200,10 +206,37 @@ async def groups(store: Store, start: datetime, end: datetime,
     return out, int(unpriced[0][0]) if unpriced else 0
 
 
-async def team_month(store: Store, team_id: str, period: str) -> TeamMonth:
+_TEAM_GROUPS_SQL = """
+SELECT team_id, model, price_version, unit_input, unit_output, unit_cached_input, billable, count() AS requests,
+       sum(input_tokens) AS input_qty, sum(cached_input_tokens) AS cached_qty, sum(output_tokens) AS output_qty
+FROM {effective} AS x
+WHERE billable OR (status IN ({statuses}) AND NOT priced)
+GROUP BY team_id, model, price_version, unit_input, unit_output, unit_cached_input, billable
+ORDER BY team_id, model, price_version, unit_input, unit_output, unit_cached_input
+"""
+
+
+async def groups_by_team(store: Store, start: datetime, end: datetime,
+                         team_id: str | None = None) -> dict[str, tuple[list[LedgerGroup], int]]:  # fmt: skip
+    """`groups` for every team with usage in [start, end): {team_id: (groups, unpriced)}."""
+    sql = _TEAM_GROUPS_SQL.format(effective=effective_sql(team=team_id is not None), statuses=_STATUSES_SQL)
+    out: dict[str, tuple[list[LedgerGroup], int]] = {}
+    for r in await store.query_dicts(sql, parameters=_params(start, end, team_id)):
+        gs, unpriced = out.get(r["team_id"], ([], 0))
+        if r["billable"]:
+            gs.append(LedgerGroup(r["model"], r["price_version"], Decimal(r["unit_input"]), Decimal(r["unit_output"]),
+                                  Decimal(r["unit_cached_input"]), int(r["requests"]), int(r["input_qty"]),
+                                  int(r["cached_qty"]), int(r["output_qty"])))  # fmt: skip
+        else:
+            unpriced += int(r["requests"])
+        out[r["team_id"]] = (gs, unpriced)
+    return out
+
+
+async def team_month(store: Store, team_id: str, period: str, ingested_before: datetime | None = None) -> TeamMonth:
     """A team's billable usage of a UTC month, adjustments attached to the period of the event they correct."""
     start, end = bounds(period)
-    gs, unpriced = await groups(store, start, end, team_id)
+    gs, unpriced = await groups(store, start, end, team_id, ingested_before)
     return TeamMonth(team_id, period, gs, unpriced)
 
 

@@ -11,7 +11,8 @@ from services.billing import ledger
 from services.meter.rerate import rerate_period
 from services.meter.rollups import refresh_all
 from tests.support.billing import ADMIN, FINANCE
-from tests.support.metered import PERIOD, expected, meter, month, prices_of, repriced
+from tests.support.events import make_event
+from tests.support.metered import PERIOD, expected, meter, month, oct_, prices_of, repriced
 
 RANGE = {"from": "2026-10-01", "to": "2026-10-31"}
 CENT = Decimal("0.01")
@@ -60,11 +61,28 @@ async def test_every_surface_gives_the_same_exact_amount_before_and_after_a_rera
     assert per_model == {"gpt-4.1": cents(expected(events, True, "gpt-4.1")),
                          "gpt-4.1-mini": cents(expected(events, True, "gpt-4.1-mini"))}  # fmt: skip
     assert Decimal(roi["actual_cost_usd"]) == sum(per_model.values())
-    (draft,) = (await billing.get("/v1/invoices", params={"team": tid, "period": PERIOD}, headers=FINANCE)).json()[
-        "data"
-    ]
-    assert Decimal(draft["usage_usd"]) == sum(cents(line.exact_usd) for line in
-                                              (await ledger.team_month(store, tid, PERIOD)).lines())  # fmt: skip
+    invoices = await billing.get("/v1/invoices", params={"team": tid, "period": PERIOD}, headers=FINANCE)
+    (draft,) = invoices.json()["data"]
+    lines = (await ledger.team_month(store, tid, PERIOD)).lines()
+    assert Decimal(draft["usage_usd"]) == sum(cents(line.exact_usd) for line in lines)
+    rec = (await billing.get("/v1/reconcile", params={"team": tid, "period": PERIOD}, headers=ADMIN)).json()
+    assert rec["ok"], rec["problems"]
+    assert Decimal(rec["totals"]["billable_usd"]) == Decimal(draft["usage_usd"])
+
+    # Finalize October, then a late October call arrives: every surface moves by its amount; the invoice
+    # stays as issued and reconciliation says the difference is carried, not lost.
+    r = await billing.post("/v1/admin/invoices/finalize", json={"period": PERIOD, "team": tid}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    late = make_event(tid, occurred_at=oct_(30), prompt_tokens=333_333, completion_tokens=22_222, cached_tokens=1)
+    await meter(store, [late], repriced())  # the meters run the new catalog by now
+    await refresh_all(store)
+    want = expected([*events, late], after_rerate=True)
+    assert await surfaces(billing, store, tid) == dict.fromkeys(("usage", "ledger", "roi", "reconcile", "dashboard"),
+                                                                 want)  # fmt: skip
+    rec = (await billing.get("/v1/reconcile", params={"team": tid, "period": PERIOD}, headers=ADMIN)).json()
+    assert rec["ok"], rec["problems"]
+    assert {r["model"]: r["invoice_state"] for r in rec["rows"] if r["team_id"] == tid} == {
+        "gpt-4.1": "adjustment_pending", "gpt-4.1-mini": "invoiced", "no-such-model": "invoiced"}  # fmt: skip
 
 
 async def test_usage_totals_show_billed_tokens_apart_from_cache_hit_tokens(billing, store, unique):
