@@ -2,13 +2,19 @@
 
 For every team and key with a monthly limit (tokens_per_month, budget_usd_per_month) the gate knows
   billing  = the month-to-date total in billing's last usage update (QuotaSignal with used_*),
-  pending  = what calls through this proxy used since, not yet acknowledged by billing (by event id),
+  pending  = what calls through this proxy used that billing has not acknowledged counting (by event id;
+             kept until acknowledged, or `pending_max_s` when billing stays silent that long),
   reserved = the worst case of calls in flight here (prompt estimate + max_tokens, priced at list price).
 A call is admitted while billing + pending + reserved is below the limit and no exhausted signal holds;
 it then reserves its worst case, settled to the actual usage when the call ends (`settle`, from the
 handler's single exit). So a limit bites here the moment local counting crosses it, and everywhere else
 when billing's exhausted signal lands; concurrent calls overshoot by at most what was reserved in flight
 when the limit was reached (per proxy), plus what other proxies served before the signal reached them.
+That holds with billing down or lagging, up to `pending_max_s` (docs/metering.md, "Quota = ledger").
+The month is billing's (the latest period its signals carry), not this host's clock: a proxy whose clock runs
+into the next month early does not drop billing's totals and exhausted states, nor one that lags keep them.
+This clock rules only when it is in a later month and billing has been silent for `BILLING_SILENT_S` (down
+over the month's end); silence is timed on the monotonic clock, which a wrong wall clock does not move.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import time
 from calendar import monthrange
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -37,6 +44,10 @@ FIRST_429 = Histogram(
     "tollway_quota_crossing_to_first_429_seconds",
     "From the end of the call that crossed a monthly limit to this proxy's first 429 insufficient_quota",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+PENDING_EXPIRED = Counter(
+    "tollway_quota_pending_expired_total",
+    "Local usage entries forgotten unacknowledged after pending_max_s (billing down or lagging that long)",
 )
 SIGNAL_LAG = Histogram(
     "tollway_quota_signal_lag_seconds",
@@ -80,12 +91,13 @@ class EntityState:
             self.pending_tokens -= entry[1]
             self.pending_usd -= entry[2]
 
-    def prune(self, now_mono: float, horizon_s: float) -> None:
+    def prune(self, now_mono: float, max_s: float) -> None:
         while self.pending:
             event_id, (at, _, _) = next(iter(self.pending.items()))
-            if now_mono - at <= horizon_s:
+            if now_mono - at <= max_s:
                 break
             self.forget(event_id)
+            PENDING_EXPIRED.inc()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +108,20 @@ class Reservation:
 
 
 class QuotaGate:
-    def __init__(self, config: GatewayConfig, default_max_tokens: int = 1024, horizon_s: float = 30.0) -> None:
+    # Billing acknowledges within a second when it keeps up; 15 minutes covers a billing restart and its
+    # replay with room to spare. Memory: ~200 B per entry, i.e. ~35 MB at 200 gated calls/s for 15 minutes.
+    PENDING_MAX_S = 900.0
+    BILLING_SILENT_S = 3600.0
+
+    def __init__(self, config: GatewayConfig, default_max_tokens: int = 1024,
+                 pending_max_s: float = PENDING_MAX_S) -> None:  # fmt: skip
         self.config = config
         self.prices = PriceBook(config)
         self.default_max_tokens = default_max_tokens
-        self.horizon_s = horizon_s
+        self.pending_max_s = pending_max_s
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self.billing_period: str | None = None  # the latest month billing's signals named
+        self._billing_heard = 0.0  # monotonic: when billing last published a quota state or a snapshot
         self.states: dict[Entity, EntityState] = {}
         self.reservations: dict[str, Reservation] = {}
         self.teams: dict[str, TeamState] = {}
@@ -126,6 +147,7 @@ class QuotaGate:
         elif isinstance(msg, QuotaSignal):
             self._on_signal(msg)
         elif isinstance(msg, Snapshot):
+            self._billing_heard = time.monotonic()
             # A full state re-asserts every exhausted entity; one not re-asserted since the previous
             # Snapshot is stale (its billing restarted into a new month, or a limit was raised meanwhile).
             self._gen += 1
@@ -134,6 +156,9 @@ class QuotaGate:
                     st.exhausted = None
 
     def _on_signal(self, msg: QuotaSignal) -> None:
+        self._billing_heard = time.monotonic()
+        if msg.period is not None and (self.billing_period is None or msg.period > self.billing_period):
+            self.billing_period = msg.period
         st = self.states.setdefault((msg.scope, msg.id), EntityState())
         if msg.used_tokens is not None:
             st.billing_tokens, st.billing_usd, st.billing_period = msg.used_tokens, msg.used_usd or ZERO, msg.period
@@ -149,6 +174,7 @@ class QuotaGate:
             st.exhausted = None
             if msg.reason in ("restored", "new_period"):
                 st.crossed_at, st.first_429_seen = None, True
+            if msg.reason == "new_period":  # a restore keeps them: billing acknowledges them right after
                 st.pending.clear()
                 st.pending_tokens, st.pending_usd = 0, ZERO
 
@@ -189,11 +215,11 @@ class QuotaGate:
         ]
         if not scoped:
             return
-        now = datetime.now(UTC)
-        period, mono = period_of(now), time.monotonic()
+        now = self.clock()
+        period, mono = self.period(now), time.monotonic()
         for entity, lim in scoped:
             st = self.states.setdefault(entity, EntityState())
-            st.prune(mono, self.horizon_s)
+            st.prune(mono, self.pending_max_s)
             source = None
             if st.exhausted is not None and st.exhausted.period == period:
                 source = "signal"
@@ -211,6 +237,15 @@ class QuotaGate:
             st.reserved_tokens += tokens
             st.reserved_usd += usd
         self.reservations[event["event_id"]] = Reservation(tuple(e for e, _ in scoped), tokens, usd)
+
+    def period(self, now: datetime) -> str:
+        """The month quotas are judged in: billing's, unless this clock is well past its end."""
+        own = period_of(now)
+        if self.billing_period is None or own == self.billing_period:
+            return own
+        if own > self.billing_period and time.monotonic() - self._billing_heard > self.BILLING_SILENT_S:
+            return own  # billing silent since before this clock's month began: it may be down over the roll
+        return self.billing_period
 
     def _reject(self, entity: Entity, st: EntityState, source: str, now: datetime) -> None:
         REJECTIONS.labels(entity[0], source).inc()
@@ -238,8 +273,8 @@ class QuotaGate:
             if unit is not None:
                 usd = cost_of(int(event.get("prompt_tokens", 0)), int(event.get("completion_tokens", 0)),
                               int(event.get("cached_tokens", 0)), unit).total  # fmt: skip
-        now, mono = datetime.now(UTC), time.monotonic()
-        period = period_of(now)
+        now, mono = self.clock(), time.monotonic()
+        period = self.period(now)
         for entity in r.entities:
             st = self.states[entity]
             st.reserved_tokens -= r.tokens

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -10,7 +10,7 @@ import pytest
 from schemas.config import Limits, load_config
 from schemas.control import KeyState, QuotaSignal, Snapshot, TeamState
 from schemas.prices import UnitPrice
-from services.billing.quota import QuotaBook, crossed_thresholds, exhausted_by
+from services.billing.quota import QuotaBook, Usage, crossed_thresholds, exhausted_by
 from services.billing.roi import RoiRow, compute
 from services.proxy.errors import QuotaExceeded
 from services.proxy.quota import QuotaGate
@@ -137,3 +137,92 @@ def test_quota_view_projection_never_overflows_and_is_none_past_the_reset():
     fast = quota_view(("team", "t"), Usage(tokens=900, usd=Decimal(0)), Limits(tokens_per_month=1000), "2026-11", now,
                       "ok", None)  # fmt: skip
     assert fast["projected_exhaustion_at"] is not None
+
+
+def test_gate_keeps_usage_billing_has_not_acknowledged_past_thirty_seconds(monkeypatch):
+    gate, key = gate_with(1000)
+    clock = [1000.0]
+    monkeypatch.setattr("services.proxy.quota.time.monotonic", lambda: clock[0])
+    gate.admit({"event_id": "e1"}, key, body(10))
+    gate.settle({"event_id": "e1", "status": "ok", "prompt_tokens": 990, "completion_tokens": 10,
+                 "served_model": "gpt-4.1", "provider": "openai"})  # fmt: skip
+    clock[0] += 120  # billing is down: no acknowledgement for two minutes
+    with pytest.raises(QuotaExceeded):
+        gate.admit({"event_id": "e2"}, key, body(1))
+    gate.on_control(QuotaSignal(scope="key", id="k", state="ok", period=f"{datetime.now(UTC):%Y-%m}", used_tokens=1000,
+                                counted=["e1"]))  # fmt: skip
+    assert gate.states[("key", "k")].pending_tokens == 0  # acknowledged: billing's total has it now
+    with pytest.raises(QuotaExceeded):
+        gate.admit({"event_id": "e3"}, key, body(1))
+
+
+def test_gate_forgets_unacknowledged_usage_only_after_its_bound(monkeypatch):
+    gate, key = gate_with(1000)
+    clock = [1000.0]
+    monkeypatch.setattr("services.proxy.quota.time.monotonic", lambda: clock[0])
+    gate.admit({"event_id": "e1"}, key, body(10))
+    gate.settle({"event_id": "e1", "status": "ok", "prompt_tokens": 990, "completion_tokens": 10,
+                 "served_model": "gpt-4.1", "provider": "openai"})  # fmt: skip
+    clock[0] += gate.pending_max_s + 1
+    gate.admit({"event_id": "e2"}, key, body(1))
+    assert gate.states[("key", "k")].pending_tokens == 0
+
+
+T0 = datetime(2026, 11, 15, 12, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_book_converges_to_the_ledger_and_keeps_only_what_the_ledger_does_not_hold_yet():
+    book = QuotaBook("2026-11")
+    for i in range(3):
+        assert book.add(f"e{i}", "t", "k", 100, Decimal("0.01"), at(i), counted_at=at(i))
+    assert book.get(("team", "t")).tokens == 300
+    # The ledger has e0 (and an adjustment the stream never saw); e1 and e2 are not written yet.
+    out = book.converge({("team", "t"): Usage(100, Decimal("0.015"), 1), ("key", "k"): Usage(100, Decimal("0.015"), 1)},
+                        {"e0"}, at(1), timedelta(seconds=60))  # fmt: skip
+    assert (out.absorbed, out.dropped) == (1, 0) and out.changed == {("team", "t"), ("key", "k")}
+    assert (book.get(("team", "t")).tokens, book.get(("team", "t")).usd) == (300, Decimal("0.035"))
+    # The meter writes e2 and goes on writing for minutes; e1 never comes: it stops counting.
+    led = Usage(200, Decimal("0.025"), 2)
+    out = book.converge({("team", "t"): led, ("key", "k"): led}, {"e2"}, at(300), timedelta(seconds=60))
+    assert (out.absorbed, out.dropped) == (1, 1) and not book.tail
+    assert (book.get(("key", "k")).tokens, book.get(("key", "k")).usd) == (200, Decimal("0.025"))
+    assert not book.add("e1", "t", "k", 100, Decimal("0.01"), at(1), counted_at=at(301))  # still a duplicate
+
+
+def test_book_keeps_its_tail_while_the_meter_writes_nothing():
+    book = QuotaBook("2026-11")
+    book.add("e0", "t", "k", 100, Decimal("0.01"), at(0), counted_at=at(0))
+    out = book.converge({}, set(), None, timedelta(seconds=60))  # no rows ingested: the meter is down
+    assert out.dropped == 0 and book.get(("team", "t")).tokens == 100
+    out = book.converge({}, set(), at(30), timedelta(seconds=60))
+    assert out.dropped == 0 and not out.changed
+
+
+def test_book_tail_is_bounded_and_what_overflows_counts_until_the_next_convergence():
+    book = QuotaBook("2026-11", max_tail=2)
+    for i in range(3):
+        book.add(f"e{i}", "t", "k", 100, Decimal(0), at(i), counted_at=at(i))
+    assert len(book.tail) == 2 and book.get(("team", "t")).tokens == 300
+    out = book.converge({}, set(), None, timedelta(seconds=60))
+    assert out.dropped == 1 and book.get(("team", "t")).tokens == 200
+
+
+def test_gate_judges_in_billings_month_not_this_proxys_clock():
+    gate, key = gate_with(1000)
+    month = f"{datetime.now(UTC):%Y-%m}"
+    gate.on_control(QuotaSignal(scope="key", id="k", state="exhausted", period=month, used_tokens=1000))
+    gate.clock = lambda: datetime.now(UTC) + timedelta(days=40)  # this proxy's clock runs 40 days ahead
+    with pytest.raises(QuotaExceeded):
+        gate.admit({"event_id": "e1"}, key, body(1))
+    # Billing silent for longer than BILLING_SILENT_S (down over the month's end): this clock rules.
+    ahead = datetime.now(UTC) + timedelta(days=40)
+    gate._billing_heard -= gate.BILLING_SILENT_S + 1
+    assert gate.period(ahead) == f"{ahead:%Y-%m}"
+    gate.clock = lambda: datetime.now(UTC)
+    gate.on_control(QuotaSignal(scope="key", id="k", state="ok", reason="new_period",
+                                period=f"{datetime.now(UTC) + timedelta(days=40):%Y-%m}"))  # fmt: skip
+    gate.admit({"event_id": "e2"}, key, body(1))  # billing rolled: this proxy follows, though its clock lags
