@@ -105,6 +105,7 @@ async def run_meter(
             return False
         await dlq.send(dead)
         metrics.DEAD_LETTERS.inc(len(dead))
+        metrics.FUTURE_EVENTS.inc(sum(d.future for d in dead))
         try:
             await guard.commit(consumer, batch.spans)
         except (CommitFailedError, KafkaError) as err:
@@ -160,8 +161,9 @@ async def run_meter(
                     if until is None:
                         break  # drained
                     continue
-                if not await hand_over(loop.run_in_executor(decoder, decode_and_price_columnar, records, book),
-                                       writer):  # fmt: skip
+                decoding = loop.run_in_executor(decoder, decode_and_price_columnar, records, book,
+                                                settings.future_tolerance_s)  # fmt: skip
+                if not await hand_over(decoding, writer):
                     break
             await hand_over(None, writer)
             return await writer

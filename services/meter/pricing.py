@@ -9,7 +9,7 @@ import gc
 import hashlib
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -52,6 +52,12 @@ def row_version(priced: bool, written_ms: int) -> int:
     return (PRICED_BIT if priced else 0) | (_MS_MASK - written_ms)
 
 
+# An event dated further than this ahead of the meter's clock is held as a dead letter (the default of
+# MeterSettings.future_tolerance_s): stored, it would open a month no invoice has reached and roll quotas.
+FUTURE_TOLERANCE_S = 300.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     reason: str
@@ -60,6 +66,7 @@ class DeadLetter:
     offset: int
     key: bytes | None
     value: bytes | None
+    future: bool = False  # a valid event held for its occurred_at (metric tollway_meter_future_events_total)
 
     def dead_id(self) -> str:
         """Named by its bytes, never by where it was read: the same record dead-lettered again (a replay, a
@@ -289,7 +296,15 @@ def model_fields(e: UsageEvent) -> tuple:
     )  # fmt: skip
 
 
-def decode_and_price(records: list[Any], book: PriceBook) -> tuple[PricedBatch, list[DeadLetter]]:
+def future_cutoff(now: datetime, tolerance_s: float) -> tuple[int, datetime]:
+    """(H, the first instant past it): an event is from the future when its occurred_at floored to the
+    millisecond (as stored) is after H = now + tolerance in epoch ms. Both decode paths use this one rule."""
+    horizon_ms = int(now.timestamp() * 1000) + int(tolerance_s * 1000)
+    return horizon_ms, _EPOCH + timedelta(milliseconds=horizon_ms + 1)
+
+
+def decode_and_price(records: list[Any], book: PriceBook, future_tolerance_s: float = FUTURE_TOLERANCE_S
+                     ) -> tuple[PricedBatch, list[DeadLetter]]:  # fmt: skip
     """`records` are aiokafka ConsumerRecords (anything with topic/partition/offset/key/value)."""
     # A batch allocates ~100k containers (dicts, tuples, lists) that all stay alive until it is written, so
     # the cyclic GC keeps firing and re-walking every live object for nothing: about a quarter of the meter's
@@ -297,18 +312,19 @@ def decode_and_price(records: list[Any], book: PriceBook) -> tuple[PricedBatch, 
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _decode_and_price(records, book)
+        return _decode_and_price(records, book, future_tolerance_s=future_tolerance_s)
     finally:
         if enabled:
             gc.enable()
 
 
 def _decode_and_price(
-    records: list[Any], book: PriceBook, now: datetime | None = None
+    records: list[Any], book: PriceBook, now: datetime | None = None, future_tolerance_s: float = FUTURE_TOLERANCE_S
 ) -> tuple[PricedBatch, list[DeadLetter]]:
     batch = PricedBatch()
     dead: list[DeadLetter] = []
     now = now or datetime.now(UTC)
+    _, future = future_cutoff(now, future_tolerance_s)
     now_ms = int(now.timestamp() * 1000)
     v_priced, v_unpriced = row_version(True, now_ms), row_version(False, now_ms)
     spans = batch.spans
@@ -338,6 +354,12 @@ def _decode_and_price(
         # f: 0 event_id, 1 occurred_at, 8 requested_model, 9 served_model, 10 provider, 12 status, 15-17 tokens,
         # 20 attempts, 25 proxy_seq. The contract bounds these only below; a value the column cannot hold would
         # fail the whole batch's insert on every retry (the meter stuck forever), so it is a dead letter.
+        if f[1] >= future:
+            dead.append(DeadLetter(f"occurred_at {f[1].isoformat()} is in the future: more than "
+                                   f"{future_tolerance_s:g} s ahead of the meter's clock (held; re-feed it once "
+                                   "the proxy's clock is right or the time has come)", topic, partition, offset,
+                                   r.key, value, future=True))  # fmt: skip
+            continue
         if f[20] > _U16 or f[15] > _U64 or f[16] > _U64 or f[17] > _U64 or f[25] > _U64:
             dead.append(DeadLetter("invalid event: a count exceeds its column (attempts UInt16, tokens and "
                                    "proxy_seq UInt64)", topic, partition, offset, r.key, value))  # fmt: skip
