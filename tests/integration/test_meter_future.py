@@ -33,10 +33,12 @@ async def test_events_dated_past_the_tolerance_are_dead_letters_not_usage(store,
                                      "WHERE team_id = {t:String} ORDER BY event_id", {"t": team})  # fmt: skip
 
         held = await eventually(dead, lambda rows: len(rows) == 5, timeout_s=30)
-        stored = await eventually(
-            lambda: store.query("SELECT toString(event_id), occurred_at FROM {db}.usage_events FINAL "
-                                "WHERE team_id = {t:String}", {"t": team}),  # fmt: skip
-            lambda rows: len(rows) == 20, timeout_s=30)
+
+        async def usage() -> list[tuple]:
+            return await store.query("SELECT toString(event_id), occurred_at FROM {db}.usage_events FINAL "
+                                     "WHERE team_id = {t:String}", {"t": team})  # fmt: skip
+
+        stored = await eventually(usage, lambda rows: len(rows) == 20, timeout_s=30)
     assert {e for e, _ in stored} == {e.event_id for e in ok}
     assert max(at for _, at in stored).replace(tzinfo=UTC) <= now  # no row opens next month
     assert [e for e, _ in held] == sorted(e.event_id for e in skewed)
