@@ -7,8 +7,11 @@ import asyncio
 import sys
 from collections.abc import Callable
 
+from pydantic import ValidationError
+
 from schemas.settings import CommonSettings
 from tollway.logs import configure_logging
+from tollway.servers import StartupError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +51,27 @@ def main(argv: list[str] | None = None) -> int:
         from tollway import keys_cli
 
         return keys_cli.run(args)
+    try:
+        return _serve(args)
+    except ValidationError as err:
+        print(f"tollway: {settings_error(err)}", file=sys.stderr)
+    except StartupError as err:
+        print(f"tollway: {err}", file=sys.stderr)
+    return 2
+
+
+def settings_error(err: ValidationError) -> str:
+    """A pydantic-settings failure as one line naming the environment variables (no traceback, no input dump)."""
+    parts = []
+    for e in err.errors():
+        name = "TOLLWAY_" + "_".join(str(p) for p in e["loc"]).upper()
+        if err.title == "ServerSettings":
+            name = name.replace("TOLLWAY_", "TOLLWAY_HTTP_", 1)
+        parts.append(f"{name}: {e['msg']}")
+    return "bad setting " + "; ".join(parts)
+
+
+def _serve(args: argparse.Namespace) -> int:
     common = CommonSettings()
     configure_logging(common.log_level, common.log_format)
     from tollway import runtime
