@@ -19,7 +19,14 @@ from services.proxy import metrics
 from services.proxy.auth import authenticate
 from services.proxy.cache import HEADER as CACHE_HEADER
 from services.proxy.cache import CacheUse, CompletionAssembler, Entry, cache_key, cache_use, replay_chunks
-from services.proxy.errors import GatewayError, InvalidRequest, PayloadTooLarge, RateLimited, error_response
+from services.proxy.errors import (
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+    UsageUnrecordable,
+    error_response,
+)
 from services.proxy.forward import forward
 from services.proxy.limiter import Ticket
 from services.proxy.limits import Policy, resolve_policy
@@ -249,7 +256,10 @@ class ProxyHandler:
         return policy
 
     async def admit(self, call: Call, key: KeyState, policy: Policy, body: dict[str, Any]) -> None:
-        """Admission, before any upstream work. Each check raises a 429 GatewayError to reject."""
+        """Admission, before any upstream work. Each check raises a GatewayError (429, 503) to reject."""
+        if not self.s.emitter.spool.accepting:
+            raise UsageUnrecordable("Usage could not be recorded (the gateway's usage spool is full), so the call "
+                                    "was not made. Retry later.", headers={"retry-after": "5"})  # fmt: skip
         await self.rate_limit(call, policy, body)
         # Monthly quota (QuotaExceeded): reserves the call's worst case, settled in finish().
         self.s.quota.admit(call.event, key, body)
@@ -293,7 +303,10 @@ class ProxyHandler:
         if call.ticket is not None:
             self.settle_limits(call, ev.get("prompt_tokens", 0) + ev.get("completion_tokens", 0)
                                if ev["status"] != "cached" else 0)  # fmt: skip
-        if "team_id" in ev:  # only calls that got past auth are events
+        if ev.get("error_code") == "usage_unrecordable":
+            # refused because the spool is full: its event would take the room kept for calls in flight
+            metrics.EVENTS.labels("not_recorded_spool_full").inc()
+        elif "team_id" in ev:  # only calls that got past auth are events
             self.s.emitter.emit(ev)  # (the queue-depth gauge is the sender's to update, once per round)
         model = ev.get("served_model") or ev.get("requested_model") or "unknown"
         metrics.requests_by(call.endpoint, model if route else "unknown", ev.get("provider", ""), ev["status"]).inc()
