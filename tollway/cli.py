@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from schemas.settings import CommonSettings
+from services.proxy.spool import SpoolSettings
 from tollway.logs import configure_logging
-from tollway.servers import StartupError
+from tollway.servers import ServerSettings, StartupError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,10 @@ def settings_error(err: ValidationError) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     common = CommonSettings()
+    # fail fast, before any broker or engine starts: these are otherwise read only when a server is made
+    ServerSettings()
+    if args.command in ("up", "proxy"):
+        SpoolSettings()
     configure_logging(common.log_level, common.log_format)
     from tollway import runtime
 
