@@ -124,6 +124,10 @@ async def test_a_dripped_body_is_cut_after_the_body_deadline_and_billed_as_a_han
     writer.close()
     assert data.startswith(b"HTTP/1.1 408") and b"request_body_timeout" in data, data[:200]
     assert BODY_TIMEOUT_S - 0.2 <= took <= BODY_TIMEOUT_S + 1.5, took
+    deadline = time.monotonic() + 5
+    while not any(e.get("event") == "client_hung_up" for e in stack.log_events()):  # the proxy's 499 event's line
+        assert time.monotonic() < deadline, "no client_hung_up line after a body timeout"
+        await asyncio.sleep(0.1)
 
 
 async def test_a_client_hanging_up_mid_upload_is_an_info_line_not_a_traceback(stack: Stack, key: str) -> None:
