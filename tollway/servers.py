@@ -114,9 +114,18 @@ def bound_port(server: uvicorn.Server) -> int:
     return server.servers[0].sockets[0].getsockname()[1]
 
 
+_ADDRESS_SETTINGS = {"proxy": "TOLLWAY_PROXY_HOST / TOLLWAY_PROXY_PORT",
+                      "billing": "TOLLWAY_BILLING_HOST / TOLLWAY_BILLING_PORT",
+                      "mock-upstream": "TOLLWAY_MOCK_HOST / TOLLWAY_MOCK_PORT"}  # fmt: skip
+
+
 async def start_server(server: QuietServer, name: str, timeout_s: float = 30.0) -> asyncio.Task[None]:
     """Run `server.serve()` as a task and return once it listens (or raise if it died starting)."""
-    sock = bind(server.config.host, server.config.port)
+    try:
+        sock = bind(server.config.host, server.config.port)
+    except StartupError as err:
+        hint = _ADDRESS_SETTINGS.get(name)
+        raise StartupError(f"{name} {err}" + (f" (set {hint})" if hint else "")) from None
     task = asyncio.create_task(server.serve(sockets=[sock]), name=name)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

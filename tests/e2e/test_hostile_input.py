@@ -22,6 +22,7 @@ from tests.e2e.conftest import TOLLWAY, Stack, stack_env, start_stack, stop_stac
 
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 2.0
+KEEPALIVE_S = 1.0
 MAX_CONNECTIONS = 2_300  # above the load part's 2,000 slow connections + normal calls, below what the cap test opens
 SLOW = 2_000
 RSS_BOUND_MB = 150  # peak RSS growth of the whole `tollway up` process during the load part
@@ -31,7 +32,7 @@ RSS_BOUND_MB = 150  # peak RSS growth of the whole `tollway up` process during t
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("hostile")
     env = stack_env(tmp, TOLLWAY_HTTP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
-                    TOLLWAY_HTTP_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
+                    TOLLWAY_HTTP_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S), TOLLWAY_HTTP_KEEPALIVE_TIMEOUT_S=str(KEEPALIVE_S),
                     TOLLWAY_HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS))  # fmt: skip
     s = start_stack(tmp, env)
     yield s
@@ -111,6 +112,21 @@ async def test_dripped_headers_are_cut_with_408_after_the_header_deadline(stack:
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert b"request_header_timeout" in data
     assert HEADER_TIMEOUT_S - 0.2 <= took <= HEADER_TIMEOUT_S + 1.5, took
+
+
+async def test_idle_and_silent_connections_are_closed(stack: Stack) -> None:
+    host, port = addr(stack.billing_url)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    t0 = time.monotonic()
+    data = await read_until_closed(reader, KEEPALIVE_S + 5)  # answered, then held open only while idle < keep-alive
+    assert data.startswith(b"HTTP/1.1 200") and KEEPALIVE_S - 0.2 <= time.monotonic() - t0 <= KEEPALIVE_S + 1.5
+    writer.close()
+    reader, writer = await asyncio.open_connection(host, port)  # connects and never sends a byte
+    t0 = time.monotonic()
+    assert await read_until_closed(reader, HEADER_TIMEOUT_S + 5) == b""
+    assert HEADER_TIMEOUT_S - 0.2 <= time.monotonic() - t0 <= HEADER_TIMEOUT_S + 1.5
+    writer.close()
 
 
 async def test_a_dripped_body_is_cut_after_the_body_deadline_and_billed_as_a_hang_up(stack: Stack, key: str) -> None:
@@ -210,6 +226,7 @@ def test_bad_settings_and_a_taken_port_are_one_line_and_exit_2(stack: Stack) -> 
                              timeout=30)  # fmt: skip
         assert out.returncode == 2, (extra, out.returncode, out.stderr)
         assert out.stderr.count("\n") == 1 and out.stderr.startswith("tollway: "), out.stderr
+        assert "TOLLWAY_" in out.stderr  # names what to change
         assert "Traceback" not in out.stderr
 
 
