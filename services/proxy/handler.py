@@ -380,7 +380,7 @@ class ProxyHandler:
             raise
         except ClientDisconnect:
             # the client hung up before its body was in: not our error, an event (499) and an info line
-            log.info("client_hung_up", request_id=call.request_id, received_bytes=call.body_bytes)
+            log.info("client_hung_up", request_id=call.request_id, endpoint=call.endpoint)
             if "team_id" in ev and not call.done:
                 ev.update(client_disconnected=True, error_code="client_disconnected")
                 self.finish(call, 499, route)
