@@ -38,7 +38,7 @@ class UpstreamTooLarge(UpstreamProtocolError):
     """The provider's answer (as sent, or decompressed) is larger than the pool's `max_body_bytes`."""
 
 
-DEFAULT_MAX_BODY = 32 * 1024 * 1024
+DEFAULT_MAX_BODY = 128 * 1024 * 1024  # the largest embeddings answer (2,048 x 3,072 floats as JSON) is ~80 MB
 
 
 @dataclass(frozen=True, slots=True)

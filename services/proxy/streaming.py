@@ -66,7 +66,7 @@ class StreamTooLarge(Exception):
 
 
 MAX_LINE = 1024 * 1024
-MAX_STREAM = 32 * 1024 * 1024
+MAX_STREAM = 128 * 1024 * 1024
 
 
 class StreamRelay:
