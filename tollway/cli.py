@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from schemas.settings import CommonSettings
 from services.proxy.spool import SpoolSettings
 from tollway.logs import configure_logging
-from tollway.servers import ServerSettings, StartupError
+from tollway.servers import ServerSettings, StartupError, bind
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
     ServerSettings()
     if args.command in ("up", "proxy"):
         SpoolSettings()
+    for name, host, port in _addresses(args):
+        bind(host, port, name).close()  # a taken port fails here, in one line, before a broker or engine starts
     configure_logging(common.log_level, common.log_format)
     from tollway import runtime
 
@@ -94,6 +96,27 @@ def _serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _addresses(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    from services.billing.settings import BillingSettings
+    from services.mock_upstream.settings import MockSettings
+    from services.proxy.settings import ProxySettings
+
+    wanted = {"up": ["proxy", "billing"] + (["mock-upstream"] if getattr(args, "demo", False) else []),
+              "proxy": ["proxy"], "billing": ["billing"], "mock-upstream": ["mock-upstream"]}.get(args.command, [])  # fmt: skip
+    out = []
+    for name in wanted:
+        if name == "proxy":
+            p = ProxySettings()
+            out.append((name, p.proxy_host, p.proxy_port))
+        elif name == "billing":
+            b = BillingSettings()
+            out.append((name, b.billing_host, b.billing_port))
+        else:
+            m = MockSettings()
+            out.append((name, m.mock_host, m.mock_port))
+    return [a for a in out if a[2] != 0]
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

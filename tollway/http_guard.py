@@ -20,9 +20,12 @@ from typing import Any
 
 import orjson
 import structlog
+from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = structlog.get_logger("tollway.http")
+REFUSED = Counter("tollway_http_refused_total", "Connections answered and closed by the server limits",
+                  ["reason"])  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.flow.read_paused:
             return  # we stopped reading (the app is behind, or a pipelined request waits): not the client's delay
         if self._phase == _IDLE:
+            REFUSED.labels("silent_connection").inc()
             self.transport.close()  # connected and silent: nothing asked, nothing to answer
         elif self._phase == _HEAD:
             self._refuse(408, "Request Timeout", f"Request headers not received within {self.limits.header_timeout_s:g} s.",
@@ -117,6 +121,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                          "request_body_timeout")  # fmt: skip
 
     def _refuse(self, status: int, reason: str, message: str, code: str) -> None:
+        REFUSED.labels(code).inc()
         self._deadline = 0.0
         if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
             self.transport.write(_answer(status, reason, message, "invalid_request_error", code))
@@ -127,6 +132,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
+    REFUSED.labels("too_many_connections").inc()
     body = orjson.dumps({"error": {"message": "The server has too many open connections; retry shortly.",
                                    "type": "api_error", "code": "too_many_connections"}})  # fmt: skip
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -90,21 +90,27 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here so that a taken port is a one-line StartupError (uvicorn would log and
-    sys.exit(1) inside the server task)."""
+_ADDRESS_SETTINGS = {"proxy": "TOLLWAY_PROXY_HOST / TOLLWAY_PROXY_PORT",
+                      "billing": "TOLLWAY_BILLING_HOST / TOLLWAY_BILLING_PORT",
+                      "mock-upstream": "TOLLWAY_MOCK_HOST / TOLLWAY_MOCK_PORT"}  # fmt: skip
+
+
+def bind(host: str, port: int, name: str = "") -> socket.socket:
+    """The listening socket, bound here so that a taken port is a one-line StartupError naming the setting to
+    change (uvicorn would log and sys.exit(1) inside the server task)."""
+    sock = None
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as err:
-        raise StartupError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
-    family, type_, proto, _, addr = infos[0]
-    sock = socket.socket(family, type_, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
+        family, type_, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]  # fmt: skip
+        sock = socket.socket(family, type_, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
     except OSError as err:
-        sock.close()
-        raise StartupError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        if sock is not None:
+            sock.close()
+        hint = _ADDRESS_SETTINGS.get(name)
+        raise StartupError(f"{name + ' ' if name else ''}cannot listen on {host}:{port}: {err.strerror or err}"
+                           + (f" (set {hint})" if hint else "")) from None  # fmt: skip
     sock.set_inheritable(True)
     return sock
 
@@ -114,18 +120,9 @@ def bound_port(server: uvicorn.Server) -> int:
     return server.servers[0].sockets[0].getsockname()[1]
 
 
-_ADDRESS_SETTINGS = {"proxy": "TOLLWAY_PROXY_HOST / TOLLWAY_PROXY_PORT",
-                      "billing": "TOLLWAY_BILLING_HOST / TOLLWAY_BILLING_PORT",
-                      "mock-upstream": "TOLLWAY_MOCK_HOST / TOLLWAY_MOCK_PORT"}  # fmt: skip
-
-
 async def start_server(server: QuietServer, name: str, timeout_s: float = 30.0) -> asyncio.Task[None]:
     """Run `server.serve()` as a task and return once it listens (or raise if it died starting)."""
-    try:
-        sock = bind(server.config.host, server.config.port)
-    except StartupError as err:
-        hint = _ADDRESS_SETTINGS.get(name)
-        raise StartupError(f"{name} {err}" + (f" (set {hint})" if hint else "")) from None
+    sock = bind(server.config.host, server.config.port, name)
     task = asyncio.create_task(server.serve(sockets=[sock]), name=name)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

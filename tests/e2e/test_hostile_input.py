@@ -338,3 +338,9 @@ async def test_load_2000_slow_connections_and_huge_inputs_keep_the_stack_answeri
     assert all(s == b"413" for s in statuses[8:]), statuses
     assert peak - rss0 < RSS_BOUND_MB
     assert chat(stack, key, CHAT).status_code == 200
+    async with httpx.AsyncClient() as c:
+        metrics = (await c.get(stack.proxy_url.removesuffix("/v1") + "/metrics")).text
+    refused = {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("tollway_http_refused_total{")}  # fmt: skip
+    print(f"tollway_http_refused_total in this process: {refused}")
+    assert refused["request_header_timeout"] >= SLOW // 2 and refused["request_body_timeout"] >= SLOW // 2
