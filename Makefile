@@ -16,7 +16,7 @@ COMPILE = $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe 
 
 .PHONY: up test lint fmt bench schemas clean system-deps lock
 
-# No `pip install --upgrade pip`: that would be the one unpinned download of the install.
+# pip is not upgraded first: that would be the one unpinned download of the install.
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
