@@ -27,6 +27,7 @@ from services.proxy.control import ControlListener
 from tests.support.billing import ADMIN, running_billing
 from tests.support.waiting import eventually
 from tollway.broker import BundledBroker
+from tollway.servers import bound_port, make_server, start_server, stop_server
 from tollway.topics import ensure_topics
 
 
@@ -267,3 +268,63 @@ async def test_report_queries_carry_clickhouse_limits_and_a_query_past_them_is_a
 def test_billing_api_reads_reports_through_the_budgeted_store(engine):
     app = create_app(BillingSettings(), load_config("tollway.yaml"), engine, "127.0.0.1:9")
     assert isinstance(app.state.store, ReportStore)
+
+
+# -- 7. the same over a real server: a 200 MB body costs the process next to nothing ---------------------
+
+
+def rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def post_huge(port: int, headers: dict[str, str], size: int) -> tuple[int, float]:
+    """POST `size` bytes over a raw socket, writing while the answer may already be on its way; returns the
+    status and the seconds until it arrived."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(f"POST /v1/admin/teams HTTP/1.1\r\nHost: billing\r\nContent-Length: {size}\r\n{head}\r\n".encode())
+    chunk = b"x" * (1 << 20)
+    began = asyncio.get_running_loop().time()
+
+    async def send_body() -> None:
+        try:
+            for _ in range(size // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass  # the server answered and closed: exactly what should happen
+
+    sender = asyncio.create_task(send_body())
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        took = asyncio.get_running_loop().time() - began
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        writer.close()
+    return int(status_line.split()[1]), took
+
+
+async def test_real_server_refuses_200mb_bodies_fast_with_bounded_memory(store, bootstrap):
+    settings = BillingSettings(admin_token="admin-token-for-tests", quota_group="q-hostile-rss")
+    server = make_server(create_app(settings, load_config("tollway.yaml"), store, bootstrap), "127.0.0.1", 0)
+    task = await start_server(server, "billing-under-test")
+    try:
+        port = bound_port(server)
+        size = 200 << 20
+        before = rss_bytes()
+        status, took = await post_huge(port, {"Content-Type": "application/json"}, size)
+        assert status == 401 and took < 5
+        status, took = await post_huge(port, {"Authorization": "Bearer admin-token-for-tests"}, size)
+        assert status == 413 and took < 5
+        grown = rss_bytes() - before
+        print(f"200 MB bodies: 401 and 413, RSS grew {grown / 2**20:.1f} MiB")
+        assert grown < 50 << 20, f"RSS grew {grown / 2**20:.0f} MiB for two refused 200 MB bodies"
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:  # still serving
+            r = await client.get("/healthz")
+            assert r.status_code == 200
+    finally:
+        await stop_server(server, task)
