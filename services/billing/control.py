@@ -9,8 +9,8 @@ The outbox is in memory, not a table, on purpose: every message is derived from 
 keys in ClickHouse, quota totals seeded from usage rows), and each start republishes the full state, so a
 crash loses nothing an outbox table would have kept. Per entity only the latest state is kept (the proxy
 folds latest-wins), which bounds the outbox by the number of entities however long the broker is away.
-After an outage the full state is republished too: the bundled broker keeps memory only, so a broker that
-came back may have come back empty.
+After an outage, and whenever an ack shows the log shorter than before, the full state is republished too:
+the bundled broker keeps memory only, so a broker that came back may have come back empty.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class ControlPublisher:
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._failing = False
+        self._last_offset = -1
+        self._reset_seen = False
         self.full_state: FullState | None = None  # set by the app once accounts and quota exist
 
     async def start(self) -> None:
@@ -170,9 +172,9 @@ class ControlPublisher:
                     backoff = min(backoff * 2, RETRY_MAX_S)
                     continue
                 backoff = RETRY_MIN_S
-                if self._failing:
-                    self._failing = False
-                    log.info("control_publish_recovered", pending=len(self._pending))
+                if self._failing or self._reset_seen:
+                    log.info("control_publish_recovered", pending=len(self._pending), log_reset=self._reset_seen)
+                    self._failing = self._reset_seen = False
                     self._republish_after_outage()
 
     async def _send_batch(self, batch: list[_Entry]) -> None:
@@ -181,21 +183,37 @@ class ControlPublisher:
         if self._producer is None:
             raise RuntimeError("ControlPublisher is not started")
         inflight: list[tuple[_Entry, asyncio.Future[object]]] = []
-        for entry in batch:
-            if isinstance(entry.msg, Snapshot) and inflight:
-                await self._settle(inflight)
-                inflight = []
-            fut = await self._producer.send(self._topic, value=entry.value, key=entry.key)
-            inflight.append((entry, fut))
-            if isinstance(entry.msg, Snapshot):
-                await self._settle(inflight)
-                inflight = []
-        await self._settle(inflight)
+        sent: list[asyncio.Future[object]] = []
+        try:
+            for entry in batch:
+                if isinstance(entry.msg, Snapshot) and inflight:
+                    await self._settle(inflight)
+                    inflight = []
+                fut = await self._producer.send(self._topic, value=entry.value, key=entry.key)
+                sent.append(fut)
+                inflight.append((entry, fut))
+                if isinstance(entry.msg, Snapshot):
+                    await self._settle(inflight)
+                    inflight = []
+            await self._settle(inflight)
+        except BaseException:
+            for fut in sent:  # the batch is retried whole: these outcomes no longer matter
+                fut.add_done_callback(_ignore_outcome)
+            raise
 
     async def _settle(self, inflight: list[tuple[_Entry, asyncio.Future[object]]]) -> None:
         # One partition, one producer: the broker acks in order, so waiting in order loses nothing.
         for entry, fut in inflight:
-            await asyncio.wait_for(fut, 15.0)
+            meta = await asyncio.wait_for(fut, 15.0)
+            offset = getattr(meta, "offset", None)
+            if offset is not None:
+                if offset < self._last_offset:
+                    # The log is shorter than it was: a broker that restarted empty (the bundled one keeps
+                    # memory only), and aiokafka's own retries delivered into it. Everything published
+                    # before is gone from it, so a proxy starting now needs the full state again.
+                    log.warning("control_log_reset", offset=offset, previous=self._last_offset)
+                    self._reset_seen = True
+                self._last_offset = offset
             if self._pending.get(entry.key) is entry:
                 del self._pending[entry.key]
             metrics.CONTROL_MESSAGES.labels(kind=entry.msg.kind).inc()
@@ -223,3 +241,8 @@ class ControlPublisher:
         entry = self._queue_full_state(*self.full_state())
         assert isinstance(entry.msg, Snapshot)
         log.info("control_full_state_requeued", teams=entry.msg.teams, keys=entry.msg.keys)
+
+
+def _ignore_outcome(fut: asyncio.Future[object]) -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -166,6 +166,36 @@ async def test_revocation_made_while_the_broker_is_stopped_reaches_the_proxy_wit
         assert sample("tollway_billing_control_outbox") == 0
 
 
+async def test_after_the_bundled_broker_restarts_empty_a_new_proxy_gets_the_whole_view_and_the_revocation(
+    store, tmp_path
+):
+    """The bundled broker keeps memory only: a restart loses every control message. Billing notices (the
+    outage, or an ack at a lower offset than before) and republishes the full state, so a proxy that starts
+    now holds every key, revoked ones revoked, without billing restarting."""
+    first = BundledBroker(log_path=tmp_path / "first.log")
+    first.start()
+    second = BundledBroker(port=first.port, log_path=tmp_path / "second.log")
+    try:
+        await ensure_topics(first.bootstrap, usage_partitions=1)
+        async with running_billing(store, first.bootstrap, control_publish_wait_s=0.5) as billing:
+            team = (await billing.post("/v1/admin/teams", json={"name": "restart"}, headers=ADMIN)).json()
+            keys = [(await billing.post("/v1/admin/keys", json={"team_id": team["team_id"]}, headers=ADMIN)).json()
+                    for _ in range(3)]  # fmt: skip
+            first.kill()
+            r = await billing.delete(f"/v1/admin/keys/{keys[0]['key_id']}", headers=ADMIN)
+            assert r.status_code == 202 and r.json()["will_retry"] is True
+            second.start()
+            await ensure_topics(second.bootstrap, usage_partitions=1)
+            async with proxy_view(second.bootstrap) as view:
+                await eventually(lambda: asyncio.sleep(0, view), lambda v: v.snapshots_seen >= 1, timeout_s=60)
+                assert view.lookup(keys[0]["key"]) is None
+                assert all(view.lookup(k["key"]) is not None for k in keys[1:])
+                assert team["team_id"] in view.teams
+    finally:
+        second.stop()
+        first.stop()
+
+
 # -- 4. bodies: an unknown caller's body is never read; every body is capped ----------------------------
 
 
