@@ -278,6 +278,22 @@ async def test_a_team_over_its_request_rate_gets_429_with_retry_after_and_others
         assert (await billing.get("/v1/admin/teams", headers=ADMIN)).status_code == 200  # staff bucket
 
 
+async def test_one_caller_gets_a_bounded_number_of_reports_in_flight(store, bootstrap, unique):
+    async with running_billing(store, bootstrap, api_reports_in_flight=1) as billing:
+        team = (await billing.post("/v1/admin/teams", json={"name": f"r-{unique}"}, headers=ADMIN)).json()
+        k = (await billing.post("/v1/admin/keys", json={"team_id": team["team_id"]}, headers=ADMIN)).json()
+        own = {"Authorization": f"Bearer {k['key']}"}
+        busy = asyncio.create_task(store.query("SELECT sleep(2)"))  # the engine is busy: reports queue behind it
+        await asyncio.sleep(0.1)
+        first, second = await asyncio.gather(billing.get("/v1/usage", headers=own),
+                                             billing.get("/v1/usage", headers=own))  # fmt: skip
+        await busy
+        assert first.status_code == 200, first.text
+        err = assert_error(second, 429)
+        assert err["code"] == "rate_limit_exceeded" and second.headers["retry-after"] == "1"
+        assert (await billing.get("/v1/usage", headers=own)).status_code == 200  # the slot is free again
+
+
 async def test_report_queries_carry_clickhouse_limits_and_a_query_past_them_is_a_clear_503(store):
     settings = BillingSettings(report_max_execution_s=0.5, report_max_memory_bytes=64 << 20, report_max_threads=1)
     reports = ReportStore(store, settings)
