@@ -39,6 +39,10 @@ FullState = Callable[[], tuple["Accounts", list[QuotaSignal], Callable[[KeyState
 
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 5.0
+# When a usage update replaces a pending one its event ids are carried over, up to this many (the newest;
+# ~80 KB): a message must stay far below the broker's size limit. A proxy forgets ids older than its ack
+# horizon (30 s) anyway, so after a long outage the oldest ones no longer matter.
+MAX_COUNTED_IDS = 2000
 
 
 @dataclass(eq=False)
@@ -101,8 +105,10 @@ class ControlPublisher:
 
     async def publish(self, msg: ControlMsg, wait_s: float | None = None) -> bool:
         """Queue `msg` and wait (bounded) for the broker's ack. True: it landed. False: it is still queued
-        and will be published when the broker takes it."""
+        and will be published when the broker takes it (answered at once while the broker is known away)."""
         entry = self._put(msg)
+        if self._failing:  # the broker is away: queued, and waiting would only stall the caller (the quota loop)
+            return False
         try:
             await asyncio.wait_for(entry.done.wait(), self._wait_s if wait_s is None else wait_s)
         except TimeoutError:
@@ -138,7 +144,7 @@ class ControlPublisher:
         old = self._pending.pop(key, None)
         if old is not None and isinstance(msg, QuotaSignal) and isinstance(old.msg, QuotaSignal) and old.msg.counted:
             # The proxy drops these ids from its local ledger: a replaced update must not lose them.
-            msg = msg.model_copy(update={"counted": [*old.msg.counted, *msg.counted]})
+            msg = msg.model_copy(update={"counted": [*old.msg.counted, *msg.counted][-MAX_COUNTED_IDS:]})
         entry = _Entry(msg=msg, key=key, value=encode(msg))
         if old is not None:
             entry.absorbed = [old, *old.absorbed]
