@@ -123,7 +123,10 @@ class ModelConfig(_Strict):
     aliases: list[str] = Field(default_factory=list)
     routes: list[Route] = Field(min_length=1)
     prices: list[Price] = Field(default_factory=list)
-    baseline: Price | None = Field(default=None, description="what this traffic would cost elsewhere (ROI)")
+    baseline: list[Price] | None = Field(
+        default=None,
+        description="what this traffic would cost elsewhere (ROI): one price, or a list of effective-dated ones",
+    )
     retry: RetryConfig | None = Field(default=None, description="overrides the gateway's retry policy")
     cache_ttl_s: float | None = Field(default=None, ge=0, description="overrides cache.ttl_s; 0 = never cache")
 
@@ -134,6 +137,30 @@ class ModelConfig(_Strict):
         if len(set(dates)) != len(dates):
             raise ValueError("two prices share one effective_from date")
         return sorted(v, key=lambda p: p.effective_from)
+
+    @field_validator("baseline", mode="before")
+    @classmethod
+    def _baseline_list(cls, v: object) -> object:
+        # Today's single object (in force since `effective_from`, default 2000-01-01) is a list of one.
+        return [v] if isinstance(v, dict | Price) else v
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_ordered(cls, v: list[Price] | None) -> list[Price] | None:
+        if v is None:
+            return None
+        dates = [p.effective_from for p in v]
+        if len(set(dates)) != len(dates):
+            raise ValueError("two baseline prices share one effective_from date")
+        return sorted(v, key=lambda p: p.effective_from)
+
+    def baseline_at(self, day: date) -> Price | None:
+        """The baseline price in force on a UTC day (the latest entry from on or before it), or None."""
+        found = None
+        for p in self.baseline or ():
+            if p.effective_from <= day:
+                found = p
+        return found
 
 
 class GatewayConfig(_Strict):

@@ -1,11 +1,15 @@
 """The versioned price catalog and the pure pricing function.
 
 An event is priced with the price in force at its `occurred_at` (UTC date); each priced row keeps the
-version and the unit prices it used, so a past invoice never moves when the catalog changes.
+version and the unit prices it used, so a past invoice never moves when the catalog changes. A version names
+what the price is: `model/provider@effective_from#hash`, the hash over every unit price, so two different
+prices can never share a version (schemas/price_versions.py refuses a start that edits one in force).
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -44,30 +48,43 @@ class Priced:
     cost: Cost
 
 
+def _digits(d: Decimal) -> str:
+    return format(d.normalize(), "f")  # 2, 2.0 and 2.00 are one price
+
+
+def unit_price(model: str, provider: str, p: Price) -> UnitPrice:
+    """The config entry as priced: cached_input defaults to input; the version hashes all three unit prices."""
+    cached = p.input if p.cached_input is None else p.cached_input
+    digest = hashlib.sha256("|".join(_digits(x) for x in (p.input, p.output, cached)).encode()).hexdigest()[:8]
+    return UnitPrice(f"{model}/{provider}@{p.effective_from.isoformat()}#{digest}", p.input, p.output, cached)
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    model: str
+    provider: str  # "*" for the model's own prices, else the route's provider
+    effective_from: date
+    unit: UnitPrice
+
+
+def catalog(config: GatewayConfig) -> Iterator[CatalogEntry]:
+    """Every price entry of the config, as PriceBook prices with it. Route prices override the model's."""
+    for name, m in config.models.items():
+        lists = {"*": m.prices} | {r.provider: r.prices for r in m.routes if r.prices}  # a later route wins
+        for provider, prices in lists.items():
+            for p in sorted(prices, key=lambda p: p.effective_from):
+                yield CatalogEntry(name, provider, p.effective_from, unit_price(name, provider, p))
+
+
 class PriceBook:
     """Lookup of (model, provider, time) -> UnitPrice. Route prices override the model's."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self._table: dict[tuple[str, str], list[UnitPrice]] = {}
         self._dates: dict[tuple[str, str], list[date]] = {}
-        for name, m in config.models.items():
-            self._add(name, "*", m.prices)
-            for r in m.routes:
-                if r.prices:
-                    self._add(name, r.provider, r.prices)
-
-    def _add(self, model: str, provider: str, prices: list[Price]) -> None:
-        ordered = sorted(prices, key=lambda p: p.effective_from)
-        self._dates[(model, provider)] = [p.effective_from for p in ordered]
-        self._table[(model, provider)] = [
-            UnitPrice(
-                version=f"{model}/{provider}@{p.effective_from.isoformat()}",
-                input=p.input,
-                output=p.output,
-                cached_input=p.input if p.cached_input is None else p.cached_input,
-            )
-            for p in ordered
-        ]
+        for e in catalog(config):
+            self._dates.setdefault((e.model, e.provider), []).append(e.effective_from)
+            self._table.setdefault((e.model, e.provider), []).append(e.unit)
 
     def at(self, model: str, provider: str, when: datetime) -> UnitPrice | None:
         key = (model, provider) if (model, provider) in self._table else (model, "*")

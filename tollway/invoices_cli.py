@@ -30,7 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         p.add_argument("--id", help="one invoice by id instead")
         if name == "export":
             p.add_argument("--out", help="write the CSV to this file instead of stdout")
-    fin = sub.add_parser("finalize", help="close a period: invoices become immutable and numbered (admin)")
+    fin = sub.add_parser(
+        "finalize",
+        help="close a period once it ended plus the grace, in order per team: invoices "
+        "(or credit notes) become immutable and numbered (admin)",
+    )
     fin.add_argument("--period", required=True, help="YYYY-MM")
     fin.add_argument("--team", help="only this team (default: every team)")
     return inv

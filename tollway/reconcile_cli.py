@@ -1,9 +1,10 @@
 """`tollway reconcile --period YYYY-MM [--team T] [--direct]`: the reconciliation report as JSON.
 
 By default asks the billing API (`TOLLWAY_BILLING_URL`, `TOLLWAY_ADMIN_TOKEN`): with the embedded engine
-only the running process may open ClickHouse. `--direct` runs the same queries against ClickHouse itself
-(a ClickHouse server, or the embedded engine while `tollway up` is stopped). Exit 0 when `ok`, 3 when the
-report finds a gap or a difference, 1 on error.
+only the running process may open ClickHouse. `--direct` runs the same report (services/billing/reconcile.py)
+against ClickHouse itself (a ClickHouse server, or the embedded engine while `tollway up` is stopped), with the
+config of `TOLLWAY_CONFIG` for the invoice drafts. Exit 0 when `ok`, 3 when the report lists a problem, 1 on
+error.
 """
 
 from __future__ import annotations
@@ -29,15 +30,26 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 async def _direct(period: str, team: str | None) -> dict[str, Any]:
     from schemas.clickhouse import Store
+    from schemas.config import load_config
     from schemas.settings import CommonSettings
-    from services.billing.api.reconcile import reconcile_report
+    from services.billing.accounts import Accounts
+    from services.billing.invoices import Invoices
+    from services.billing.reconcile import reconcile_report
+    from tollway.logs import configure_logging
 
     s = CommonSettings()
+    configure_logging("warning", s.log_format)  # stdout carries the JSON report only; logs go to stderr
+    config = load_config(s.config)
     store = Store(s.resolved_clickhouse_url(), s.clickhouse_database)
     await store.open()
     try:
         await store.migrate()
-        return await reconcile_report(store, period, team)
+        accounts = Accounts(store, config)
+        await accounts.load()
+        found = accounts.find_team(team) if team is not None else None
+        team_id = found.team_id if found is not None else team
+        teams = {t.team_id: t for t in accounts.teams()}
+        return await reconcile_report(store, period, team_id, invoices=Invoices(store, config), teams=teams)
     finally:
         await store.close()
 

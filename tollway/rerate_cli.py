@@ -24,17 +24,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 async def _rerate(period: str) -> dict[str, Any]:
     from schemas.clickhouse import Store
     from schemas.config import load_config
+    from schemas.price_versions import check_and_record
     from schemas.prices import PriceBook
     from schemas.settings import CommonSettings
     from services.meter.rerate import rerate_period
     from services.meter.rollups import refresh
 
     s = CommonSettings()
-    book = PriceBook(load_config(s.config))
+    config = load_config(s.config)
+    book = PriceBook(config)
     store = Store(s.resolved_clickhouse_url(), s.clickhouse_database)
     await store.open()
     try:
         await store.migrate()
+        await check_and_record(store, config, "rerate")  # an in-place edit raises (a ConfigError): exit 1
         started = datetime.now(UTC)
         result = await rerate_period(store, book, period)
         await refresh(store, started)  # the rollups of the corrected hours, now rather than at the next meter pass

@@ -43,6 +43,18 @@ def load_or_exit(settings: CommonSettings) -> GatewayConfig:
         raise SystemExit(2) from None
 
 
+async def check_prices_or_exit(store: Store, config: GatewayConfig, by: str) -> None:
+    """Refuse to start on a price edited in place (schemas/price_versions.py); record the prices in force."""
+    from schemas.price_versions import PriceEditedInPlace, check_and_record
+
+    try:
+        recorded = await check_and_record(store, config, by)
+    except PriceEditedInPlace as err:
+        print(f"tollway: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    log.info("price_versions_checked", newly_recorded=recorded)
+
+
 def demo_config(config: GatewayConfig, mock_url: str) -> GatewayConfig:
     """Every provider pointed at the bundled mock upstream: the whole path works with no internet."""
     providers = {name: p.model_copy(update={"base_url": mock_url, "api_key_env": None})
@@ -145,6 +157,7 @@ async def up(demo: bool = False) -> None:
     install_stop_signals(stop)
     run = Running()
     async with kafka(proxy_s) as (bootstrap, broker), clickhouse(meter_s) as store:
+        await check_prices_or_exit(store, config, "up")  # meter and billing share this store and config
         try:
             if demo:
                 srv = make_server(mock_app(mock_s), mock_s.mock_host, mock_s.mock_port)
@@ -234,6 +247,7 @@ async def run_billing() -> None:
     config = load_or_exit(s)
     await ensure_topics(bootstrap, s.usage_partitions)
     async with clickhouse(s) as store:
+        await check_prices_or_exit(store, config, "billing")
         await _serve_alone(create_app(s, config, store, bootstrap), s.billing_host, s.billing_port, "billing")
 
 
@@ -254,6 +268,8 @@ async def run_meter_alone() -> None:
         install_stop_signals(stop)
         health.phase = "opening ClickHouse"
         async with clickhouse(s) as store:
+            health.phase = "checking prices"
+            await check_prices_or_exit(store, config, "meter")
             health.phase = "starting the consumer"
             await run_meter(s, config, store, bootstrap, stop, health.started)
 

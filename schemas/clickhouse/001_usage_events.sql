@@ -1,8 +1,9 @@
 -- One row per usage event, priced. Exactly-once rests on two layers:
 --  * ReplacingMergeTree keyed by event_id (inside ORDER BY) + FINAL in every query: redelivered, replayed or
 --    re-inserted events collapse to one row whatever batch they arrived in;
---  * insert_deduplication_token per batch (needs non_replicated_deduplication_window on a non-replicated
---    table): a retried insert of the same batch is dropped before it is even stored.
+--  * insert_deduplication_token per batch, named by its content (each row's event_id, price_version, cost_total;
+--    never offsets, which a fresh broker reuses), with non_replicated_deduplication_window (without it the token
+--    does nothing on a non-replicated table): a retried insert of the same rows is dropped before it is stored.
 -- row_version lets a later write of the same event (e.g. an unpriced event priced once its price exists)
 -- replace the earlier one.
 CREATE TABLE IF NOT EXISTS {db}.usage_events

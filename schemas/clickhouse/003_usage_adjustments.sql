@@ -1,7 +1,9 @@
 -- Re-rating writes signed adjustment rows; usage_events rows are never mutated.
 -- Each row points at the event it corrects, the price version (and unit prices) it moves away from, and the
--- one it moves to. `seq` is the event's n-th adjustment; adjustment_id = sha256(event_id, seq, new units), so a
--- re-run (or a crashed run re-run) writes identical ids that ReplacingMergeTree collapses: rerate is idempotent.
+-- one it moves to. `seq` is the event's n-th adjustment; adjustment_id = sha256(event_id, seq, the version it
+-- corrects, the new version, new units and the deltas) (services/meter/rerate.py), so a re-run (or a crashed
+-- run re-run) writes identical ids that ReplacingMergeTree collapses: rerate is idempotent; two different
+-- corrections never share an id.
 -- Effective cost of an event = usage_events FINAL cost_total + sum(delta_total) of its adjustments FINAL.
 CREATE TABLE IF NOT EXISTS {db}.usage_adjustments
 (

@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS {db}.quota_alerts
 ENGINE = ReplacingMergeTree(version)
 ORDER BY (period, scope, entity_id, metric, threshold);
 
+-- (No longer written: superseded by 031_invoice_lifecycle.sql's invoice_documents, which copies these rows.)
 -- invoices: finalized invoices only (drafts are computed live). Written once, never updated: the
 -- application refuses a second finalization of a (team, period), and `content` carries its own hash.
 CREATE TABLE IF NOT EXISTS {db}.invoices

@@ -16,6 +16,7 @@ from schemas.clickhouse import Store
 from schemas.config import GatewayConfig, Limits
 from schemas.control import KeyState, TeamState
 from schemas.keys import display_prefix, hash_key, new_id, new_secret
+from services.billing import plan_history
 from services.billing.errors import Conflict, InvalidRequest, KeyNotFound, TeamNotFound, UnknownPlan
 
 log = structlog.get_logger("tollway.billing")
@@ -140,6 +141,7 @@ class Accounts:
                 [[team.team_id, team.name, team.plan, _limits_json(team.limits), created, version]],
                 TEAM_COLUMNS,
             )
+            await plan_history.record(self._store, "team", team.team_id, team.team_id, plan, created)
             self._remember_team(team, created, version)
         log.info("team_created", team_id=team.team_id, plan=team.plan)
         return team
@@ -176,6 +178,8 @@ class Accounts:
         async with self._lock:
             created = _now()
             await self._write_key(key, created)
+            if plan is not None:
+                await plan_history.record(self._store, "key", key.key_id, team_id, plan, created)
         log.info("key_created", key_id=key.key_id, team_id=team_id, prefix=key.prefix, plan=plan)
         return secret, key
 
@@ -212,6 +216,8 @@ class Accounts:
                 [[team.team_id, team.name, team.plan, _limits_json(team.limits), created, version]],
                 TEAM_COLUMNS,
             )
+            if team.plan != current.plan:  # the fee is prorated over this history
+                await plan_history.record(self._store, "team", team_id, team_id, team.plan or "", _now())
             self._remember_team(team, created, version)
         log.info("team_updated", team_id=team_id, plan=team.plan)
         return team
@@ -239,6 +245,8 @@ class Accounts:
                 update["expires_at"] = as_utc(expires_at)
             key = current.model_copy(update=update)
             await self._write_key(key, self._created[key_id])
+            if key.plan != current.plan and key.plan is not None:
+                await plan_history.record(self._store, "key", key_id, key.team_id, key.plan, _now())
         log.info("key_updated", key_id=key_id, team_id=key.team_id)
         return key
 

@@ -48,7 +48,7 @@ def create_app(settings: BillingSettings, config: GatewayConfig, store: Store, b
             app.state.publisher = publisher
             app.state.quota = quota_service
             app.state.alerts = alerts
-            app.state.invoices = Invoices(store, config)
+            app.state.invoices = Invoices(store, config, grace_s=settings.invoice_grace_s)
             await publisher.publish_full_state(accounts, quota_service.full_state(), quota_service.key_state)
             task = asyncio.create_task(quota_service.run(stop), name="billing-quota")
             log.info("billing_started", database=store.db, admin_token_set=settings.admin_token is not None)

@@ -5,6 +5,11 @@ The page holds no data and needs no auth to load; it asks for a token (admin, fi
 keeps it in sessionStorage and sends it as `Authorization: Bearer` to the JSON APIs, so a token never
 appears in a URL or an access log. A team key sees only its own team (the usual `team_scope`).
 Quota gauges and ROI come from `/v1/quota` and `/v1/reports/roi`, called by the page itself.
+
+Spend comes from the hourly rollups, which the meter recomputes from the same rows the ledger reads (events
+FINAL + re-rating adjustments FINAL, by the event's hour, billed model = served or else requested), so a
+team-month's spend here is the ledger's amount once the rollup pass has run (reconciliation checks it).
+Models the config does not know (a rejected call's made-up name) are one `(unknown)` row.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from schemas.clickhouse import Store
+from schemas.config import GatewayConfig
+from services.billing import ledger
 from services.billing.auth import Caller, current_caller, team_scope
 from services.billing.errors import InvalidRequest
 from services.billing.usage import money, parse_range
@@ -85,7 +92,7 @@ def build_queries(team_id: str | None, granularity: str) -> dict[str, str]:
         "by_key": f"SELECT key_id, any(team_id) AS key_team, {_SUMS} FROM {{db}}.usage_hourly_v WHERE {w} "
         f"GROUP BY key_id ORDER BY cost_usd DESC LIMIT {MAX_KEYS}",
         "savings": f"SELECT sum(savings_usd) AS savings_usd FROM {{db}}.cache_savings_hourly WHERE {w}",
-        "unpriced": "SELECT if(served_model = '', requested_model, served_model) AS model, count() AS requests, "
+        "unpriced": f"SELECT {ledger.BILLED_MODEL_SQL} AS model, count() AS requests, "
         f"sum(prompt_tokens + completion_tokens) AS tokens FROM {{db}}.unpriced_events_v WHERE "
         f"{_where(team_id, 'occurred_at')} GROUP BY model ORDER BY requests DESC LIMIT 20",
     }
@@ -114,8 +121,22 @@ def bucket_starts(start: datetime, end: datetime, granularity: str) -> list[date
     return out
 
 
+def _bucket_models(rows: list[dict[str, Any]], fields: tuple[str, ...], config: GatewayConfig | None,
+                   order: str) -> list[dict[str, Any]]:  # fmt: skip
+    """Rows keyed by `model`, with names the config does not know merged into one row (sums of `fields`)."""
+    if config is None:
+        return rows
+    merged: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        label = ledger.report_model(r["model"], config)
+        acc = merged.setdefault(label, {"model": label} | dict.fromkeys(fields, 0))
+        for f in fields:
+            acc[f] += r.get(f) or 0
+    return sorted(merged.values(), key=lambda r: (-r[order], r["model"]))
+
+
 def shape(rows: dict[str, list[dict[str, Any]]], names: dict[str, str], keys: dict[str, dict[str, Any]],
-          buckets: list[datetime]) -> dict[str, Any]:  # fmt: skip
+          buckets: list[datetime], config: GatewayConfig | None = None) -> dict[str, Any]:  # fmt: skip
     """The response body from the query results (pure). Money stays a decimal string."""
     totals = _metrics(rows["totals"][0] if rows["totals"] else {})
     totals["cache_hit_rate"] = round(totals["cache_hits"] / totals["requests"], 4) if totals["requests"] else 0.0
@@ -128,21 +149,24 @@ def shape(rows: dict[str, list[dict[str, Any]]], names: dict[str, str], keys: di
     series.sort(key=lambda p: p["t"])
     by_team = [{"team_id": r["team_id"], "name": names.get(r["team_id"], r["team_id"]), **_metrics(r)}
                for r in rows["by_team"]]  # fmt: skip
-    by_model = [{"model": r["model"], **_metrics(r)} for r in rows["by_model"]]
+    model_rows = _bucket_models(rows["by_model"], (*_INT_FIELDS, "cost_usd"), config, "cost_usd")
+    by_model = [{"model": r["model"], **_metrics(r)} for r in model_rows]
     by_key = []
     for r in rows["by_key"]:
         k = keys.get(r["key_id"], {})
         by_key.append({"key_id": r["key_id"], "prefix": k.get("prefix"), "name": k.get("name"),
                        "team_id": r["key_team"], "team": names.get(r["key_team"], r["key_team"]), **_metrics(r)})  # fmt: skip
     unpriced = [
-        {"model": r["model"], "requests": int(r["requests"]), "tokens": int(r["tokens"])} for r in rows["unpriced"]
+        {"model": r["model"], "requests": int(r["requests"]), "tokens": int(r["tokens"])}
+        for r in _bucket_models(rows["unpriced"], ("requests", "tokens"), config, "requests")
     ]
     return {"totals": totals, "series": series, "by_team": by_team, "by_model": by_model, "by_key": by_key,
             "unpriced": {"requests": sum(u["requests"] for u in unpriced), "models": unpriced}}  # fmt: skip
 
 
 async def dashboard_data(store: Store, team_id: str | None, start: datetime, end: datetime, granularity: str,
-                         names: dict[str, str], keys: dict[str, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+                         names: dict[str, str], keys: dict[str, dict[str, Any]],
+                         config: GatewayConfig | None = None) -> dict[str, Any]:  # fmt: skip
     # Rollup hours are whole: widen the range to the hours it touches.
     lo = start.replace(minute=0, second=0, microsecond=0)
     hi = (
@@ -155,7 +179,7 @@ async def dashboard_data(store: Store, team_id: str | None, start: datetime, end
         name: await store.query_dicts(sql, parameters=params)
         for name, sql in build_queries(team_id, granularity).items()
     }
-    return shape(rows, names, keys, bucket_starts(lo, hi, granularity))
+    return shape(rows, names, keys, bucket_starts(lo, hi, granularity), config)
 
 
 @router.get("/v1/dashboard/data")
@@ -175,7 +199,9 @@ async def get_dashboard_data(
     names = {t.team_id: t.name for t in visible}
     keys = {k.key_id: {"prefix": k.prefix, "name": k.name} for k in accounts.keys(team_id)}
     began = time.perf_counter()
-    body = await dashboard_data(request.app.state.store, team_id, lo, hi, granularity, names, keys)
+    body = await dashboard_data(
+        request.app.state.store, team_id, lo, hi, granularity, names, keys, request.app.state.config
+    )
     return {
         "object": "dashboard",
         "role": caller.role,

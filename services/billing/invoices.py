@@ -1,362 +1,209 @@
-"""Monthly invoices per team: live drafts, immutable finalized invoices, adjustments for closed periods.
+"""Monthly invoices per team: live drafts, the rules for closing a period, immutable finalized documents.
 
-Rounding rule (stated once, applied everywhere): every line amount is computed exactly in Decimal from
-its quantity and unit price, then rounded ONCE to whole cents with ROUND_HALF_EVEN; subtotal, adjustments
-and total are plain sums of rounded lines, so the lines always add up to the total exactly.
+Lines, rounding, proration and adjustment labels are in `invoice_lines` (pure); storage that two billing
+replicas can share is in `invoice_documents`. This module is the lifecycle:
 
-A usage line is one (model, price version, component) of a period: component `input` (uncached prompt
-tokens), `cached_input` or `output`; amount = round(tokens * unit price per 1M / 1M). Quantities come from
-`usage_events FINAL` (billable rows: status ok or error, priced), with re-rated events taking the price
-version of their latest `usage_adjustments` row, so every line can be recomputed from stored rows.
-
-An adjustment line brings a finalized period up to date (late events, re-rating): for each item of that
-period, amount = round(current total quantity * unit price) - everything already billed for that item.
-It names the invoice, period, model, price version and component it adjusts, and lands on the first
-period after it that is not finalized. A finalized invoice is stored once, with a content hash.
+  * a draft is computed live from the ledger (`as_of` a moment: only events ingested by then), the plan
+    history and what finalized documents already billed;
+  * a period can be finalized once it has ended plus the grace for late events (`invoice_grace_s`,
+    TOLLWAY_INVOICE_GRACE_S, default 3600 s); events arriving later still are billed as "late usage"
+    adjustment lines on the next invoice, so the grace only trades promptness against adjustment lines;
+  * periods finalize in order per team: from the team's first period (the month it was created, or of its
+    earliest billable usage if that is earlier) each must be finalized before the next. A period before
+    the team existed, with no usage, is not open: it is skipped by an all-teams finalize and gives an empty
+    invoice only when asked for by team. A period older than a finalized one can no longer be finalized;
+    its usage is carried to the next invoice like any late usage, so nothing is ever stranded;
+  * adjustments for every closed period land on the first period after the latest finalized one;
+  * a document whose total is negative is a numbered credit note (CN-), else an invoice (TW-); both take
+    numbers from one counter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import csv
-import hashlib
-import io
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 import structlog
 
 from schemas.clickhouse import Store
 from schemas.config import GatewayConfig
 from schemas.control import TeamState
-from schemas.keys import new_id
-from schemas.prices import MILLION
-from services.billing import metrics
+from services.billing import ledger, metrics, plan_history
 from services.billing.errors import Conflict, InvalidRequest, NotFound
+from services.billing.invoice_documents import Documents, document_id
+from services.billing.invoice_lines import (
+    NUMBER_PREFIX,
+    Items,
+    adjustment_lines,
+    assemble,
+    billed_items,
+    content_hash,
+    items_of,
+    plan_fee_lines,
+    to_csv,
+    usage_lines,
+)
 from services.billing.periods import bounds, iso, next_period, period_of
+
+__all__ = ["Invoices", "PeriodOpen", "PeriodOutOfOrder", "content_hash", "not_found", "to_csv"]
 
 log = structlog.get_logger("tollway.billing.invoices")
 
-CENT = Decimal("0.01")
-ROUNDING_RULE = "each line: exact Decimal amount rounded once to 0.01 USD (ROUND_HALF_EVEN); totals = sums of lines"
-COMPONENTS = ("input", "cached_input", "output")
-ItemKey = tuple[str, str, str]  # model, price_version, component
+
+class PeriodOpen(Conflict):
+    code = "period_open"
 
 
-def round_line(exact: Decimal) -> Decimal:
-    return exact.quantize(CENT, rounding=ROUND_HALF_EVEN)
+class PeriodOutOfOrder(Conflict):
+    code = "period_out_of_order"
 
 
-def usd(value: Decimal) -> str:
-    return str(value.quantize(CENT, rounding=ROUND_HALF_EVEN))
-
-
-def plain(value: Decimal) -> str:
-    return format(value.normalize(), "f") if value else "0"
-
-
-@dataclass(frozen=True, slots=True)
-class UsageGroup:
-    """Billable usage of one model at one price version in a period (sums over stored rows)."""
-
-    model: str
-    price_version: str
-    unit_input: Decimal
-    unit_output: Decimal
-    unit_cached_input: Decimal
-    requests: int
-    input_tokens: int
-    cached_tokens: int
-    output_tokens: int
-
-    def components(self) -> list[tuple[str, int, Decimal]]:
-        return [("input", self.input_tokens, self.unit_input), ("cached_input", self.cached_tokens,
-                self.unit_cached_input), ("output", self.output_tokens, self.unit_output)]  # fmt: skip
-
-
-def items_of(groups: list[UsageGroup]) -> dict[ItemKey, tuple[int, Decimal, int]]:
-    """(model, version, component) -> (quantity, unit price per 1M, requests)."""
-    out: dict[ItemKey, tuple[int, Decimal, int]] = {}
-    for g in groups:
-        for comp, qty, unit in g.components():
-            out[(g.model, g.price_version, comp)] = (qty, unit, g.requests)
-    return out
-
-
-def usage_lines(groups: list[UsageGroup]) -> list[dict[str, Any]]:
-    lines = []
-    for (model, version, comp), (qty, unit, requests) in sorted(items_of(groups).items()):
-        if qty == 0:
-            continue
-        exact = Decimal(qty) * unit / MILLION
-        lines.append({
-            "type": "usage", "model": model, "price_version": version, "component": comp,
-            "description": f"{model} {comp.replace('_', ' ')} tokens", "requests": requests,
-            "quantity": qty, "unit": "tokens", "unit_price_usd_per_1m": plain(unit),
-            "exact_amount_usd": plain(exact), "amount_usd": usd(round_line(exact)),
-        })  # fmt: skip
-    return lines
-
-
-def billed_items(period: str, finalized: dict[str, dict[str, Any]]) -> dict[ItemKey, tuple[int, Decimal]]:
-    """What finalized invoices have billed so far for a period's items: its own usage lines plus every
-    adjustment line (on any later invoice) that adjusts it. (quantity, amount)."""
-    out: dict[ItemKey, tuple[int, Decimal]] = {}
-
-    def add(key: ItemKey, qty: int, amount: Decimal) -> None:
-        q, a = out.get(key, (0, Decimal(0)))
-        out[key] = (q + qty, a + amount)
-
-    own = finalized.get(period)
-    if own is not None:
-        for line in own["lines"]:
-            if line["type"] == "usage":
-                add((line["model"], line["price_version"], line["component"]), line["quantity"],
-                    Decimal(line["amount_usd"]))  # fmt: skip
-    for inv in finalized.values():
-        for line in inv["lines"]:
-            if line["type"] == "adjustment" and line["adjusts"]["period"] == period:
-                a = line["adjusts"]
-                add((a["model"], a["price_version"], a["component"]), line["quantity"], Decimal(line["amount_usd"]))
-    return out
-
-
-def adjustment_lines(period: str, invoice: dict[str, Any], truth: list[UsageGroup],
-                     billed: dict[ItemKey, tuple[int, Decimal]]) -> list[dict[str, Any]]:  # fmt: skip
-    """Lines that bring finalized `period` (invoice `invoice`) up to the truth now in storage."""
-    now = items_of(truth)
-    lines = []
-    for key in sorted(set(now) | set(billed)):
-        qty, unit, _ = now.get(key, (0, Decimal(0), 0))
-        if key not in now:  # the item vanished (every event re-rated away): use the unit it was billed at
-            unit = next((Decimal(line["unit_price_usd_per_1m"]) for line in invoice["lines"]
-                         if line["type"] == "usage" and (line["model"], line["price_version"], line["component"]) == key),
-                        Decimal(0))  # fmt: skip
-        target = round_line(Decimal(qty) * unit / MILLION)
-        b_qty, b_amount = billed.get(key, (0, Decimal(0)))
-        if qty == b_qty and target == b_amount:
-            continue
-        model, version, comp = key
-        if qty > b_qty and key in billed:
-            reason = "late usage"
-        elif qty != b_qty:
-            reason = "re-rating"  # usage moved between price versions (or a new version appeared)
-        else:
-            reason = "rounding correction"
-        lines.append({
-            "type": "adjustment", "reason": reason,
-            "description": f"{reason}: invoice {invoice['number']} ({period}) {model} {comp.replace('_', ' ')} "
-                           f"tokens at {version}",
-            "adjusts": {"invoice_id": invoice["invoice_id"], "invoice_number": invoice["number"], "period": period,
-                        "model": model, "price_version": version, "component": comp},
-            "quantity": qty - b_qty, "unit": "tokens", "unit_price_usd_per_1m": plain(unit),
-            "amount_usd": usd(target - b_amount),
-        })  # fmt: skip
-    return lines
-
-
-def assemble(team: TeamState, period: str, plan_fee: Decimal, usage: list[dict[str, Any]],
-             adjustments: list[dict[str, Any]], unpriced: int, now: datetime) -> dict[str, Any]:  # fmt: skip
-    lines = list(usage)
-    if plan_fee > 0:
-        lines.append({"type": "plan_fee", "description": f"plan {team.plan}: monthly fee", "quantity": 1,
-                      "unit": "month", "unit_price_usd": usd(plan_fee), "amount_usd": usd(round_line(plan_fee))})  # fmt: skip
-    lines += adjustments
-    for i, line in enumerate(lines, start=1):
-        line["line"] = i
-    usage_total = sum((Decimal(x["amount_usd"]) for x in lines if x["type"] == "usage"), Decimal(0))
-    fee_total = sum((Decimal(x["amount_usd"]) for x in lines if x["type"] == "plan_fee"), Decimal(0))
-    adj_total = sum((Decimal(x["amount_usd"]) for x in lines if x["type"] == "adjustment"), Decimal(0))
-    start, end = bounds(period)
-    return {
-        "object": "invoice", "invoice_id": f"draft_{team.team_id}_{period}", "number": None, "status": "draft",
-        "team_id": team.team_id, "team_name": team.name, "plan": team.plan, "period": period,
-        "period_start": iso(start), "period_end": iso(end), "currency": "USD", "lines": lines,
-        "usage_usd": usd(usage_total), "plan_fee_usd": usd(fee_total), "subtotal_usd": usd(usage_total + fee_total),
-        "adjustments_usd": usd(adj_total), "total_usd": usd(usage_total + fee_total + adj_total),
-        "rounding": ROUNDING_RULE, "unpriced_events": unpriced, "generated_at": iso(now),
-        "finalized_at": None, "content_hash": None,
-    }  # fmt: skip
-
-
-def content_hash(invoice: dict[str, Any]) -> str:
-    """sha256 over the canonical JSON (sorted keys) of everything but the hash itself."""
-    body = {k: v for k, v in invoice.items() if k != "content_hash"}
-    return "sha256:" + hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-CSV_COLUMNS = ("invoice_id", "number", "status", "team_id", "period", "currency", "line", "type", "model",
-               "price_version", "component", "description", "quantity", "unit", "unit_price_usd_per_1m",
-               "amount_usd", "adjusts_invoice", "adjusts_period")  # fmt: skip
-
-
-def to_csv(invoices: list[dict[str, Any]]) -> str:
-    """One row per line, then subtotal/adjustments/total rows per invoice (type names the row)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for inv in invoices:
-        head = [inv["invoice_id"], inv["number"] or "", inv["status"], inv["team_id"], inv["period"], inv["currency"]]
-        for line in inv["lines"]:
-            adj = line.get("adjusts") or {}
-            w.writerow([*head, line["line"], line["type"], line.get("model", ""), line.get("price_version", ""),
-                        line.get("component", ""), line["description"], line["quantity"], line["unit"],
-                        line.get("unit_price_usd_per_1m", line.get("unit_price_usd", "")), line["amount_usd"],
-                        adj.get("invoice_number", ""), adj.get("period", "")])  # fmt: skip
-        for kind in ("subtotal", "adjustments", "total"):
-            w.writerow([*head, "", kind, "", "", "", kind, "", "", "", inv[f"{kind}_usd"], "", ""])
-    return buf.getvalue()
-
-
-# -- storage ---------------------------------------------------------------------------------------------
-
-_GROUPS_SQL = """
-SELECT model, pv, ui, uo, uc, priced, count() AS requests,
-       sum(prompt_tokens - least(cached_tokens, prompt_tokens)) AS input_qty,
-       sum(least(cached_tokens, prompt_tokens)) AS cached_qty,
-       sum(completion_tokens) AS output_qty
-FROM (
-    SELECT if(e.served_model = '', e.requested_model, e.served_model) AS model, e.priced AS priced,
-           {pv} AS pv, {ui} AS ui, {uo} AS uo, {uc} AS uc,
-           e.prompt_tokens AS prompt_tokens, e.cached_tokens AS cached_tokens, e.completion_tokens AS completion_tokens
-    FROM (SELECT * FROM {{db}}.usage_events FINAL
-          WHERE team_id = {{team:String}} AND status IN ('ok', 'error')
-            AND occurred_at >= {{start:DateTime64(3, 'UTC')}} AND occurred_at < {{end:DateTime64(3, 'UTC')}}) AS e
-    {join}
-)
-GROUP BY model, pv, ui, uo, uc, priced
-ORDER BY model, pv
+_STATUSES = ", ".join(f"'{s}'" for s in ledger.BILLABLE_STATUSES)
+_USAGE_PERIODS_SQL = """
+SELECT DISTINCT formatDateTime(occurred_at, '%Y-%m') FROM {{db}}.usage_events
+WHERE team_id = {{team:String}} AND status IN ({statuses})
 """
-_ADJ_JOIN = """LEFT JOIN (
-        SELECT event_id, argMax(price_version, seq) AS a_pv, argMax(unit_input, seq) AS a_ui,
-               argMax(unit_output, seq) AS a_uo, argMax(unit_cached_input, seq) AS a_uc
-        FROM {{db}}.usage_adjustments FINAL
-        WHERE team_id = {{team:String}}
-          AND occurred_at >= {{start:DateTime64(3, 'UTC')}} AND occurred_at < {{end:DateTime64(3, 'UTC')}}
-        GROUP BY event_id) AS a ON e.event_id = a.event_id"""
-
-
-def groups_sql(with_adjustments: bool) -> str:
-    if with_adjustments:
-        cols = {name: f"if(a.a_pv != '', a.a_{name}, e.{col})" for name, col in
-                (("pv", "price_version"), ("ui", "unit_input"), ("uo", "unit_output"), ("uc", "unit_cached_input"))}  # fmt: skip
-        return _GROUPS_SQL.format(join=_ADJ_JOIN.format(), **cols)
-    return _GROUPS_SQL.format(join="", pv="e.price_version", ui="e.unit_input", uo="e.unit_output",
-                              uc="e.unit_cached_input")  # fmt: skip
 
 
 class Invoices:
-    def __init__(self, store: Store, config: GatewayConfig) -> None:
+    def __init__(self, store: Store, config: GatewayConfig, grace_s: float = 3600.0,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:  # fmt: skip
         self.store = store
         self.config = config
+        self.documents = Documents(store)
+        self.grace = timedelta(seconds=grace_s)
+        self._clock = clock
+        # One finalization at a time in this process; other replicas are kept out by `Documents`.
         self._lock = asyncio.Lock()
-        self._adjustments: bool | None = None
 
-    async def _has_adjustments(self) -> bool:
-        if self._adjustments is None:
-            rows = await self.store.query("EXISTS TABLE {db}.usage_adjustments")
-            self._adjustments = bool(rows and rows[0][0])
-        return self._adjustments
+    # -- reads -------------------------------------------------------------------------------------
 
-    async def usage_groups(self, team_id: str, period: str) -> tuple[list[UsageGroup], int]:
-        start, end = bounds(period)
-        sql = groups_sql(await self._has_adjustments())
-        rows = await self.store.query_dicts(sql, parameters={"team": team_id, "start": start, "end": end})
-        groups, unpriced = [], 0
-        for r in rows:
-            if not r["priced"]:
-                unpriced += int(r["requests"])
-                continue
-            groups.append(UsageGroup(r["model"], r["pv"], Decimal(r["ui"]), Decimal(r["uo"]), Decimal(r["uc"]),
-                                     int(r["requests"]), int(r["input_qty"]), int(r["cached_qty"]),
-                                     int(r["output_qty"])))  # fmt: skip
-        return groups, unpriced
+    async def items(self, team_id: str, period: str, as_of: datetime) -> tuple[Items, int]:
+        """The period's billable items (ledger rows of events ingested by `as_of`) and its unpriced count."""
+        tm = await ledger.team_month(self.store, team_id, period, ingested_before=as_of)
+        return items_of(tm.lines()), tm.unpriced
 
-    async def finalized(self, team_id: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
-        where, params = ("WHERE team_id = {team:String}", {"team": team_id}) if team_id else ("", {})
-        rows = await self.store.query(f"SELECT team_id, period, content FROM {{db}}.invoices FINAL {where}",
-                                      parameters=params)  # fmt: skip
-        return {(r[0], r[1]): orjson.loads(r[2]) for r in rows}
+    async def usage_periods(self, team_id: str) -> set[str]:
+        rows = await self.store.query(_USAGE_PERIODS_SQL.format(statuses=_STATUSES), parameters={"team": team_id})
+        return {r[0] for r in rows}
+
+    async def finalized(self, team_id: str) -> dict[str, dict[str, Any]]:
+        """period -> finalized document of the team."""
+        return await self.documents.for_team(team_id)
 
     async def by_id(self, invoice_id: str) -> dict[str, Any] | None:
-        rows = await self.store.query("SELECT content FROM {db}.invoices FINAL WHERE invoice_id = {i:String}",
-                                      parameters={"i": invoice_id})  # fmt: skip
-        return orjson.loads(rows[0][0]) if rows else None
+        return await self.documents.by_id(invoice_id)
+
+    async def first_period(self, team_id: str, history: plan_history.TeamHistory | None = None) -> str | None:
+        """The team's first open period: its creation month, or its earliest usage's if earlier."""
+        history = history or await plan_history.team_history(self.store, team_id)
+        candidates = await self.usage_periods(team_id)
+        if history.created_at is not None:
+            candidates.add(period_of(history.created_at))
+        return min(candidates) if candidates else None
 
     async def draft(self, team: TeamState, period: str, now: datetime | None = None) -> dict[str, Any]:
-        """The invoice as it stands: usage, plan fee, and adjustments for earlier finalized periods."""
-        now = now or datetime.now(UTC)
-        fin = {p: inv for (_, p), inv in (await self.finalized(team.team_id)).items()}
-        groups, unpriced = await self.usage_groups(team.team_id, period)
+        """The document as it stands at `now`: usage, plan fee, and adjustments of closed periods."""
+        now = now or self._clock()
+        fin = await self.finalized(team.team_id)
+        items, unpriced = await self.items(team.team_id, period, now)
         adjustments: list[dict[str, Any]] = []
-        for closed in sorted(p for p in fin if p < period):
-            target = next_period(closed)
-            while target in fin:
-                target = next_period(target)
-            if target != period:
-                continue
-            truth, _ = await self.usage_groups(team.team_id, closed)
-            adjustments += adjustment_lines(closed, fin[closed], truth, billed_items(closed, fin))
-        plan = self.config.plans.get(team.plan or self.config.default_plan)
-        fee = plan.fee_usd_per_month if plan is not None else Decimal(0)
-        return assemble(team, period, fee, usage_lines(groups), adjustments, unpriced, now)
+        latest = max(fin, default=None)
+        if latest is not None and period == next_period(latest):
+            closed = set(fin) | {p for p in await self.usage_periods(team.team_id) if p < latest}
+            for c in sorted(closed):
+                # Last billed = the latest finalization at or after c: each one brought every closed period up to date.
+                last_billed = max(datetime.fromisoformat(d["finalized_at"]) for p, d in fin.items() if p >= c)
+                truth, _ = await self.items(team.team_id, c, now)
+                known, _ = await self.items(team.team_id, c, last_billed)
+                adjustments += adjustment_lines(c, fin.get(c), truth, known, billed_items(c, fin))
+        history = await plan_history.team_history(self.store, team.team_id)
+        default = team.plan or self.config.default_plan
+        spans = plan_history.spans(period, history, default)
+        spans = [plan_history.PlanSpan(s.plan or self.config.default_plan, s.start, s.end) for s in spans]
+        fees = {name: plan.fee_usd_per_month for name, plan in self.config.plans.items()}
+        plan = spans[-1].plan if spans else default
+        doc = assemble(team.team_id, team.name, plan, period, usage_lines(items),
+                       plan_fee_lines(period, spans, fees), adjustments, unpriced, now)  # fmt: skip
+        if latest is not None and period < latest:  # closed without an invoice: billed as late usage there
+            doc["carried_to"] = next_period(latest)
+        return doc
 
     async def get(self, team: TeamState, period: str) -> dict[str, Any]:
-        """The finalized invoice of a period if there is one, else the live draft."""
-        found = (await self.finalized(team.team_id)).get((team.team_id, period))
+        """The finalized document of a period if there is one, else the live draft."""
+        found = (await self.finalized(team.team_id)).get(period)
         return found if found is not None else await self.draft(team, period)
 
-    async def finalize(self, team: TeamState, period: str) -> tuple[dict[str, Any], bool]:
-        """(invoice, created). Finalizing twice returns the stored invoice unchanged."""
-        now = datetime.now(UTC)
-        if period > period_of(now):
+    # -- closing a period --------------------------------------------------------------------------
+
+    def check_closable(self, period: str, now: datetime) -> None:
+        start, end = bounds(period)
+        if start > now:
             raise InvalidRequest(f"period: {period} has not started yet")
+        opens = end + self.grace
+        if now < opens:
+            raise PeriodOpen(f"period {period} is still open: it can be finalized from {iso(opens)} (its end plus "
+                             f"the {int(self.grace.total_seconds())} s grace for late events, TOLLWAY_INVOICE_GRACE_S)")  # fmt: skip
+
+    async def order_problem(self, team: TeamState, period: str, fin: dict[str, dict[str, Any]]) -> str | None:
+        """Why `period` cannot be finalized for the team now (None: it can)."""
+        latest = max(fin, default=None)
+        if latest is not None and period < latest:
+            return (f"period {period} of team {team.team_id} precedes {latest}, which is finalized: its usage is "
+                    f"carried to the next invoice ({next_period(latest)}) as late usage")  # fmt: skip
+        first = await self.first_period(team.team_id)
+        if first is None:
+            return None
+        earliest_open = max(first, next_period(latest)) if latest is not None else first
+        if period > earliest_open:
+            return (f"finalize {earliest_open} first: periods finalize in order, and {earliest_open} is the "
+                    f"earliest open period of team {team.team_id}")  # fmt: skip
+        return None
+
+    async def finalize(self, team: TeamState, period: str) -> tuple[dict[str, Any], bool]:
+        """(document, created). Finalizing twice, here or on another replica, returns the stored one unchanged."""
+        now = self._clock()
+        self.check_closable(period, now)
         async with self._lock:
-            existing = (await self.finalized(team.team_id)).get((team.team_id, period))
-            if existing is not None:
-                return existing, False
-            later = [p for (_, p) in await self.finalized(team.team_id) if p > period]
-            if later:
-                raise Conflict(f"period {period} cannot be finalized after a later one ({min(later)})")
-            inv = await self.draft(team, period, now)
-            rows = await self.store.query("SELECT max(seq) FROM {db}.invoices")
-            seq = int(rows[0][0] or 0) + 1
-            inv.update(invoice_id=new_id("inv"), number=f"TW-{seq:06d}", status="finalized", finalized_at=iso(now))
-            inv["content_hash"] = content_hash(inv)
-            await self.store.insert_rows(
-                "invoices",
-                [
-                    [
-                        inv["invoice_id"],
-                        inv["number"],
-                        seq,
-                        team.team_id,
-                        period,
-                        Decimal(inv["total_usd"]),
-                        orjson.dumps(inv).decode(),
-                        inv["content_hash"],
-                        now,
-                    ]
-                ],
-                (
-                    "invoice_id",
-                    "number",
-                    "seq",
-                    "team_id",
-                    "period",
-                    "total_usd",
-                    "content",
-                    "content_hash",
-                    "finalized_at",
-                ),
-            )
-        metrics.INVOICES_FINALIZED.inc()
-        log.info("invoice_finalized", team_id=team.team_id, period=period, number=inv["number"],
-                 total_usd=inv["total_usd"])  # fmt: skip
-        return inv, True
+            fin = await self.finalized(team.team_id)
+            if period in fin:
+                return fin[period], False
+            problem = await self.order_problem(team, period, fin)
+            if problem is not None:
+                raise PeriodOutOfOrder(problem)
+            doc = await self.draft(team, period, now)
+            doc["invoice_id"] = document_id(team.team_id, period)
+            seq = await self.documents.claim_number(doc["invoice_id"], now)
+            doc.update(number=f"{NUMBER_PREFIX[doc['kind']]}-{seq:06d}", status="finalized", finalized_at=iso(now))
+            doc["content_hash"] = content_hash(doc)
+            stored = await self.documents.write(doc, seq, now)
+        created = stored["content_hash"] == doc["content_hash"]
+        if created:
+            metrics.INVOICES_FINALIZED.inc()
+            log.info("invoice_finalized", team_id=team.team_id, period=period, number=stored["number"],
+                     kind=stored["kind"], total_usd=stored["total_usd"])  # fmt: skip
+        return stored, created
+
+    async def finalize_all(self, teams: list[TeamState], period: str) -> list[tuple[TeamState, dict[str, Any], bool]]:
+        """Every team that existed or had usage in `period`. Checked for all first: one team out of order
+        finalizes nobody, and the 409 names each such team's earliest open period."""
+        self.check_closable(period, self._clock())
+        todo, problems = [], []
+        for team in teams:
+            fin = await self.finalized(team.team_id)
+            first = await self.first_period(team.team_id)
+            if period not in fin and (first is None or period < first):
+                continue  # the team did not exist then and has no usage in it: nothing to invoice
+            problem = None if period in fin else await self.order_problem(team, period, fin)
+            if problem is not None:
+                problems.append(problem)
+            todo.append(team)
+        if problems:
+            more = f" (and {len(problems) - 5} more teams)" if len(problems) > 5 else ""
+            raise PeriodOutOfOrder("; ".join(problems[:5]) + more)
+        return [(team, *await self.finalize(team, period)) for team in todo]
 
 
 def not_found(invoice_id: str) -> NotFound:

@@ -22,6 +22,11 @@ USAGE_QUERY_SECONDS = Histogram(
 QUOTA_EVENTS = Counter(
     "tollway_billing_quota_events_total", "Usage events seen by the quota loop, by outcome", ["outcome"]
 )
+QUOTA_CONVERGED = Counter("tollway_billing_quota_converged_total", "Month-to-date quota recomputed from the ledger")
+QUOTA_TAIL_DROPPED = Counter(
+    "tollway_billing_quota_tail_dropped_total",
+    "Events the quota stream counted that the meter never wrote (dropped or dead-lettered), no longer counted",
+)
 QUOTA_SIGNALS = Counter("tollway_billing_quota_signals_total", "Quota signals published, by kind", ["kind"])
 QUOTA_DETECT_SECONDS = Histogram(
     "tollway_billing_quota_detect_seconds",

@@ -38,41 +38,90 @@ class Usage:
 
 
 @dataclass(slots=True)
-class QuotaBook:
-    """Month-to-date usage of one period per team and per key, and the event ids already counted.
+class Counted:
+    """An event the stream counted that the ledger does not hold yet (as far as billing last looked)."""
 
+    team_id: str
+    key_id: str
+    tokens: int
+    usd: Decimal
+    at: datetime  # occurred_at
+    counted_at: datetime  # billing's clock
+
+
+@dataclass(frozen=True, slots=True)
+class Converged:
+    changed: set[Entity]  # entities whose month-to-date total moved
+    absorbed: int  # tail events the ledger now holds
+    dropped: int  # tail events the meter never wrote (dropped or dead-lettered): no longer counted
+
+
+@dataclass(slots=True)
+class QuotaBook:
+    """Month-to-date usage of one period per team and per key: the ledger's totals as of its last settled
+    cutoff (`settled`) plus the stream's tail (events counted since that the ledger did not have then).
+
+    `converge` swaps in fresh ledger totals and drops from the tail what the ledger now holds, and what it
+    never will (the meter wrote rows for `max_age` after the event was counted, but not this one: dropped
+    or dead-lettered). So the month-to-date total is the ledger's whenever the stream has nothing newer.
     The id set is bounded (`max_ids`, oldest forgotten first): it guards against redelivery and replays,
-    which arrive close to the original; the seed from ClickHouse covers everything older.
+    which arrive close to the original; the ledger covers everything older.
     """
 
     period: str
     max_ids: int = 2_000_000
-    usage: dict[Entity, Usage] = field(default_factory=dict)
+    settled: dict[Entity, Usage] = field(default_factory=dict)
+    usage: dict[Entity, Usage] = field(default_factory=dict)  # settled + tail: what limits are judged on
+    tail: OrderedDict[str, Counted] = field(default_factory=OrderedDict)  # by counted_at
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
-
-    def seed(self, entity: Entity, tokens: int, usd: Decimal, last_at: datetime | None) -> None:
-        u = self.usage.setdefault(entity, Usage())
-        u.tokens += tokens
-        u.usd += usd
-        if last_at is not None and (u.last_at is None or last_at > u.last_at):
-            u.last_at = last_at
 
     def seen(self, event_id: str) -> bool:
         return event_id in self._seen
 
-    def add(self, event_id: str, team_id: str, key_id: str, tokens: int, usd: Decimal, at: datetime) -> bool:
+    def add(self, event_id: str, team_id: str, key_id: str, tokens: int, usd: Decimal, at: datetime,
+            counted_at: datetime | None = None) -> bool:  # fmt: skip
         """Count one event for its team and key; False (and nothing counted) if it was counted before."""
         if event_id in self._seen:
             return False
         self._seen[event_id] = None
         if len(self._seen) > self.max_ids:
             self._seen.popitem(last=False)
+        self.tail[event_id] = Counted(team_id, key_id, tokens, usd, at, counted_at or at)
         for entity in (("team", team_id), ("key", key_id)):
             self.usage.setdefault(entity, Usage()).add(tokens, usd, at)  # type: ignore[arg-type]
         return True
 
+    def converge(self, settled: dict[Entity, Usage], in_ledger: set[str], meter_progress: datetime | None,
+                 max_age: timedelta) -> Converged:  # fmt: skip
+        """Ledger totals as of a settled cutoff, and the ids the ledger holds among those ingested since the
+        previous one; what changed."""
+        before = len(self.tail)
+        for event_id in in_ledger:
+            self.tail.pop(event_id, None)
+        absorbed, dropped = before - len(self.tail), 0
+        if meter_progress is not None:
+            while self.tail:
+                event_id, c = next(iter(self.tail.items()))
+                if meter_progress - c.counted_at <= max_age:
+                    break
+                del self.tail[event_id]
+                dropped += 1
+        usage = {entity: Usage(u.tokens, u.usd, u.events, u.last_at) for entity, u in settled.items()}
+        for c in self.tail.values():
+            for entity in (("team", c.team_id), ("key", c.key_id)):
+                usage.setdefault(entity, Usage()).add(c.tokens, c.usd, c.at)  # type: ignore[arg-type]
+        none = Usage()
+        changed = {e for e in usage.keys() | self.usage.keys()
+                   if _amounts(usage.get(e, none)) != _amounts(self.usage.get(e, none))}  # fmt: skip
+        self.settled, self.usage = settled, usage
+        return Converged(changed, absorbed, dropped)
+
     def get(self, entity: Entity) -> Usage:
         return self.usage.get(entity) or Usage()
+
+
+def _amounts(u: Usage) -> tuple[int, Decimal]:
+    return u.tokens, u.usd
 
 
 def exhausted_by(usage: Usage, limits: Limits) -> str | None:

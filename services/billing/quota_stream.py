@@ -1,13 +1,22 @@
-"""The quota loop: month-to-date totals seeded from ClickHouse, advanced from `tollway.usage.v1`, and turned
-into quota signals for the proxies (exhausted / restored / usage updates near a limit) and budget alerts.
+"""The quota loop: month-to-date totals that converge to the ledger, advanced from `tollway.usage.v1` in
+between, turned into quota signals for the proxies (exhausted / restored / usage updates with the ids counted)
+and budget alerts.
 
-Exactly-once counting, without a shared transaction between ClickHouse and Kafka:
-  * the seed counts rows with `ingested_at <= cutoff` (cutoff = start - `SEED_SETTLE`, so every such row
-    was visible when the seed ran);
-  * the stream counts an event unless the seed already did (checked in ClickHouse, for events old enough
-    to have been seeded) or the stream did (a bounded id set per period);
+Month-to-date = ledger(rows ingested up to a settled cutoff) + tail (events the stream counted since that the
+ledger did not hold at the cutoff). Every `quota_converge_s` the cutoff moves to now - `quota_settle_s`:
+  * the ledger totals are recomputed (so a call the meter priced later, a re-rating adjustment, or a call
+    the meter never wrote are what the ledger says, not what the stream saw);
+  * tail events the ledger now holds (ingested between the previous cutoff, less the settle, and this one)
+    leave the tail; tail events the meter has not written `quota_tail_max_s` into its later writes are
+    dropped (dropped or dead-lettered: never billed). While the meter writes nothing, nothing is dropped.
+Exactly-once between the two, without a shared transaction between ClickHouse and Kafka:
+  * the stream counts an event unless the ledger holds it at the current cutoff (checked in ClickHouse, for
+    events old enough to be there) or the stream did (a bounded id set per period);
   * offsets are committed only for records older than `quota_commit_delay_s`, so a restart replays at
-    least that much: everything ingested after the cutoff comes back through the stream.
+    least that much: everything ingested after the first cutoff comes back through the stream.
+Clocks: the month rolls on billing's clock, never on an event's. An event dated more than
+`quota_future_tolerance_s` ahead of billing's clock is clock-skewed: counted by a metric, logged, not counted
+(the meter holds it as a dead letter); one dated in the next month within the tolerance waits for the roll.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -29,7 +39,7 @@ from schemas.config import GatewayConfig, Limits
 from schemas.control import KeyState, QuotaSignal, monthly_limits
 from schemas.events import USAGE_TOPIC, UsageEvent
 from schemas.prices import PriceBook, price
-from services.billing import metrics
+from services.billing import ledger, metrics
 from services.billing.accounts import Accounts
 from services.billing.alerts import Alerts
 from services.billing.control import ControlPublisher
@@ -38,6 +48,7 @@ from services.billing.quota import (
     BILLABLE,
     Entity,
     QuotaBook,
+    Usage,
     crossed_thresholds,
     exhausted_by,
     has_monthly_limit,
@@ -47,14 +58,36 @@ from services.billing.settings import BillingSettings
 
 log = structlog.get_logger("tollway.billing.quota")
 
-SEED_SETTLE = timedelta(seconds=5)
-CLOCK_SKEW = timedelta(seconds=5)
-ACK_HORIZON_S = 30.0  # a proxy forgets its local not-yet-counted entries after this long
+CLOCK_SKEW = timedelta(seconds=5)  # how far a row's occurred_at may lead the meter's ingested_at
+ACK_CHUNK = 2000  # event ids per acknowledgement message (~80 KB)
+SKEW_LOG_EVERY_S = 60.0  # one clock_skewed log line per proxy instance per minute (the metric counts all)
 
 
-async def table_exists(store: Store, table: str) -> bool:
-    rows = await store.query(f"EXISTS TABLE {{db}}.{table}")
-    return bool(rows and rows[0][0])
+async def ledger_month_to_date(store: Store, period: str, ingested_before: datetime) -> dict[Entity, Usage]:
+    """Per team and per key: the ledger's month-to-date (billable tokens, exact cost incl. adjustments)."""
+    out: dict[Entity, Usage] = {}
+    for r in await ledger.month_to_date(store, period, ingested_before):
+        for entity in (("team", r.team_id), ("key", r.key_id)):
+            u = out.setdefault(entity, Usage())  # type: ignore[arg-type]
+            u.tokens, u.usd = u.tokens + r.tokens, u.usd + r.usd
+            if r.last_at is not None and (u.last_at is None or r.last_at > u.last_at):
+                u.last_at = r.last_at
+    return out
+
+
+async def ingested_between(store: Store, period: str, after: datetime,
+                           until: datetime) -> tuple[set[str], datetime | None]:  # fmt: skip
+    """Ids of the period's rows ingested in (after, until], and the latest such ingested_at (the meter's
+    progress). Any copy counts: a row is in the ledger from its first write."""
+    start, end = bounds(period)
+    rows = await store.query(
+        """SELECT toString(event_id), ingested_at FROM {db}.usage_events
+           WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}
+             AND ingested_at > {after:DateTime64(3, 'UTC')} AND ingested_at <= {until:DateTime64(3, 'UTC')}""",
+        parameters={"start": start, "end": end, "after": after, "until": until},
+    )
+    progress = max((r[1] for r in rows), default=None)
+    return {r[0] for r in rows}, None if progress is None else progress.replace(tzinfo=UTC)
 
 
 class QuotaService:
@@ -68,15 +101,22 @@ class QuotaService:
         self.alerts = alerts
         self.bootstrap = bootstrap
         self.book_ = PriceBook(config)
-        self.book = QuotaBook(period_of(datetime.now(UTC)))
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # billing's clock: the period rolls on it
+        self.book = QuotaBook(period_of(self.clock()))
         self.states: dict[Entity, QuotaSignal] = {}  # last exhausted/restored signal per entity
-        self.counted: dict[Entity, deque[tuple[float, str]]] = {}
+        self.counted: dict[Entity, list[str]] = {}  # ids counted since the entity's last acknowledgement
         self.last_update: dict[Entity, float] = {}
         self.dirty: set[Entity] = set()
         self.overshoot: dict[Entity, tuple[int, Decimal]] = {}
         self.expiry_announced: set[str] = set()
-        self.cutoff = datetime.now(UTC) - SEED_SETTLE
+        self.settle = timedelta(seconds=settings.quota_settle_s)
+        self.cutoff = self.clock() - self.settle
+        self.meter_progress: datetime | None = None  # the latest ingested_at the ledger has shown
+        self.early: list[UsageEvent] = []  # next month's events within the clock tolerance: wait for the roll
         self.ready = asyncio.Event()  # the consumer has its partitions
+        self._book_lock = asyncio.Lock()  # an ingest's ledger check and a convergence never interleave
+        self._converge_due = asyncio.Event()
+        self._skew_logged: dict[str, float] = {}
         self._uncommitted: dict[TopicPartition, deque[tuple[int, int]]] = {}
         self._last_commit = 0.0
         self._alert_tasks: set[asyncio.Task[None]] = set()
@@ -103,36 +143,12 @@ class QuotaService:
                            used_tokens=usage.tokens, used_usd=usage.usd, limit_tokens=limits.tokens_per_month,
                            limit_usd=limits.budget_usd_per_month, as_of=datetime.now(UTC), **extra)  # fmt: skip
 
-    # -- seed -----------------------------------------------------------------------------------------
+    # -- the ledger -----------------------------------------------------------------------------------
 
     async def seed(self) -> None:
-        """Month-to-date totals from deduplicated ClickHouse rows (FINAL), plus re-rating adjustments."""
-        start, end = bounds(self.book.period)
-        self.cutoff = datetime.now(UTC) - SEED_SETTLE
-        params = {"start": start, "end": end, "cutoff": self.cutoff}
-        rows = await self.store.query_dicts(
-            """SELECT team_id, key_id,
-                      sum(if(status IN ('ok', 'error'), prompt_tokens + completion_tokens, 0)) AS tokens,
-                      sum(cost_total) AS usd, max(occurred_at) AS last_at
-               FROM {db}.usage_events FINAL
-               WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}
-                 AND ingested_at <= {cutoff:DateTime64(3, 'UTC')}
-               GROUP BY team_id, key_id""",
-            parameters=params,
-        )
-        if await table_exists(self.store, "usage_adjustments"):
-            adj = await self.store.query_dicts(
-                """SELECT team_id, key_id, sum(delta_total) AS usd FROM {db}.usage_adjustments FINAL
-                   WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}
-                   GROUP BY team_id, key_id""",
-                parameters=params,
-            )
-            rows += [{"team_id": r["team_id"], "key_id": r["key_id"], "tokens": 0, "usd": r["usd"], "last_at": None}
-                     for r in adj]  # fmt: skip
-        for r in rows:
-            last = r["last_at"].replace(tzinfo=UTC) if r["last_at"] is not None else None
-            for entity in (("team", r["team_id"]), ("key", r["key_id"])):
-                self.book.seed(entity, int(r["tokens"]), Decimal(r["usd"]), last)  # type: ignore[arg-type]
+        """Month-to-date totals from the ledger at start (exhausted states are republished with the full
+        state, not signalled one by one)."""
+        await self.converge(publish=False)
         for entity in list(self.book.usage):
             limits = self.limits(entity)
             reason = exhausted_by(self.book.get(entity), limits) if limits else None
@@ -142,6 +158,45 @@ class QuotaService:
             if key.expires_at is not None and key.expires_at <= datetime.now(UTC):
                 self.expiry_announced.add(key.key_id)
         log.info("quota_seeded", period=self.book.period, entities=len(self.book.usage), exhausted=len(self.states))
+
+    async def converge(self, publish: bool = True) -> None:
+        """Move the cutoff: ledger totals as of it, minus from the tail what the ledger now holds."""
+        period, previous = self.book.period, self.cutoff
+        cutoff = self.clock() - self.settle
+        settled = await ledger_month_to_date(self.store, period, cutoff)
+        # From the previous cutoff less the settle: a row stamped just before it may have become visible after.
+        in_ledger, progress = await ingested_between(self.store, period, previous - self.settle, cutoff)
+        async with self._book_lock:
+            if period != self.book.period:
+                return  # the month rolled meanwhile: the next convergence is for the new one
+            self.cutoff = cutoff
+            if progress is not None and (self.meter_progress is None or progress > self.meter_progress):
+                self.meter_progress = progress
+            done = self.book.converge(settled, in_ledger, self.meter_progress,
+                                      timedelta(seconds=self.settings.quota_tail_max_s))  # fmt: skip
+        metrics.QUOTA_CONVERGED.inc()
+        metrics.QUOTA_TAIL_DROPPED.inc(done.dropped)
+        if done.changed or done.dropped:
+            log.info("quota_converged", period=period, cutoff=cutoff.isoformat(), changed=len(done.changed),
+                     tail=len(self.book.tail), absorbed=done.absorbed, dropped=done.dropped)  # fmt: skip
+        if publish:
+            for entity in done.changed:
+                await self.evaluate(entity)
+                self._spawn_alerts(entity)
+
+    async def _converge_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self._converge_due.wait(), timeout=self.settings.quota_converge_s)
+            except TimeoutError:
+                pass
+            self._converge_due.clear()
+            if stop.is_set():
+                return
+            try:
+                await self.converge()
+            except Exception as err:  # ClickHouse trouble: keep the totals, try again next round
+                log.warning("quota_converge_failed", error=str(err)[:300])
 
     def full_state(self) -> list[QuotaSignal]:
         """Current quota states for the full-state republish: every exhausted entity, and a usage update
@@ -157,6 +212,7 @@ class QuotaService:
     # -- the loop -------------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        converging = asyncio.create_task(self._converge_loop(stop), name="billing-quota-converge")
         while not stop.is_set():
             try:
                 await self._consume(stop)
@@ -166,6 +222,8 @@ class QuotaService:
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
                 except TimeoutError:
                     pass
+        self._converge_due.set()
+        await converging
         if self._alert_tasks:
             await asyncio.wait(list(self._alert_tasks), timeout=5)
 
@@ -210,38 +268,82 @@ class QuotaService:
         await self.ingest_events(events)
 
     async def ingest_events(self, events: list[UsageEvent]) -> None:
-        for e in events:
-            if period_of(e.occurred_at) > self.book.period:
-                await self.rollover(period_of(e.occurred_at))
-        current = [e for e in events if period_of(e.occurred_at) == self.book.period]
-        metrics.QUOTA_EVENTS.labels(outcome="past_period").inc(len(events) - len(current))
-        seeded = await self._already_seeded(current)
-        touched: dict[Entity, datetime] = {}
-        now_mono = time.monotonic()
-        for e in current:
-            if e.event_id in seeded:
-                metrics.QUOTA_EVENTS.labels(outcome="seeded").inc()
-                continue
-            priced = price(e, self.book_)
-            tokens = e.prompt_tokens + e.completion_tokens if e.status in BILLABLE else 0
-            if not self.book.add(e.event_id, e.team_id, e.key_id, tokens, priced.cost.total, e.occurred_at):
-                metrics.QUOTA_EVENTS.labels(outcome="duplicate").inc()
-                continue
-            metrics.QUOTA_EVENTS.labels(outcome="counted").inc()
-            finished = e.occurred_at + timedelta(milliseconds=e.latency_ms)
-            for entity in (("team", e.team_id), ("key", e.key_id)):
-                self.counted.setdefault(entity, deque()).append((now_mono, e.event_id))  # type: ignore[arg-type]
-                touched[entity] = finished  # type: ignore[index]
+        async with self._book_lock:
+            touched = await self._count(self._current(events))
         # Signals first (they are what bites), alerts after, off the hot path.
         for entity, finished in touched.items():
             await self.evaluate(entity, finished)
         for entity in touched:
             self._spawn_alerts(entity)
 
+    def _current(self, events: list[UsageEvent]) -> list[UsageEvent]:
+        """This period's events. The month never rolls here: billing's clock rolls it (`tick`)."""
+        now = self.clock()
+        ahead = now + timedelta(seconds=self.settings.quota_future_tolerance_s)
+        current: list[UsageEvent] = []
+        for e in events:
+            p = period_of(e.occurred_at)
+            if e.occurred_at > ahead:
+                self._clock_skewed(e, now)
+            elif p == self.book.period:
+                current.append(e)
+            elif p > self.book.period:
+                self.early.append(e)  # bounded: the tolerance's worth of traffic at a month's edge
+                metrics.QUOTA_EVENTS.labels(outcome="next_period").inc()
+            else:
+                metrics.QUOTA_EVENTS.labels(outcome="past_period").inc()
+        return current
+
+    def _clock_skewed(self, e: UsageEvent, now: datetime) -> None:
+        metrics.QUOTA_EVENTS.labels(outcome="clock_skewed").inc()
+        mono = time.monotonic()
+        if mono - self._skew_logged.get(e.proxy_instance, -SKEW_LOG_EVERY_S) >= SKEW_LOG_EVERY_S:
+            self._skew_logged[e.proxy_instance] = mono
+            log.warning("quota_event_clock_skewed", proxy_instance=e.proxy_instance, event_id=e.event_id,
+                        team_id=e.team_id, occurred_at=e.occurred_at.isoformat(),
+                        ahead_s=round((e.occurred_at - now).total_seconds(), 3))  # fmt: skip
+
+    async def _count(self, current: list[UsageEvent]) -> dict[Entity, datetime]:
+        seeded = await self._already_seeded(current)
+        touched: dict[Entity, datetime] = {}
+        gated: dict[Entity, bool] = {}
+        counted_at = self.clock()
+        for e in current:
+            entities: tuple[Entity, Entity] = (("team", e.team_id), ("key", e.key_id))
+            if e.event_id in seeded:
+                metrics.QUOTA_EVENTS.labels(outcome="seeded").inc()
+                self._acknowledge(entities, e.event_id, gated)  # in billing's total: a proxy may forget it
+                continue
+            priced = price(e, self.book_)
+            tokens = e.prompt_tokens + e.completion_tokens if e.status in BILLABLE else 0
+            if not self.book.add(e.event_id, e.team_id, e.key_id, tokens, priced.cost.total, e.occurred_at,
+                                 counted_at):  # fmt: skip
+                metrics.QUOTA_EVENTS.labels(outcome="duplicate").inc()
+                self._acknowledge(entities, e.event_id, gated)
+                continue
+            metrics.QUOTA_EVENTS.labels(outcome="counted").inc()
+            self._acknowledge(entities, e.event_id, gated)
+            finished = e.occurred_at + timedelta(milliseconds=e.latency_ms)
+            for entity in entities:
+                touched[entity] = finished
+        return touched
+
+    def _acknowledge(self, entities: tuple[Entity, Entity], event_id: str, gated: dict[Entity, bool]) -> None:
+        """Queue the id for the proxies' not-yet-counted ledgers (only entities they gate have one).
+        `gated` caches the limit lookup for one batch."""
+        for entity in entities:
+            hit = gated.get(entity)
+            if hit is None:
+                limits = self.limits(entity)
+                hit = gated[entity] = limits is not None and has_monthly_limit(limits)
+            if hit:
+                self.counted.setdefault(entity, []).append(event_id)
+
     async def _already_seeded(self, events: list[UsageEvent]) -> set[str]:
         """Ids of events the seed counted. Only events old enough to predate the cutoff can be among them."""
         limit = self.cutoff + CLOCK_SKEW
         ids = [e.event_id for e in events if e.occurred_at <= limit and not self.book.seen(e.event_id)]
+        # (an event ingested after the cutoff is not there yet: the next convergence takes it off the tail)
         if not ids:
             return set()
         start, end = bounds(self.book.period)
@@ -313,27 +415,26 @@ class QuotaService:
         task.add_done_callback(self._alert_tasks.discard)
 
     async def tick(self) -> None:
-        """Month rollover, throttled usage updates for entities near a limit, expiry announcements."""
-        now = datetime.now(UTC)
+        """Month rollover on billing's clock, throttled usage updates (near a limit) and acknowledgements
+        (every gated entity), expiry announcements."""
+        now = self.clock()
         if period_of(now) > self.book.period:
             await self.rollover(period_of(now))
         mono = time.monotonic()
-        interval = self.settings.quota_update_interval_ms / 1000
-        for entity in list(self.dirty):
-            if mono - self.last_update.get(entity, 0.0) < interval:
+        near_s = self.settings.quota_update_interval_ms / 1000
+        ack_s = self.settings.quota_ack_interval_ms / 1000
+        for entity in list(self.dirty | self.counted.keys()):
+            if self.state_of(entity)[0] == "exhausted":
+                self.dirty.discard(entity)
+                continue  # the proxies refuse it anyway; its ids are acknowledged once it is restored
+            if mono - self.last_update.get(entity, 0.0) < (near_s if entity in self.dirty else ack_s):
                 continue
             self.dirty.discard(entity)
             self.last_update[entity] = mono
-            if self.state_of(entity)[0] == "exhausted":
-                continue
-            ids = [i for _, i in self.counted.pop(entity, ())]
-            await self.publisher.publish(self._signal(entity, "ok", counted=ids))
+            ids = self.counted.pop(entity, [])
+            for i in range(0, max(len(ids), 1), ACK_CHUNK):
+                await self.publisher.publish(self._signal(entity, "ok", counted=ids[i : i + ACK_CHUNK]))
             metrics.QUOTA_SIGNALS.labels(kind="usage").inc()
-        for entity, q in list(self.counted.items()):
-            while q and mono - q[0][0] > ACK_HORIZON_S:
-                q.popleft()
-            if not q:
-                del self.counted[entity]
         for key in self.accounts.keys():
             if key.expires_at is not None and key.expires_at <= now and key.key_id not in self.expiry_announced:
                 self.expiry_announced.add(key.key_id)
@@ -341,12 +442,14 @@ class QuotaService:
                 log.info("key_expired", key_id=key.key_id, team_id=key.team_id)
 
     async def rollover(self, period: str) -> None:
-        """A new month: totals restart at zero and every exhausted entity is restored."""
+        """A new month on billing's clock: totals restart from the new month's ledger and every exhausted
+        entity is restored."""
         if period <= self.book.period:
             return
         old = [e for e, s in self.states.items() if s.state == "exhausted"]
         log.info("quota_period_rollover", old=self.book.period, new=period, restored=len(old))
-        self.book = QuotaBook(period)
+        async with self._book_lock:
+            self.book = QuotaBook(period)
         self.states.clear()
         self.overshoot.clear()
         self.counted.clear()
@@ -357,6 +460,9 @@ class QuotaService:
             await self.publisher.publish(sig)
             metrics.QUOTA_SIGNALS.labels(kind="restored").inc()
         await self.alerts.load(period)
+        early, self.early = self.early, []
+        await self.ingest_events(early)
+        self._converge_due.set()
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
         mono = time.monotonic()

@@ -1,16 +1,27 @@
 """ROI per team and period: what the gateway's traffic cost against what the same tokens would have cost
-at baseline prices, and where the difference came from (pure arithmetic + one grouped query).
+at baseline prices, and where the difference came from (pure arithmetic + one grouped ledger query).
 
-For each group of rows (day, requested model, served model, status, stored unit prices):
-  actual       = stored cost (cache hits and rejections cost 0);
-  own          = the tokens at the served model's stored unit prices (for a cache hit: the avoided cost);
+Rows come from the ledger's effective rows (events FINAL + re-rating adjustments FINAL), so `actual` of a
+team-month is the ledger's exact amount. For each group (day, requested model, served model, status,
+effective unit prices):
+  actual       = effective cost (cache hits and rejections cost 0);
+  own          = the tokens at the served model's effective unit prices (for a cache hit: the avoided cost);
   requested    = the tokens at the requested model's price that day (= own unless routing changed the model);
-  baseline     = the tokens at the requested model's `baseline` price (a model without one: its own price).
-savings = baseline - actual, split exactly into
+  baseline     = the tokens at the requested model's `baseline` price in force that day (effective-dated like
+                 prices; a model without one in force: its own price).
+savings = baseline - actual, split into
   cache     = own of cache hits,
   routing   = requested - own of calls served by another model than requested (fallback/routing),
   model     = baseline - requested (choosing a model cheaper than the baseline).
-Money is Decimal throughout; the report rounds each figure to cents (ROUND_HALF_EVEN) for display.
+
+Rounding rule (the invoices' rule, stated once in `ROUNDING_RULE`): each report row (one model) is computed
+exactly in Decimal, then each of its figures is rounded ONCE to cents (ROUND_HALF_EVEN); a row's savings =
+its rounded baseline - its rounded actual, its model-choice part = its savings - cache - routing (so the
+row foots); every total is the plain sum of the rounded rows, so the CSV TOTAL row is the sum of its rows.
+Percentages are not money: they come from the exact figures.
+The exact amounts are given too (`actual_cost_exact_usd`, `baseline_cost_exact_usd`).
+Annualised savings need at least `MIN_ANNUALISE_DAYS` days of the period behind them; under that the figure
+is null and `annualised_basis` says why.
 """
 
 from __future__ import annotations
@@ -26,22 +37,24 @@ from typing import Any
 from schemas.clickhouse import Store
 from schemas.config import GatewayConfig, Price
 from schemas.prices import MILLION, PriceBook, UnitPrice
+from services.billing import ledger
 from services.billing.periods import bounds, iso, period_of
 
 ZERO = Decimal(0)
 CENT = Decimal("0.01")
+MIN_ANNUALISE_DAYS = 7
+ROUNDING_RULE = ("each model row: exact Decimal figures rounded once to 0.01 USD (ROUND_HALF_EVEN), savings = "
+                 "rounded baseline - rounded actual; totals = sums of the rounded rows")  # fmt: skip
 
-ROI_SQL = """
-SELECT toDate(occurred_at, 'UTC') AS day, requested_model, served_model, provider, status,
-       unit_input, unit_output, unit_cached_input, count() AS requests,
-       sum(prompt_tokens - least(cached_tokens, prompt_tokens)) AS input_qty,
-       sum(least(cached_tokens, prompt_tokens)) AS cached_qty,
-       sum(completion_tokens) AS output_qty,
-       sum(cost_total) AS cost
-FROM {db}.usage_events FINAL
-WHERE team_id = {team:String} AND status IN ('ok', 'error', 'cached') AND priced
-  AND occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}
-GROUP BY day, requested_model, served_model, provider, status, unit_input, unit_output, unit_cached_input
+ROI_SQL = f"""
+SELECT toDate(x.occurred_at, 'UTC') AS day, x.requested_model AS requested_model, x.model AS billed_model,
+       x.provider AS provider, x.status AS status, x.unit_input AS unit_input, x.unit_output AS unit_output,
+       x.unit_cached_input AS unit_cached_input, count() AS requests,
+       sum(x.input_tokens) AS input_qty, sum(x.cached_input_tokens) AS cached_qty, sum(x.output_tokens) AS output_qty,
+       sum(x.cost_usd) AS cost
+FROM {ledger.effective_sql(team=True)} AS x
+WHERE (x.billable OR x.status = 'cached') AND x.priced
+GROUP BY day, requested_model, billed_model, provider, status, unit_input, unit_output, unit_cached_input
 """
 
 
@@ -73,9 +86,21 @@ def _pct(part: Decimal, whole: Decimal) -> str:
     return str((part * 100 / whole).quantize(CENT, rounding=ROUND_HALF_EVEN)) if whole else "0.00"
 
 
+def cents(v: Decimal) -> Decimal:
+    return v.quantize(CENT, rounding=ROUND_HALF_EVEN)
+
+
+def _annualised(savings: Decimal, covered_days: Decimal) -> tuple[str | None, str]:
+    shown = covered_days.quantize(CENT)
+    if covered_days < MIN_ANNUALISE_DAYS:
+        return None, (f"not annualised: {shown} days of data, under the {MIN_ANNUALISE_DAYS}-day minimum "
+                      "(a few hours or days of traffic do not predict a year)")  # fmt: skip
+    return money(savings / covered_days * Decimal(365)), f"savings per day over {shown} days x 365"
+
+
 def compute(rows: list[RoiRow], config: GatewayConfig, team_id: str, period: str, now: datetime) -> dict[str, Any]:
     book = PriceBook(config)
-    totals = dict.fromkeys(("actual", "baseline", "cache", "routing", "model"), ZERO)
+    exact = dict.fromkeys(("actual", "baseline"), ZERO)
     per_model: dict[str, dict[str, Any]] = {}
     for r in rows:
         served = r.served_model or r.requested_model
@@ -86,17 +111,15 @@ def compute(rows: list[RoiRow], config: GatewayConfig, team_id: str, period: str
         actual = ZERO if r.status == "cached" else r.cost
         req_unit = book.at(requested, "*", when) if requested != served else None
         req_cost = _at(req_unit, *toks) if req_unit is not None else own
-        base_price = config.models[requested].baseline if requested in config.models else None
+        base_price = config.models[requested].baseline_at(r.day) if requested in config.models else None
         baseline = _at(base_price, *toks) if base_price is not None else req_cost
         cache = own if r.status == "cached" else ZERO
         routing = req_cost - own if requested != served else ZERO
-        model = baseline - req_cost
-        for k, v in (("actual", actual), ("baseline", baseline), ("cache", cache), ("routing", routing),
-                     ("model", model)):  # fmt: skip
-            totals[k] += v
-        m = per_model.setdefault(served, {"requests": 0, "cache_hits": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                                          "completion_tokens": 0, "actual": ZERO, "baseline": ZERO, "cache": ZERO,
-                                          "routing": ZERO})  # fmt: skip
+        exact["actual"] += actual
+        exact["baseline"] += baseline
+        m = per_model.setdefault(ledger.report_model(served, config), {
+            "requests": 0, "cache_hits": 0, "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0,
+            "actual": ZERO, "baseline": ZERO, "cache": ZERO, "routing": ZERO})  # fmt: skip
         m["requests"] += r.requests
         m["cache_hits"] += r.requests if r.status == "cached" else 0
         m["prompt_tokens"] += r.input_tokens + r.cached_tokens
@@ -104,39 +127,54 @@ def compute(rows: list[RoiRow], config: GatewayConfig, team_id: str, period: str
         m["completion_tokens"] += r.output_tokens
         for k, v in (("actual", actual), ("baseline", baseline), ("cache", cache), ("routing", routing)):
             m[k] += v
+    models = []
+    for name, m in sorted(per_model.items()):
+        actual_r, baseline_r, cache_r, routing_r = (cents(m[k]) for k in ("actual", "baseline", "cache", "routing"))
+        savings_r = baseline_r - actual_r
+        models.append({
+            "model": name, "requests": m["requests"], "cache_hits": m["cache_hits"],
+            "prompt_tokens": m["prompt_tokens"], "cached_tokens": m["cached_tokens"],
+            "completion_tokens": m["completion_tokens"], "actual_cost_usd": money(actual_r),
+            "baseline_cost_usd": money(baseline_r), "savings_usd": money(savings_r),
+            "savings_pct": _pct(m["baseline"] - m["actual"], m["baseline"]), "cache_savings_usd": money(cache_r),
+            "routing_savings_usd": money(routing_r), "model_choice_savings_usd": money(savings_r - cache_r - routing_r),
+        })  # fmt: skip
+
+    def total(field: str) -> Decimal:
+        return sum((Decimal(m[field]) for m in models), ZERO)
+
     start, end = bounds(period)
     current = period == period_of(now)
     days_in_period = Decimal(calendar.monthrange(start.year, start.month)[1])
-    covered = Decimal(max((now - start).total_seconds(), 3600.0)) / Decimal(86400) if current else days_in_period
-    savings = totals["baseline"] - totals["actual"]
-    annual = savings / covered * Decimal(365)
+    covered = Decimal(max((now - start).total_seconds(), 0.0)) / Decimal(86400) if current else days_in_period
+    savings = total("savings_usd")
+    annual, basis = _annualised(savings, covered)
     return {
         "object": "roi_report", "team_id": team_id, "period": period, "period_start": iso(start),
         "period_end": iso(end), "currency": "USD", "partial_period": current,
-        "actual_cost_usd": money(totals["actual"]), "baseline_cost_usd": money(totals["baseline"]),
-        "savings_usd": money(savings), "savings_pct": _pct(savings, totals["baseline"]),
-        "savings_breakdown_usd": {"cache": money(totals["cache"]), "routing": money(totals["routing"]),
-                                  "model_choice": money(totals["model"])},
-        "annualised_savings_usd": money(annual),
-        "annualised_basis": f"savings per day over {covered.quantize(CENT)} days x 365",
-        "models": [
-            {"model": name, "requests": m["requests"], "cache_hits": m["cache_hits"],
-             "prompt_tokens": m["prompt_tokens"], "cached_tokens": m["cached_tokens"],
-             "completion_tokens": m["completion_tokens"], "actual_cost_usd": money(m["actual"]),
-             "baseline_cost_usd": money(m["baseline"]), "savings_usd": money(m["baseline"] - m["actual"]),
-             "savings_pct": _pct(m["baseline"] - m["actual"], m["baseline"]),
-             "cache_savings_usd": money(m["cache"]), "routing_savings_usd": money(m["routing"])}
-            for name, m in sorted(per_model.items())
-        ],
-        "method": "baseline = tokens at the requested model's baseline price (its own price when it has none)",
+        "actual_cost_usd": money(total("actual_cost_usd")), "baseline_cost_usd": money(total("baseline_cost_usd")),
+        "savings_usd": money(savings), "savings_pct": _pct(exact["baseline"] - exact["actual"], exact["baseline"]),
+        "savings_breakdown_usd": {"cache": money(total("cache_savings_usd")),
+                                  "routing": money(total("routing_savings_usd")),
+                                  "model_choice": money(total("model_choice_savings_usd"))},
+        "actual_cost_exact_usd": ledger_money(exact["actual"]), "baseline_cost_exact_usd": ledger_money(exact["baseline"]),
+        "annualised_savings_usd": annual, "annualised_basis": basis, "rounding": ROUNDING_RULE,
+        "models": models,
+        "method": "baseline = tokens at the requested model's baseline price in force that day (its own price "
+                  "when it has none)",
     }  # fmt: skip
+
+
+def ledger_money(v: Decimal) -> str:
+    """Exact, plain notation: Decimal('1.500000000000000000') -> '1.5'."""
+    return format(v.normalize(), "f") if v else "0"
 
 
 async def roi_report(store: Store, config: GatewayConfig, team_id: str, period: str) -> dict[str, Any]:
     start, end = bounds(period)
     raw = await store.query_dicts(ROI_SQL, parameters={"team": team_id, "start": start, "end": end})
     rows = [
-        RoiRow(r["day"], r["requested_model"], r["served_model"], r["provider"], r["status"],
+        RoiRow(r["day"], r["requested_model"], r["billed_model"], r["provider"], r["status"],
                UnitPrice("stored", Decimal(r["unit_input"]), Decimal(r["unit_output"]), Decimal(r["unit_cached_input"])),
                int(r["requests"]), int(r["input_qty"]), int(r["cached_qty"]), int(r["output_qty"]),
                Decimal(r["cost"]))
@@ -147,20 +185,19 @@ async def roi_report(store: Store, config: GatewayConfig, team_id: str, period: 
 
 ROI_CSV_COLUMNS = ("team_id", "period", "model", "requests", "cache_hits", "prompt_tokens", "cached_tokens",
                    "completion_tokens", "actual_cost_usd", "baseline_cost_usd", "savings_usd", "savings_pct",
-                   "cache_savings_usd", "routing_savings_usd")  # fmt: skip
+                   "cache_savings_usd", "routing_savings_usd", "model_choice_savings_usd")  # fmt: skip
 
 
 def roi_csv(report: dict[str, Any]) -> str:
-    """One row per model, then a TOTAL row."""
+    """One row per model, then a TOTAL row: the report's totals, which are the sums of the rows."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(ROI_CSV_COLUMNS)
     for m in report["models"]:
         w.writerow([report["team_id"], report["period"], *(m[c] for c in ROI_CSV_COLUMNS[2:])])
     b = report["savings_breakdown_usd"]
-    w.writerow([report["team_id"], report["period"], "TOTAL", sum(m["requests"] for m in report["models"]),
-                sum(m["cache_hits"] for m in report["models"]), sum(m["prompt_tokens"] for m in report["models"]),
-                sum(m["cached_tokens"] for m in report["models"]),
-                sum(m["completion_tokens"] for m in report["models"]), report["actual_cost_usd"],
-                report["baseline_cost_usd"], report["savings_usd"], report["savings_pct"], b["cache"], b["routing"]])  # fmt: skip
+    counts = [sum(m[c] for m in report["models"]) for c in ROI_CSV_COLUMNS[3:8]]
+    w.writerow([report["team_id"], report["period"], "TOTAL", *counts, report["actual_cost_usd"],
+                report["baseline_cost_usd"], report["savings_usd"], report["savings_pct"], b["cache"], b["routing"],
+                b["model_choice"]])  # fmt: skip
     return buf.getvalue()

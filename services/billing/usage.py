@@ -1,7 +1,21 @@
-"""Usage reports over `usage_events`: range parsing and query building (pure), plus one async runner.
+"""Usage reports: range parsing and query building (pure), plus one async runner.
 
-Every read uses FINAL: the table collapses redelivered events by event_id only at read time, so a
-query without it could count one call twice. User input reaches SQL only as bound parameters.
+Every read goes through the ledger's effective rows (`usage_events FINAL` + `usage_adjustments FINAL`):
+a redelivered event counts once and a re-rated one at its current price, so `cost_usd` of a team-month is
+the ledger's exact amount. User input reaches SQL only as bound parameters.
+
+Fields per group and in totals:
+  requests, prompt_tokens, completion_tokens, cached_tokens, total_tokens: every call in the range, of any
+      status, cache hits and rejections included (what the traffic was; `cached_tokens` = provider-cached
+      prompt tokens);
+  cost_usd: exact effective cost (re-rating adjustments included); adjustments_usd: the part of it that
+      re-rating added (signed);
+  billed_requests, billed_input_tokens (uncached prompt), billed_cached_input_tokens, billed_output_tokens:
+      the calls and tokens cost_usd prices (status ok/error, priced), so tokens x unit price == cost_usd;
+  cache_hits, cache_hit_prompt_tokens, cache_hit_completion_tokens: answered from the gateway cache,
+      billed zero;
+  unpriced_requests: calls stored without a price (billed zero until `tollway rerate` prices them).
+group_by=model labels a model the config does not know (a rejected call's made-up name) as `(unknown)`.
 """
 
 from __future__ import annotations
@@ -12,25 +26,37 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from schemas.clickhouse import Store
-from services.billing import metrics
+from schemas.config import GatewayConfig
+from services.billing import ledger, metrics
 from services.billing.errors import InvalidRequest
 
 GroupBy = Literal["model", "day", "key"]
 
 # group_by -> (response field, SQL expression). Fixed strings: the only SQL that varies by request.
 GROUPS: dict[str, tuple[str, str]] = {
-    "model": ("model", "if(served_model = '', requested_model, served_model)"),
-    "day": ("day", "toDate(occurred_at, 'UTC')"),
-    "key": ("key_id", "key_id"),
+    "model": ("model", "x.model"),
+    "day": ("day", "toDate(x.occurred_at, 'UTC')"),
+    "key": ("key_id", "x.key_id"),
 }
 METRICS_SQL = """
     count() AS requests,
-    sum(prompt_tokens) AS prompt_tokens,
-    sum(completion_tokens) AS completion_tokens,
-    sum(cached_tokens) AS cached_tokens,
-    sum(cost_total) AS cost_usd,
-    countIf(NOT priced) AS unpriced_requests"""
-INT_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "unpriced_requests")
+    sum(x.prompt_tokens) AS prompt_tokens,
+    sum(x.completion_tokens) AS completion_tokens,
+    sum(x.cached_tokens) AS cached_tokens,
+    sumIf(x.cost_usd, x.billable) AS cost_usd,
+    sumIf(x.adjustments_usd, x.billable) AS adjustments_usd,
+    countIf(NOT x.priced) AS unpriced_requests,
+    countIf(x.billable) AS billed_requests,
+    sumIf(x.input_tokens, x.billable) AS billed_input_tokens,
+    sumIf(x.cached_input_tokens, x.billable) AS billed_cached_input_tokens,
+    sumIf(x.output_tokens, x.billable) AS billed_output_tokens,
+    countIf(x.cache_hit) AS cache_hits,
+    sumIf(x.prompt_tokens, x.cache_hit) AS cache_hit_prompt_tokens,
+    sumIf(x.completion_tokens, x.cache_hit) AS cache_hit_completion_tokens"""
+INT_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "unpriced_requests",
+              "billed_requests", "billed_input_tokens", "billed_cached_input_tokens", "billed_output_tokens",
+              "cache_hits", "cache_hit_prompt_tokens", "cache_hit_completion_tokens")  # fmt: skip
+MONEY_FIELDS = ("cost_usd", "adjustments_usd")
 # What DateTime64 can hold; outside it ClickHouse would fail or wrap, so it is the caller's error.
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 LATEST = datetime(2299, 12, 31, tzinfo=UTC)
@@ -81,23 +107,22 @@ def build_query(
 ) -> tuple[str, dict[str, Any]]:
     """SQL with `{name:Type}` placeholders, and the parameters to bind to them."""
     params: dict[str, Any] = {"start": start, "end": end}
-    where = ["occurred_at >= {start:DateTime64(6, 'UTC')}", "occurred_at < {end:DateTime64(6, 'UTC')}"]
     if team_id is not None:
-        where.append("team_id = {team_id:String}")
-        params["team_id"] = team_id
+        params["team"] = team_id
     select = METRICS_SQL
     tail = ""
     if group_by is not None:
         select = f"\n    {GROUPS[group_by][1]} AS g," + METRICS_SQL
         tail = "\nGROUP BY g\nORDER BY g"
-    sql = f"SELECT{select}\nFROM {{db}}.usage_events FINAL\nWHERE " + "\n  AND ".join(where) + tail
+    sql = f"SELECT{select}\nFROM {ledger.effective_sql(team=team_id is not None)} AS x" + tail
     return sql, params
 
 
 def _metrics(row: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {name: int(row[name]) for name in INT_FIELDS}
     out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
-    out["cost_usd"] = Decimal(row["cost_usd"])
+    for name in MONEY_FIELDS:
+        out[name] = Decimal(row[name])
     return out
 
 
@@ -106,16 +131,18 @@ def money(value: Decimal) -> str:
     return format(value.normalize(), "f") if value else "0"
 
 
+PUBLIC_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost_usd",
+                 "unpriced_requests", "adjustments_usd", "billed_requests", "billed_input_tokens",
+                 "billed_cached_input_tokens", "billed_output_tokens", "cache_hits", "cache_hit_prompt_tokens",
+                 "cache_hit_completion_tokens")  # fmt: skip
+
+
 def _public(m: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "requests": m["requests"],
-        "prompt_tokens": m["prompt_tokens"],
-        "completion_tokens": m["completion_tokens"],
-        "cached_tokens": m["cached_tokens"],
-        "total_tokens": m["total_tokens"],
-        "cost_usd": money(m["cost_usd"]),
-        "unpriced_requests": m["unpriced_requests"],
-    }
+    return {name: money(m[name]) if name in MONEY_FIELDS else m[name] for name in PUBLIC_FIELDS}
+
+
+def _zero() -> dict[str, Any]:
+    return {name: 0 for name in (*INT_FIELDS, "total_tokens")} | {name: Decimal(0) for name in MONEY_FIELDS}
 
 
 def _iso(t: datetime) -> str:
@@ -123,18 +150,29 @@ def _iso(t: datetime) -> str:
 
 
 def shape_report(
-    rows: list[dict[str, Any]], team_id: str | None, start: datetime, end: datetime, group_by: GroupBy | None
+    rows: list[dict[str, Any]],
+    team_id: str | None,
+    start: datetime,
+    end: datetime,
+    group_by: GroupBy | None,
+    config: GatewayConfig | None = None,
 ) -> dict[str, Any]:
-    """The response body. Totals of a grouped report are the exact sum of its groups."""
-    groups: list[dict[str, Any]] = []
-    totals = {name: 0 for name in (*INT_FIELDS, "total_tokens")} | {"cost_usd": Decimal(0)}
+    """The response body. Totals of a grouped report are the exact sum of its groups. With a config,
+    models it does not know are merged into one `(unknown)` group."""
+    merged: dict[str, dict[str, Any]] = {}
+    totals = _zero()
     for row in rows:
         m = _metrics(row)
         for name in totals:
             totals[name] += m[name]
         if group_by is not None:
             label = row["g"].isoformat() if isinstance(row["g"], date) else str(row["g"])
-            groups.append({GROUPS[group_by][0]: label, **_public(m)})
+            if group_by == "model" and config is not None:
+                label = ledger.report_model(label, config)
+            acc = merged.setdefault(label, _zero())
+            for name in acc:
+                acc[name] += m[name]
+    groups = [{GROUPS[group_by][0]: label, **_public(m)} for label, m in sorted(merged.items())] if group_by else []
     return {
         "team_id": team_id,
         "from": _iso(start),
@@ -146,11 +184,16 @@ def shape_report(
 
 
 async def usage_report(
-    store: Store, team_id: str | None, start: datetime, end: datetime, group_by: GroupBy | None
+    store: Store,
+    team_id: str | None,
+    start: datetime,
+    end: datetime,
+    group_by: GroupBy | None,
+    config: GatewayConfig | None = None,
 ) -> dict[str, Any]:
     sql, params = build_query(team_id, start, end, group_by)
     began = time.perf_counter()
     rows = await store.query_dicts(sql, parameters=params)
     metrics.USAGE_QUERY_SECONDS.observe(time.perf_counter() - began)
     metrics.USAGE_QUERIES.labels(group_by=group_by or "none").inc()
-    return shape_report(rows, team_id, start, end, group_by)
+    return shape_report(rows, team_id, start, end, group_by, config)

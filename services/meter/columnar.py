@@ -45,7 +45,14 @@ import pyarrow.json as pj
 
 from schemas.prices import PriceBook
 from services.meter.encode import SCHEMA
-from services.meter.pricing import DeadLetter, PricedBatch, _decode_and_price, row_version
+from services.meter.pricing import (
+    FUTURE_TOLERANCE_S,
+    DeadLetter,
+    PricedBatch,
+    _decode_and_price,
+    future_cutoff,
+    row_version,
+)
 
 _STR, _I64, _U64, _F64, _BOOL = pa.string(), pa.int64(), pa.uint64(), pa.float64(), pa.bool_()
 # What the proxy writes (UsageEvent.model_dump_json), field for field. Counts that are UInt64 columns are
@@ -93,19 +100,21 @@ _SPLIT_MIN = 64  # a part this small that still fails to parse goes to the refer
 _MAX_FAILED_PARSES = 12
 
 
-def decode_and_price_columnar(records: list[Any], book: PriceBook) -> tuple[PricedBatch, list[DeadLetter]]:
+def decode_and_price_columnar(records: list[Any], book: PriceBook, future_tolerance_s: float = FUTURE_TOLERANCE_S
+                              ) -> tuple[PricedBatch, list[DeadLetter]]:  # fmt: skip
     """Same contract as `pricing.decode_and_price`: the same rows (in another order) and the same dead letters."""
     enabled = gc.isenabled()
     gc.disable()  # see pricing.decode_and_price
     try:
-        return _columnar(records, book)
+        return _columnar(records, book, future_tolerance_s)
     finally:
         if enabled:
             gc.enable()
 
 
-def _columnar(records: list[Any], book: PriceBook) -> tuple[PricedBatch, list[DeadLetter]]:
+def _columnar(records: list[Any], book: PriceBook, future_tolerance_s: float) -> tuple[PricedBatch, list[DeadLetter]]:
     now = datetime.now(UTC)
+    horizon_ms, _ = future_cutoff(now, future_tolerance_s)
     values = [r.value for r in records]
     partitions = np.fromiter(map(_PARTITION, records), dtype=np.uint32, count=len(records))
     offsets = np.fromiter(map(_OFFSET, records), dtype=np.uint64, count=len(records))
@@ -117,10 +126,10 @@ def _columnar(records: list[Any], book: PriceBook) -> tuple[PricedBatch, list[De
     if parts:
         table = pa.concat_tables([t for _, t in parts]).combine_chunks() if len(parts) > 1 else parts[0][1]
         index = np.concatenate([i for i, _ in parts])
-        fast, taken = _fast_rows(table, index, partitions, offsets, book, now)
+        fast, taken = _fast_rows(table, index, partitions, offsets, book, now, horizon_ms)
         slow.extend(np.setdiff1d(index, taken, assume_unique=True).tolist())
     slow.sort()  # the reference's dead letters come in record order
-    batch, dead = _decode_and_price([records[i] for i in slow], book, now)
+    batch, dead = _decode_and_price([records[i] for i in slow], book, now, future_tolerance_s)
     batch.spans = spans
     if fast is not None and fast.num_rows:
         batch.fast = fast
@@ -336,9 +345,10 @@ def _groups(model: pa.Array, provider: pa.Array, day: pa.Array, book: PriceBook)
 
 
 def _fast_rows(table: pa.Table, index: np.ndarray, partitions: np.ndarray, offsets: np.ndarray, book: PriceBook,
-               now: datetime) -> tuple[pa.Table, np.ndarray]:  # fmt: skip
+               now: datetime, horizon_ms: int) -> tuple[pa.Table, np.ndarray]:  # fmt: skip
     """The priced rows for what passes every check, in encode.SCHEMA, and which record indices they are."""
     ok, ms = _contract(table)
+    ok = pc.and_(ok, pc.fill_null(pc.less_equal(ms, horizon_ms), False))  # from the future: the reference holds it
     t = table.filter(ok).combine_chunks()
     ms = pc.filter(ms, ok).combine_chunks()
     index = index[ok.to_numpy(zero_copy_only=False)]

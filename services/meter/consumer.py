@@ -15,6 +15,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.clickhouse import Store
 from schemas.config import GatewayConfig
+from schemas.price_versions import record_in_force
 from schemas.prices import PriceBook
 from services.meter import metrics
 from services.meter.columnar import decode_and_price_columnar
@@ -89,7 +90,9 @@ async def run_meter(
     never = asyncio.Event()  # a drain must finish its inserts even though `stop` is set
     background_stop = asyncio.Event()
     background = [
-        asyncio.create_task(reprice_loop(store, book, background_stop, settings.reprice_interval_s), name="reprice"),
+        asyncio.create_task(
+            reprice_loop(store, config, book, background_stop, settings.reprice_interval_s), name="reprice"
+        ),
         asyncio.create_task(
             run_rollups(store, background_stop, settings.rollup_interval_s, settings.rollup_catchup_s), name="rollups"
         ),
@@ -102,6 +105,7 @@ async def run_meter(
             return False
         await dlq.send(dead)
         metrics.DEAD_LETTERS.inc(len(dead))
+        metrics.FUTURE_EVENTS.inc(sum(d.future for d in dead))
         try:
             await guard.commit(consumer, batch.spans)
         except (CommitFailedError, KafkaError) as err:
@@ -157,8 +161,9 @@ async def run_meter(
                     if until is None:
                         break  # drained
                     continue
-                if not await hand_over(loop.run_in_executor(decoder, decode_and_price_columnar, records, book),
-                                       writer):  # fmt: skip
+                decoding = loop.run_in_executor(decoder, decode_and_price_columnar, records, book,
+                                                settings.future_tolerance_s)  # fmt: skip
+                if not await hand_over(decoding, writer):
                     break
             await hand_over(None, writer)
             return await writer
@@ -185,9 +190,15 @@ async def run_meter(
         log.info("meter_stopped")
 
 
-async def reprice_loop(store: Store, book: PriceBook, stop: asyncio.Event, interval_s: float) -> None:
-    """Held (unpriced) events get priced as soon as this meter's catalog has a price for them."""
+async def reprice_loop(store: Store, config: GatewayConfig, book: PriceBook, stop: asyncio.Event,
+                       interval_s: float) -> None:  # fmt: skip
+    """Held (unpriced) events get priced as soon as this meter's catalog has a price for them; prices that came
+    into force since the start are recorded (schemas/price_versions.py), so an in-place edit of one is refused."""
     while True:
+        try:
+            await record_in_force(store, config, "meter")
+        except Exception as err:
+            log.warning("price_versions_record_failed", error=str(err)[:300])
         try:
             await price_held(store, book)
         except Exception as err:

@@ -17,6 +17,7 @@ log = structlog.get_logger("tollway.meter.dlq")
 def encode_dead_letter(d: DeadLetter) -> bytes:
     return orjson.dumps(
         {
+            "dead_id": d.dead_id(),  # as in usage_dead_letters: the same bytes dead-lettered twice share it
             "reason": d.reason,
             "topic": d.topic,
             "partition": d.partition,

@@ -18,6 +18,10 @@ POSITIONS_REWOUND = Counter(
 )
 LAG = Gauge("tollway_meter_consumer_lag", "High watermark minus position", ["partition"])
 DEAD_LETTERS = Counter("tollway_meter_dead_letters_total", "Records sent to the DLQ")
+FUTURE_EVENTS = Counter(
+    "tollway_meter_future_events_total",
+    "Events held as dead letters because occurred_at was beyond the meter's clock plus future_tolerance_s",
+)
 UNPRICED_HELD = Gauge("tollway_meter_unpriced_held", "Stored events still waiting for a price (last pass)")
 REPRICED = Counter("tollway_meter_repriced_total", "Held (unpriced) events priced once a price appeared")
 ROLLUP_SECONDS = Histogram("tollway_meter_rollup_seconds", "Rollup refresh pass latency")

@@ -140,8 +140,13 @@ async def rerate_period(store: Store, book: PriceBook, period: str) -> RerateRes
         if new_cost == cur:
             continue  # no money moves (same price, or nothing billable at either price): nothing to correct
         seq = int(r["n"]) + 1
-        ident = f"{r['event_id']}|{seq}|{p.unit.version}|{'|'.join(str(u.normalize()) for u in new_units)}"
         d = [n - c for n, c in zip(new_cost, cur, strict=True)]
+        # Named by everything the row says: the event, its place in the event's chain (seq: a price that goes
+        # A -> B -> A -> B writes three rows, not one), the version it moves from and the one it moves to with
+        # the money moved. A re-run from the same state writes the same id (collapsed: idempotent); two rows can
+        # share an id only if they are the same correction, so a collapse can never drop a different one.
+        ident = "|".join([str(r["event_id"]), str(seq), version, p.unit.version,
+                          *(format(x.normalize(), "f") for x in (*new_units, *d))])  # fmt: skip
         model = r["served_model"] or r["requested_model"]
         out.append([hashlib.sha256(ident.encode()).hexdigest(), r["event_id"], seq, r["occurred_at"], r["team_id"],
                     r["key_id"], model, r["provider"], version, p.unit.version, *new_units, *d, sum(d),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from schemas.events import USAGE_TOPIC
 from schemas.settings import CommonSettings
+from services.meter.pricing import FUTURE_TOLERANCE_S
 
 
 class MeterSettings(CommonSettings):
@@ -20,6 +23,10 @@ class MeterSettings(CommonSettings):
     # cores of a small box busy while this thread fetches; batches still commit in fetch order.
     decode_threads: int = 2
     insert_backoff_max_s: float = 10.0
+    # How far ahead of this meter's clock an occurred_at may be: beyond it the event is a dead letter (reason
+    # "occurred_at ... is in the future", metric tollway_meter_future_events_total), never usage that opens a
+    # later month. Covers clock skew between proxy and meter hosts.
+    future_tolerance_s: float = Field(default=FUTURE_TOLERANCE_S, ge=0)
     # Held (unpriced) events are re-priced at start and then this often; a new price needs a restart anyway.
     reprice_interval_s: float = 60.0
     rollup_interval_s: float = 5.0

@@ -24,7 +24,7 @@ from services.proxy.forward import forward
 from services.proxy.limiter import Ticket
 from services.proxy.limits import Policy, resolve_policy
 from services.proxy.routing import ModelRoute, Target
-from services.proxy.streaming import SSEResponse, StreamOutcome, StreamRelay, iterate
+from services.proxy.streaming import SSEResponse, StreamOutcome, StreamRelay, iterate, reported_cached_tokens
 from services.proxy.upstream import UpstreamReply, open_stream, post_json, upstream_failure
 
 log = structlog.get_logger("tollway.proxy.handler")
@@ -153,12 +153,10 @@ def usage_fields(data: Any) -> dict[str, int] | None:
     usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
         return None
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
     return {
         "prompt_tokens": tokens(usage.get("prompt_tokens")),
         "completion_tokens": tokens(usage.get("completion_tokens")),
-        "cached_tokens": tokens(cached),
+        "cached_tokens": tokens(reported_cached_tokens(usage)),
     }
 
 

@@ -2,13 +2,15 @@
 
 For every team and key with a monthly limit (tokens_per_month, budget_usd_per_month) the gate knows
   billing  = the month-to-date total in billing's last usage update (QuotaSignal with used_*),
-  pending  = what calls through this proxy used since, not yet acknowledged by billing (by event id),
+  pending  = what calls through this proxy used that billing has not acknowledged counting (by event id;
+             kept until acknowledged, or `pending_max_s` when billing stays silent that long),
   reserved = the worst case of calls in flight here (prompt estimate + max_tokens, priced at list price).
 A call is admitted while billing + pending + reserved is below the limit and no exhausted signal holds;
 it then reserves its worst case, settled to the actual usage when the call ends (`settle`, from the
 handler's single exit). So a limit bites here the moment local counting crosses it, and everywhere else
 when billing's exhausted signal lands; concurrent calls overshoot by at most what was reserved in flight
 when the limit was reached (per proxy), plus what other proxies served before the signal reached them.
+That holds with billing down or lagging, up to `pending_max_s` (docs/metering.md, "Quota = ledger").
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ FIRST_429 = Histogram(
     "tollway_quota_crossing_to_first_429_seconds",
     "From the end of the call that crossed a monthly limit to this proxy's first 429 insufficient_quota",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+PENDING_EXPIRED = Counter(
+    "tollway_quota_pending_expired_total",
+    "Local usage entries forgotten unacknowledged after pending_max_s (billing down or lagging that long)",
 )
 SIGNAL_LAG = Histogram(
     "tollway_quota_signal_lag_seconds",
@@ -80,12 +86,13 @@ class EntityState:
             self.pending_tokens -= entry[1]
             self.pending_usd -= entry[2]
 
-    def prune(self, now_mono: float, horizon_s: float) -> None:
+    def prune(self, now_mono: float, max_s: float) -> None:
         while self.pending:
             event_id, (at, _, _) = next(iter(self.pending.items()))
-            if now_mono - at <= horizon_s:
+            if now_mono - at <= max_s:
                 break
             self.forget(event_id)
+            PENDING_EXPIRED.inc()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +103,16 @@ class Reservation:
 
 
 class QuotaGate:
-    def __init__(self, config: GatewayConfig, default_max_tokens: int = 1024, horizon_s: float = 30.0) -> None:
+    # Billing acknowledges within a second when it keeps up; 15 minutes covers a billing restart and its
+    # replay with room to spare. Memory: ~200 B per entry, i.e. ~35 MB at 200 gated calls/s for 15 minutes.
+    PENDING_MAX_S = 900.0
+
+    def __init__(self, config: GatewayConfig, default_max_tokens: int = 1024,
+                 pending_max_s: float = PENDING_MAX_S) -> None:  # fmt: skip
         self.config = config
         self.prices = PriceBook(config)
         self.default_max_tokens = default_max_tokens
-        self.horizon_s = horizon_s
+        self.pending_max_s = pending_max_s
         self.states: dict[Entity, EntityState] = {}
         self.reservations: dict[str, Reservation] = {}
         self.teams: dict[str, TeamState] = {}
@@ -149,6 +161,7 @@ class QuotaGate:
             st.exhausted = None
             if msg.reason in ("restored", "new_period"):
                 st.crossed_at, st.first_429_seen = None, True
+            if msg.reason == "new_period":  # a restore keeps them: billing acknowledges them right after
                 st.pending.clear()
                 st.pending_tokens, st.pending_usd = 0, ZERO
 
@@ -193,7 +206,7 @@ class QuotaGate:
         period, mono = period_of(now), time.monotonic()
         for entity, lim in scoped:
             st = self.states.setdefault(entity, EntityState())
-            st.prune(mono, self.horizon_s)
+            st.prune(mono, self.pending_max_s)
             source = None
             if st.exhausted is not None and st.exhausted.period == period:
                 source = "signal"

@@ -45,11 +45,19 @@ def _count(v: Any) -> int:
     return int(v)
 
 
+def reported_cached_tokens(usage: dict[str, Any]) -> Any:
+    """Prompt tokens served from the provider's cache, counted inside prompt_tokens (raw, not yet checked):
+    OpenAI reports them as prompt_tokens_details.cached_tokens, DeepSeek as prompt_cache_hit_tokens."""
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and details.get("cached_tokens") is not None:
+        return details["cached_tokens"]
+    return usage.get("prompt_cache_hit_tokens", 0)
+
+
 def _usage_into(out: StreamOutcome, usage: dict[str, Any]) -> None:
     out.prompt_tokens = _count(usage.get("prompt_tokens"))
     out.completion_tokens = _count(usage.get("completion_tokens"))
-    details = usage.get("prompt_tokens_details") or {}
-    out.cached_tokens = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    out.cached_tokens = _count(reported_cached_tokens(usage))
     out.usage_seen = True
 
 

@@ -143,7 +143,7 @@ async def test_invoices_and_roi_cli_show_export_and_finalize(billing_url, capsys
     code, out, err = await run(invoices_cli, "invoices", "show", "--team", tid, "--period", "2026-08")
     assert code == 0, err
     (draft,) = json.loads(out)
-    assert draft["status"] == "draft" and draft["total_usd"] == "49.00"
+    assert draft["status"] == "draft" and draft["total_usd"] == "0.00"  # no fee before the team existed
     code, out, err = await run(invoices_cli, "invoices", "export", "--team", tid, "--period", "2026-08")
     assert code == 0 and out.startswith("invoice_id,") and "total" in out
     code, out, err = await run(invoices_cli, "invoices", "finalize", "--period", "2026-08", "--team", tid)

@@ -8,20 +8,29 @@ import asyncio
 import contextlib
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import httpx
 import orjson
+import uuid_utils
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client import REGISTRY
 
 from schemas.clickhouse import Store
+from schemas.config import load_config, parse_config
 from schemas.control import ALERTS_TOPIC, CONTROL_TOPIC, QuotaSignal, decode
 from schemas.events import USAGE_TOPIC
+from schemas.prices import PriceBook
+from services.billing import ledger
+from services.billing.periods import bounds, period_of
+from services.meter.rerate import price_held
 from services.proxy.app import create_app as proxy_app
 from services.proxy.settings import ProxySettings
 from tests.support.billing import ADMIN, running_billing
 from tests.support.events import make_event
+from tests.support.metered import meter
 from tests.support.stack import gateway_config, mock_upstream
 from tests.support.waiting import eventually
 
@@ -222,3 +231,192 @@ async def test_crossing_is_rejected_by_every_proxy_within_the_lag_and_concurrenc
         q = await eventually(lambda: billing.get("/v1/quota", headers=h),
                              lambda r: r.json()["key"]["used"]["tokens"] == total)  # fmt: skip
         assert q.json()["key"]["state"] == "exhausted"
+
+
+# -- quota = ledger, bounded trust in clocks, billing outages ----------------------------------------------
+
+
+def converging_billing(store: Store, bootstrap: str, group: str, config=None):
+    """Billing that re-converges on the ledger every 0.2 s and gives up on a counted event the meter has not
+    written within 0.5 s of writing others."""
+    return running_billing(store, bootstrap, config=config, wait_quota=True, quota_group=group,
+                           quota_update_interval_ms=20, quota_converge_s=0.2, quota_settle_s=0.1,
+                           quota_tail_max_s=0.5)  # fmt: skip
+
+
+async def team_and_key(billing: httpx.AsyncClient, name: str, **limits) -> tuple[str, str, dict]:
+    team = (await billing.post("/v1/admin/teams", json={"name": name, "plan": "enterprise", "limits": limits},
+                               headers=ADMIN)).json()  # fmt: skip
+    key = (await billing.post("/v1/admin/keys", json={"team_id": team["team_id"]}, headers=ADMIN)).json()
+    return team["team_id"], key["key_id"], {"Authorization": f"Bearer {key['key']}"}
+
+
+def used(r: httpx.Response) -> tuple[int, Decimal]:
+    u = r.json()["team"]["used"]
+    return u["tokens"], Decimal(u["usd"])
+
+
+def quota_used(billing: httpx.AsyncClient, headers: dict) -> Callable[[], Awaitable[tuple[int, Decimal]]]:
+    async def probe() -> tuple[int, Decimal]:
+        return used(await billing.get("/v1/quota", headers=headers))
+
+    return probe
+
+
+# USD per 1M tokens of gpt-4.1 in tollway.yaml, typed in again so the test does not trust the code under test.
+GPT41_IN, GPT41_OUT = Decimal("2.00"), Decimal("8.00")
+
+
+async def test_quota_converges_to_the_ledger_when_the_meter_never_wrote_a_counted_call(store, bootstrap, unique):
+    async with converging_billing(store, bootstrap, f"q-{unique}") as billing:
+        tid, kid, kh = await team_and_key(billing, f"conv-{unique}")
+        events = [make_event(tid, key_id=kid, prompt_tokens=1000, completion_tokens=500) for _ in range(3)]
+        await produce(bootstrap, events)
+        # The stream counts all three at once (the fast path) ...
+        await eventually(lambda: billing.get("/v1/quota", headers=kh), lambda r: used(r)[0] == 4500)
+        # ... but the meter writes two: the third was lost on the way (the audit's silently dropped calls).
+        await meter(store, events[:2])
+        other = make_event(f"team_busy_{unique}", prompt_tokens=0, completion_tokens=0)
+
+        async def probe() -> dict:
+            await meter(store, [other.model_copy(update={"event_id": str(uuid_utils.uuid7())})])  # meter goes on
+            return (await billing.get("/v1/quota", headers=kh)).json()
+
+        truth = 2 * (1000 * GPT41_IN + 500 * GPT41_OUT) / 1_000_000
+        q = await eventually(probe, lambda q: q["team"]["used"] == {"tokens": 3000, "usd": str(truth)}, interval_s=0.2)
+        assert q["key"]["used"] == {"tokens": 3000, "usd": str(truth)}
+        (mtd,) = [m for m in await ledger.month_to_date(store, period_of(datetime.now(UTC))) if m.team_id == tid]
+        assert (mtd.tokens, mtd.usd) == (3000, truth)  # the one definition says the same
+
+
+def unpriced_config():
+    """gpt-4.1 with no price in force yet: the meter holds its calls unpriced, billing counts them at 0."""
+    return parse_config({"providers": {"openai": {"base_url": "http://unused"}},
+                         "models": {"gpt-4.1": {"routes": [{"provider": "openai"}],
+                                                "prices": [{"effective_from": "2099-01-01", "input": "1", "output": "1"}]}},
+                         "plans": {"enterprise": {}}, "default_plan": "enterprise"})  # fmt: skip
+
+
+async def test_unpriced_usage_is_recounted_when_the_meter_prices_it(store, bootstrap, unique):
+    async with converging_billing(store, bootstrap, f"q-{unique}", unpriced_config()) as billing:
+        tid, kid, kh = await team_and_key(billing, f"unpriced-{unique}")
+        e = make_event(tid, key_id=kid, prompt_tokens=1000, completion_tokens=500)
+        await produce(bootstrap, [e])
+        await meter(store, [e], unpriced_config())  # stored unpriced
+        await eventually(lambda: billing.get("/v1/quota", headers=kh), lambda r: used(r) == (1500, Decimal(0)))
+        # The operator adds the price; the meter's held-event pass writes the priced copy.
+        priced, _ = await price_held(store, PriceBook(load_config("tollway.yaml")))
+        assert priced >= 1
+        truth = (1000 * GPT41_IN + 500 * GPT41_OUT) / 1_000_000
+        await eventually(quota_used(billing, kh), lambda u: u == (1500, truth))
+
+
+def skewed_count() -> float:
+    return REGISTRY.get_sample_value("tollway_billing_quota_events_total", {"outcome": "clock_skewed"}) or 0.0
+
+
+async def test_a_future_dated_event_never_rolls_the_quota_month(store, bootstrap, unique):
+    async with quota_billing(store, bootstrap, f"q-{unique}") as billing:
+        tid, kid, kh = await team_and_key(billing, f"skew-{unique}", tokens_per_month=1000)
+        await produce(bootstrap, [make_event(tid, key_id=kid, prompt_tokens=1000, completion_tokens=200)])
+        await eventually(
+            lambda: billing.get("/v1/quota", headers=kh), lambda r: r.json()["team"]["state"] == "exhausted"
+        )
+        quota = billing._transport.app.state.quota  # type: ignore[attr-defined]
+        month = quota.book.period
+        before = skewed_count()
+        # A proxy whose clock runs 40 days ahead, then a sentinel from the same team (same partition, after it).
+        bad = f"team_badclock_{unique}"
+        future = make_event(
+            bad, occurred_at=datetime.now(UTC) + timedelta(days=40), prompt_tokens=7, completion_tokens=0
+        )
+        await produce(bootstrap, [future, make_event(bad, prompt_tokens=5, completion_tokens=0)])
+        await eventually(lambda: asyncio.sleep(0, quota.book.get(("team", bad)).events), lambda n: n >= 1)
+        assert quota.book.period == month
+        assert quota.book.get(("team", bad)).tokens == 5  # the future-dated call is not counted
+        assert skewed_count() == before + 1
+        r = await billing.get("/v1/quota", headers=kh)
+        assert r.json()["team"]["state"] == "exhausted" and used(r)[0] == 1200
+    raw = await read_topic(bootstrap, CONTROL_TOPIC, lambda s: bool(quota_signals(s, tid)))
+    assert [s.reason for s in quota_signals(raw, tid)] == ["tokens_per_month"]  # never restored as "new_period"
+
+
+async def test_proxy_keeps_uncounted_usage_while_billing_is_down_so_overshoot_stays_bounded(
+    store, bootstrap, unique, tmp_path
+):
+    limit = 400
+    async with (
+        mock_upstream() as upstream,
+        running_proxy(bootstrap, upstream, tmp_path / "p", f"p-{unique}") as (
+            proxy,
+            app,
+        ),
+    ):
+        async with quota_billing(store, bootstrap, f"q-{unique}", gateway_config("http://unused")) as billing:
+            team = (await billing.post("/v1/admin/teams", json={"name": f"down-{unique}"}, headers=ADMIN)).json()
+            keys = [(await billing.post("/v1/admin/keys", json={"team_id": team["team_id"], "name": n,
+                                        "limits": {"tokens_per_month": lim}}, headers=ADMIN)).json()
+                    for n, lim in (("tight", limit), ("roomy", 10**6))]  # fmt: skip
+            for k in keys:
+                await wait_admitted(proxy, k["key"])
+        # Billing is down from here on: nothing acknowledges what the proxy serves.
+        tight, roomy = ({"authorization": f"Bearer {k['key']}"} for k in keys)
+        spent = 0
+        while spent < limit // 2:
+            r = await proxy.post("/v1/chat/completions", json=chat(), headers=tight)
+            assert r.status_code == 200, r.text
+            spent += r.json()["usage"]["total_tokens"]
+        roomy_spent = 0
+        for _ in range(3):
+            roomy_spent += (await proxy.post("/v1/chat/completions", json=chat(), headers=roomy)).json()["usage"][
+                "total_tokens"
+            ]
+        # Time passing is the condition under test: longer than the 30 s a proxy used to keep uncounted usage.
+        await asyncio.sleep(31)
+        for _ in range(100):
+            r = await proxy.post("/v1/chat/completions", json=chat(), headers=tight)
+            if r.status_code == 429:
+                break
+            assert r.status_code == 200, r.text
+            spent += r.json()["usage"]["total_tokens"]
+        assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+        worst = app.state.quota.worst_case(chat())[0]
+        assert spent - limit <= worst, (spent, worst)
+
+        # Billing comes back, counts the stream and acknowledges: the proxy's uncounted usage drains into
+        # billing's total, also for a key nowhere near its limit.
+        async with quota_billing(store, bootstrap, f"q-{unique}", gateway_config("http://unused")):
+            st = app.state.quota.states[("key", keys[1]["key_id"])]
+            await eventually(lambda: asyncio.sleep(0, (st.pending_tokens, st.billing_tokens)),
+                             lambda v: v == (0, roomy_spent))  # fmt: skip
+            r = await proxy.post("/v1/chat/completions", json=chat(), headers=tight)
+            assert r.status_code == 429
+
+
+async def test_the_month_rolls_on_billings_clock_and_next_months_events_wait_for_it(store, bootstrap, unique):
+    async with quota_billing(store, bootstrap, f"q-{unique}") as billing:
+        tid, kid, kh = await team_and_key(billing, f"edge-{unique}", tokens_per_month=1000)
+        quota = billing._transport.app.state.quota  # type: ignore[attr-defined]
+        month = quota.book.period
+        _, end = bounds(month)
+        clock = [end - timedelta(seconds=1)]  # billing's clock: one second before the month ends
+        quota.clock = lambda: clock[0]
+        await produce(bootstrap, [make_event(tid, key_id=kid, occurred_at=end - timedelta(seconds=2),
+                                             prompt_tokens=1000, completion_tokens=0)])  # fmt: skip
+        await eventually(
+            lambda: billing.get("/v1/quota", headers=kh), lambda r: r.json()["team"]["state"] == "exhausted"
+        )
+        # A proxy whose clock is two seconds ahead: its call is dated in the next month.
+        ahead = make_event(
+            tid, key_id=kid, occurred_at=end + timedelta(seconds=1), prompt_tokens=30, completion_tokens=0
+        )
+        await produce(bootstrap, [ahead, make_event(tid, key_id=kid, occurred_at=end - timedelta(milliseconds=500),
+                                                    prompt_tokens=7, completion_tokens=0)])  # fmt: skip
+        await eventually(lambda: asyncio.sleep(0, quota.book.get(("team", tid)).tokens), lambda t: t == 1007)
+        assert quota.book.period == month and quota.state_of(("team", tid))[0] == "exhausted"
+        clock[0] = end + timedelta(seconds=2)  # billing's clock reaches the new month
+        await eventually(lambda: asyncio.sleep(0, (quota.book.period, quota.book.get(("team", tid)).tokens)),
+                         lambda v: v == (period_of(end), 30))  # fmt: skip
+        assert quota.state_of(("team", tid))[0] == "ok"
+    raw = await read_topic(bootstrap, CONTROL_TOPIC, lambda s: len(quota_signals(s, tid)) >= 2)
+    assert [s.reason for s in quota_signals(raw, tid)] == ["tokens_per_month", "new_period"]

@@ -88,6 +88,15 @@ async def test_duplicate_event_ids_count_once_and_cost_sums_exactly(billing, sto
         "total_tokens": 230,
         "cost_usd": "0.300000000000000001",
         "unpriced_requests": 0,
+        # Added with the ledger: what cost_usd prices (every row here is a priced ok call) and cache hits.
+        "adjustments_usd": "0",
+        "billed_requests": 3,
+        "billed_input_tokens": 205,
+        "billed_cached_input_tokens": 2,
+        "billed_output_tokens": 23,
+        "cache_hits": 0,
+        "cache_hit_prompt_tokens": 0,
+        "cache_hit_completion_tokens": 0,
     }
     assert Decimal(body["totals"]["cost_usd"]) == Decimal("0.1") + Decimal("0.2") + Decimal("1e-18")
 

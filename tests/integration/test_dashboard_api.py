@@ -13,6 +13,8 @@ import pytest
 
 from services.meter.rollups import refresh_all
 from tests.support.billing import ADMIN, FINANCE
+from tests.support.events import make_event
+from tests.support.metered import expected, meter, month, oct_
 
 COLUMNS = (
     "event_id", "occurred_at", "request_id", "team_id", "key_id", "endpoint", "requested_model", "served_model",
@@ -80,7 +82,8 @@ async def test_data_matches_usage_counts_each_event_once_and_flags_unpriced(bill
     assert Decimal(staff["totals"]["cost_usd"]) == Decimal("0.00072")
     assert Decimal(staff["totals"]["cache_savings_usd"]) == Decimal("0.0006")  # 100 x $2 + 50 x $8 per 1M
     assert staff["totals"]["cache_hit_rate"] == pytest.approx(1 / 4)
-    assert staff["unpriced"] == {"requests": 1, "models": [{"model": "mystery", "requests": 1, "tokens": 150}]}
+    # "mystery" is not in the config: staff views show such names as one bucket (issue 17, item 7).
+    assert staff["unpriced"] == {"requests": 1, "models": [{"model": "(unknown)", "requests": 1, "tokens": 150}]}
     assert {t["name"] for t in staff["by_team"]} == {f"dash-a-{unique}", f"dash-b-{unique}"}
     assert sum(p["requests"] for p in staff["series"]) == 4
     assert len(staff["series"]) in (48, 49)  # every hour of the two days, empty ones as zeros
@@ -102,3 +105,19 @@ async def test_data_matches_usage_counts_each_event_once_and_flags_unpriced(bill
     month = (await billing.get("/v1/dashboard/data", params={"from": (now - timedelta(days=40)).date().isoformat(),
                                                                "team": team_b}, headers=ADMIN)).json()  # fmt: skip
     assert month["granularity"] == "day" and month["totals"]["unpriced_requests"] == 1
+
+
+async def test_models_the_config_does_not_know_are_one_bucket_and_spend_is_the_ledgers(billing, store, unique) -> None:
+    tid, _ = await new_team(billing, f"dash-u-{unique}")
+    made_up = make_event(tid, occurred_at=oct_(23), status="rejected", http_status=404, requested_model="gpt-9-pro",
+                         served_model="", provider="", prompt_tokens=0, completion_tokens=0)  # fmt: skip
+    events = [*month(tid), made_up]
+    await meter(store, events)
+    await refresh_all(store)
+    dash = (await billing.get("/v1/dashboard/data", params={"team": tid, "from": "2026-10-01", "to": "2026-10-31"},
+                              headers=FINANCE)).json()  # fmt: skip
+    models = {m["model"]: m for m in dash["by_model"]}
+    assert set(models) == {"gpt-4.1", "gpt-4.1-mini", "(unknown)"}
+    assert models["(unknown)"]["requests"] == 2  # "no-such-model" and "gpt-9-pro", as one row
+    assert Decimal(dash["totals"]["cost_usd"]) == expected(events, after_rerate=False)
+    assert sum(Decimal(m["cost_usd"]) for m in dash["by_model"]) == Decimal(dash["totals"]["cost_usd"])

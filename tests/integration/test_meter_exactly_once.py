@@ -223,7 +223,12 @@ async def test_unpriced_is_held_then_priced_and_rerate_adjusts_once(bootstrap, s
     assert first.delta_total == old_cost_after - old_cost_before
     adj = await store.query_dicts("SELECT corrects_price_version, price_version, count() n "
                                   "FROM {db}.usage_adjustments FINAL GROUP BY 1, 2")  # fmt: skip
-    assert adj == [{"corrects_price_version": "gpt-4.1/*@2025-04-14", "price_version": "gpt-4.1/*@2025-04-14", "n": 20}]
+    # The in-place edit (same date, other unit prices) is a new version: an invoice line can never merge them.
+    # (This asserted one version string for both prices: that was the bug, issue 13 finding 2.)
+    ((was, now, n),) = [tuple(a.values()) for a in adj]
+    assert (
+        n == 20 and was != now and was.startswith("gpt-4.1/*@2025-04-14#") and now.startswith("gpt-4.1/*@2025-04-14#")
+    )
     assert (await totals(store, team))[3] == new_cost + old_cost_before  # stored rows never mutated
     from services.meter.rollups import refresh_all
 

@@ -1,8 +1,8 @@
-"""Pure quota, invoice and ROI arithmetic, and the proxy's quota gate, with no engine running."""
+"""Pure quota and ROI arithmetic, and the proxy's quota gate, with no engine running."""
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -10,8 +10,7 @@ import pytest
 from schemas.config import Limits, load_config
 from schemas.control import KeyState, QuotaSignal, Snapshot, TeamState
 from schemas.prices import UnitPrice
-from services.billing.invoices import UsageGroup, adjustment_lines, assemble, billed_items, content_hash, usage_lines
-from services.billing.quota import QuotaBook, crossed_thresholds, exhausted_by
+from services.billing.quota import QuotaBook, Usage, crossed_thresholds, exhausted_by
 from services.billing.roi import RoiRow, compute
 from services.proxy.errors import QuotaExceeded
 from services.proxy.quota import QuotaGate
@@ -36,36 +35,6 @@ def test_reaching_a_limit_exactly_exhausts_it_and_thresholds_are_inclusive():
     assert exhausted_by(u, Limits(budget_usd_per_month=Decimal("4"))) == "budget_usd_per_month"
     crossed = crossed_thresholds(u, Limits(budget_usd_per_month=Decimal("5")), [50, 80, 100])
     assert [(m, p) for m, p, _, _ in crossed] == [("budget_usd", 50), ("budget_usd", 80)]
-
-
-def group(model: str, version: str, inp: int, cached: int, out: int, units: tuple[str, str, str]) -> UsageGroup:
-    ui, uo, uc = (Decimal(x) for x in units)
-    return UsageGroup(model, version, ui, uo, uc, 1, inp, cached, out)
-
-
-def test_invoice_lines_round_once_half_even_and_add_up_exactly():
-    team = TeamState(team_id="team_x", name="x", plan="team")
-    # 1250 tokens at $2/1M = $0.0025 -> half-even to $0.00; 3750 at $2/1M = $0.0075 -> $0.01
-    groups = [group("a", "a@1", 1250, 0, 3750, ("2", "2", "1"))]
-    inv = assemble(team, "2026-10", Decimal("49"), usage_lines(groups), [], 0, NOW)
-    amounts = {line["component"]: line["amount_usd"] for line in inv["lines"] if line["type"] == "usage"}
-    assert amounts == {"input": "0.00", "output": "0.01"}
-    assert inv["total_usd"] == "49.01" and inv["subtotal_usd"] == "49.01"
-    assert sum(Decimal(line["amount_usd"]) for line in inv["lines"]) == Decimal(inv["total_usd"])
-    assert content_hash(inv) == content_hash(dict(inv))
-
-
-def test_adjustments_bring_a_closed_period_to_the_rounded_truth():
-    team = TeamState(team_id="team_x", name="x", plan="enterprise")
-    billed_groups = [group("a", "a@1", 1_000_000, 0, 0, ("2", "8", "1"))]
-    closed = assemble(team, "2026-09", Decimal(0), usage_lines(billed_groups), [], 0, NOW)
-    closed.update(invoice_id="inv_1", number="TW-000001", status="finalized")
-    truth = [group("a", "a@1", 1_500_000, 0, 0, ("2", "8", "1")), group("a", "a@2", 0, 0, 10, ("1", "1", "1"))]
-    lines = adjustment_lines("2026-09", closed, truth, billed_items("2026-09", {"2026-09": closed}))
-    by = {line["adjusts"]["price_version"]: line for line in lines}
-    assert by["a@1"]["quantity"] == 500_000 and by["a@1"]["amount_usd"] == "1.00"
-    assert by["a@1"]["reason"] == "late usage" and by["a@1"]["adjusts"]["invoice_number"] == "TW-000001"
-    assert by["a@2"]["reason"] == "re-rating"
 
 
 def test_roi_savings_split_exactly_into_cache_routing_and_model_choice():
@@ -168,3 +137,66 @@ def test_quota_view_projection_never_overflows_and_is_none_past_the_reset():
     fast = quota_view(("team", "t"), Usage(tokens=900, usd=Decimal(0)), Limits(tokens_per_month=1000), "2026-11", now,
                       "ok", None)  # fmt: skip
     assert fast["projected_exhaustion_at"] is not None
+
+
+def test_gate_keeps_usage_billing_has_not_acknowledged_past_thirty_seconds(monkeypatch):
+    gate, key = gate_with(1000)
+    clock = [1000.0]
+    monkeypatch.setattr("services.proxy.quota.time.monotonic", lambda: clock[0])
+    gate.admit({"event_id": "e1"}, key, body(10))
+    gate.settle({"event_id": "e1", "status": "ok", "prompt_tokens": 990, "completion_tokens": 10,
+                 "served_model": "gpt-4.1", "provider": "openai"})  # fmt: skip
+    clock[0] += 120  # billing is down: no acknowledgement for two minutes
+    with pytest.raises(QuotaExceeded):
+        gate.admit({"event_id": "e2"}, key, body(1))
+    gate.on_control(QuotaSignal(scope="key", id="k", state="ok", period=f"{datetime.now(UTC):%Y-%m}", used_tokens=1000,
+                                counted=["e1"]))  # fmt: skip
+    assert gate.states[("key", "k")].pending_tokens == 0  # acknowledged: billing's total has it now
+    with pytest.raises(QuotaExceeded):
+        gate.admit({"event_id": "e3"}, key, body(1))
+
+
+def test_gate_forgets_unacknowledged_usage_only_after_its_bound(monkeypatch):
+    gate, key = gate_with(1000)
+    clock = [1000.0]
+    monkeypatch.setattr("services.proxy.quota.time.monotonic", lambda: clock[0])
+    gate.admit({"event_id": "e1"}, key, body(10))
+    gate.settle({"event_id": "e1", "status": "ok", "prompt_tokens": 990, "completion_tokens": 10,
+                 "served_model": "gpt-4.1", "provider": "openai"})  # fmt: skip
+    clock[0] += gate.pending_max_s + 1
+    gate.admit({"event_id": "e2"}, key, body(1))
+    assert gate.states[("key", "k")].pending_tokens == 0
+
+
+T0 = datetime(2026, 11, 15, 12, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_book_converges_to_the_ledger_and_keeps_only_what_the_ledger_does_not_hold_yet():
+    book = QuotaBook("2026-11")
+    for i in range(3):
+        assert book.add(f"e{i}", "t", "k", 100, Decimal("0.01"), at(i), counted_at=at(i))
+    assert book.get(("team", "t")).tokens == 300
+    # The ledger has e0 (and an adjustment the stream never saw); e1 and e2 are not written yet.
+    out = book.converge({("team", "t"): Usage(100, Decimal("0.015"), 1), ("key", "k"): Usage(100, Decimal("0.015"), 1)},
+                        {"e0"}, at(1), timedelta(seconds=60))  # fmt: skip
+    assert (out.absorbed, out.dropped) == (1, 0) and out.changed == {("team", "t"), ("key", "k")}
+    assert (book.get(("team", "t")).tokens, book.get(("team", "t")).usd) == (300, Decimal("0.035"))
+    # The meter writes e2 and goes on writing for minutes; e1 never comes: it stops counting.
+    led = Usage(200, Decimal("0.025"), 2)
+    out = book.converge({("team", "t"): led, ("key", "k"): led}, {"e2"}, at(300), timedelta(seconds=60))
+    assert (out.absorbed, out.dropped) == (1, 1) and not book.tail
+    assert (book.get(("key", "k")).tokens, book.get(("key", "k")).usd) == (200, Decimal("0.025"))
+    assert not book.add("e1", "t", "k", 100, Decimal("0.01"), at(1), counted_at=at(301))  # still a duplicate
+
+
+def test_book_keeps_its_tail_while_the_meter_writes_nothing():
+    book = QuotaBook("2026-11")
+    book.add("e0", "t", "k", 100, Decimal("0.01"), at(0), counted_at=at(0))
+    out = book.converge({}, set(), None, timedelta(seconds=60))  # no rows ingested: the meter is down
+    assert out.dropped == 0 and book.get(("team", "t")).tokens == 100
+    out = book.converge({}, set(), at(30), timedelta(seconds=60))
+    assert out.dropped == 0 and not out.changed

@@ -61,20 +61,20 @@ def test_query_reads_final_and_binds_every_user_value():
     start, end = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)
     team = "team_x' OR 1=1 --"
     sql, params = build_query(team, start, end, "model")
-    assert "FROM {db}.usage_events FINAL" in sql
+    assert "FROM {db}.usage_events FINAL" in sql and "FROM {db}.usage_adjustments FINAL" in sql
     assert team not in sql and "2026" not in sql
-    assert "{team_id:String}" in sql and "{start:DateTime64(6, 'UTC')}" in sql
-    assert params == {"team_id": team, "start": start, "end": end}
-    assert "if(served_model = '', requested_model, served_model) AS g" in sql
+    assert "{team:String}" in sql and "{start:DateTime64(6, 'UTC')}" in sql
+    assert params == {"team": team, "start": start, "end": end}
+    assert "x.model AS g" in sql and "if(served_model = '', requested_model, served_model) AS model" in sql
     assert sql.rstrip().endswith("GROUP BY g\nORDER BY g")
 
 
 def test_query_without_team_or_grouping_covers_all_teams_in_one_row():
     sql, params = build_query(None, NOW, NOW, None)
-    assert "team_id" not in sql and "GROUP BY" not in sql
+    assert "{team:String}" not in sql and "GROUP BY g" not in sql
     assert set(params) == {"start", "end"}
-    assert "toDate(occurred_at, 'UTC') AS g" in build_query(None, NOW, NOW, "day")[0]
-    assert "key_id AS g" in build_query(None, NOW, NOW, "key")[0]
+    assert "toDate(x.occurred_at, 'UTC') AS g" in build_query(None, NOW, NOW, "day")[0]
+    assert "x.key_id AS g" in build_query(None, NOW, NOW, "key")[0]
 
 
 def _row(g: object, requests: int, cost: str, unpriced: int = 0) -> dict[str, object]:
@@ -86,6 +86,14 @@ def _row(g: object, requests: int, cost: str, unpriced: int = 0) -> dict[str, ob
         "cached_tokens": requests,
         "cost_usd": Decimal(cost),
         "unpriced_requests": unpriced,
+        "adjustments_usd": Decimal(0),
+        "billed_requests": requests - unpriced,
+        "billed_input_tokens": 9 * requests,
+        "billed_cached_input_tokens": requests,
+        "billed_output_tokens": 5 * requests,
+        "cache_hits": 0,
+        "cache_hit_prompt_tokens": 0,
+        "cache_hit_completion_tokens": 0,
     }
 
 
@@ -102,6 +110,14 @@ def test_report_totals_are_the_exact_sum_of_groups():
         "total_tokens": 45,
         "cost_usd": "0.3",  # 0.1 + 0.2 as floats would be 0.30000000000000004
         "unpriced_requests": 1,
+        "adjustments_usd": "0",
+        "billed_requests": 2,
+        "billed_input_tokens": 27,
+        "billed_cached_input_tokens": 3,
+        "billed_output_tokens": 15,
+        "cache_hits": 0,
+        "cache_hit_prompt_tokens": 0,
+        "cache_hit_completion_tokens": 0,
     }
     assert [g["day"] for g in report["groups"]] == ["2026-03-01", "2026-03-02"]
     assert report["groups"][0]["cost_usd"] == "0.1"

@@ -32,8 +32,35 @@ def at(day: str) -> datetime:
 def test_price_in_force_at_occurred_at_is_used():
     assert BOOK.at("m", "p", at("2026-03-15")).input == Decimal("2.00")
     assert BOOK.at("m", "p", at("2026-06-01")).input == Decimal("1.10")
-    assert BOOK.at("m", "p", at("2026-05-31T23:59:59")).version == "m/*@2026-01-01"
+    assert BOOK.at("m", "p", at("2026-05-31T23:59:59")).version.startswith("m/*@2026-01-01#")
     assert BOOK.at("m", "p", at("2025-12-31")) is None  # before any price: unpriced, not free
+
+
+def book_with(**price: str) -> PriceBook:
+    return PriceBook(parse_config({"providers": {"p": {"base_url": "http://x"}},
+                                   "models": {"m": {"routes": [{"provider": "p"}],
+                                                    "prices": [{"effective_from": "2026-01-01", **price}]}}}))  # fmt: skip
+
+
+def version(**price: str) -> str:
+    return book_with(**price).at("m", "p", at("2026-03-15")).version
+
+
+def test_two_unit_prices_under_one_date_never_share_a_version():
+    # An in-place edit of the yaml: same model, provider and effective_from, other unit prices.
+    base = version(input="2.00", output="8.00", cached_input="0.50")
+    assert base.startswith("m/*@2026-01-01#")
+    edits = [version(input="2.01", output="8.00", cached_input="0.50"),
+             version(input="2.00", output="8.01", cached_input="0.50"),
+             version(input="2.00", output="8.00", cached_input="0.51"),
+             version(input="2.00", output="8.00")]  # fmt: skip  # cached_input then defaults to input
+    assert len({base, *edits}) == 5
+
+
+def test_a_version_names_the_price_not_how_it_was_written():
+    assert version(input="2", output="8", cached_input="0.5") == version(input="2.00", output="8.0",
+                                                                        cached_input="0.50")  # fmt: skip
+    assert version(input="2", output="8") == version(input="2", output="8", cached_input="2")
 
 
 def test_route_price_overrides_model_price():
@@ -74,7 +101,7 @@ def test_tokenless_rejection_needs_no_price():
 def test_cache_hit_costs_nothing_but_keeps_price_version():
     e = make_event("t", served_model="m", provider="p", status="cached", cache_hit=True, occurred_at=at("2026-03-15"))
     p = price(e, BOOK)
-    assert p.cost.total == 0 and p.unit.version == "m/*@2026-01-01"
+    assert p.cost.total == 0 and p.unit.version == BOOK.at("m", "p", at("2026-03-15")).version
 
 
 def test_served_model_is_priced_not_requested_alias():

@@ -1,5 +1,7 @@
 """Invoices: `GET /v1/invoices?team=&period=`, `GET /v1/invoices/{id}` (JSON, or CSV with `Accept: text/csv`),
-and `POST /v1/admin/invoices/finalize {period, team?}`. A team key sees only its own team's invoices."""
+and `POST /v1/admin/invoices/finalize {period, team?}` (409 `period_open` before the period's end plus the
+grace, 409 `period_out_of_order` naming the earliest open period). A team key sees only its own team's
+invoices; a document is an invoice or, when its total is negative, a credit note (`kind`)."""
 
 from __future__ import annotations
 
@@ -86,10 +88,12 @@ async def finalize(body: Finalize, request: Request, _: Caller = Depends(admin_c
         if team is None:
             raise TeamNotFound(f"no team with id or name {body.team!r}")
         team_id = team.team_id
-    out = []
-    for team in _teams(request, team_id):
-        invoice, created = await inv.finalize(team, period)
-        out.append({"invoice_id": invoice["invoice_id"], "number": invoice["number"], "team_id": team.team_id,
-                    "period": period, "total_usd": invoice["total_usd"], "content_hash": invoice["content_hash"],
-                    "created": created})  # fmt: skip
+    teams = _teams(request, team_id)
+    if team_id is None:
+        done = await inv.finalize_all(teams, period)
+    else:
+        done = [(teams[0], *await inv.finalize(teams[0], period))]
+    out = [{"invoice_id": doc["invoice_id"], "number": doc["number"], "kind": doc.get("kind", "invoice"),
+            "team_id": team.team_id, "period": period, "total_usd": doc["total_usd"],
+            "content_hash": doc["content_hash"], "created": created} for team, doc, created in done]  # fmt: skip
     return {"object": "list", "period": period, "data": out}

@@ -24,4 +24,6 @@ async def get_usage(
 ) -> dict[str, Any]:
     team_id = team_scope(caller, team, request.app.state.accounts)
     lo, hi = parse_range(start, end, datetime.now(UTC))
-    return await usage_report(request.app.state.store, team_id, lo, hi, parse_group_by(group_by))
+    return await usage_report(
+        request.app.state.store, team_id, lo, hi, parse_group_by(group_by), request.app.state.config
+    )

@@ -1,0 +1,271 @@
+"""The ledger: the one definition of what a team owes, from deduplicated rows, exact Decimal before rounding.
+
+An event's *effective* row (`effective_sql`) is its `usage_events FINAL` row (redeliveries, replays and
+re-inserts collapse by event_id; a priced copy beats an unpriced one by row_version) joined with its
+`usage_adjustments FINAL` rows (re-rating): the price version and unit prices of its latest adjustment
+(highest `seq`) if it has one, else its own; effective cost = cost_total + sum(delta_total). The two are the
+same number: a rerate writes delta = (tokens at the new price) - (current cost), so cost + deltas is always
+the tokens at the effective unit prices.
+
+Rules stated here once and imported everywhere else:
+  * billed model (`BILLED_MODEL_SQL`): `if(served_model = '', requested_model, served_model)`;
+  * billable (`BILLABLE_STATUSES`): status ok or error (a cache hit and a rejection are billed zero);
+    a billable row that is not priced is *unpriced*: counted, billed zero until `tollway rerate` prices it;
+  * components: `input` = prompt tokens minus provider-cached ones, `cached_input` = min(cached, prompt),
+    `output` = completion tokens; amount of a line = quantity x unit price per 1M / 1M, exact;
+  * attachment: an adjustment row carries its event's `occurred_at`, so it belongs to the period of the
+    event it corrects. That is the view every function here gives ("by event period"). Invoices carry an
+    adjustment of a finalized period to the first period that is not finalized; which adjustments are new
+    since a set of finalized invoices is the invoices module's business, built on `team_month` of the closed
+    period;
+  * report bucket (`report_model`): a model name that the config does not know (e.g. a rejected call's
+    made-up model) is shown as `UNKNOWN_MODEL` in reports; the stored event keeps what the caller sent.
+
+Public API (stable: add, don't change):
+  BILLED_MODEL_SQL, BILLABLE_STATUSES, COMPONENTS, UNKNOWN_MODEL
+  effective_sql(team: bool = False, ingested_before: bool = False) -> str
+      SQL of a subquery, one effective row per deduplicated event with occurred_at in
+      [{start:DateTime64(6, 'UTC')}, {end:DateTime64(6, 'UTC')}) (and team_id = {team:String} when team,
+      ingested_at <= {ingested_before:DateTime64(6, 'UTC')} when ingested_before). Columns: event_id,
+      occurred_at, ingested_at, team_id, key_id, model, requested_model, served_model, provider, status,
+      priced, billable, cache_hit, prompt_tokens, completion_tokens, cached_tokens, input_tokens,
+      cached_input_tokens, output_tokens, price_version, unit_input, unit_output, unit_cached_input,
+      stored_cost, adjustments_usd, adjustment_count, cost_usd. `billable` = billable status AND priced.
+  LedgerLine(model, price_version, component, unit_usd_per_1m, quantity, requests)  .exact_usd
+  LedgerGroup(model, price_version, unit_input, unit_output, unit_cached_input, requests,
+              input_tokens, cached_tokens, output_tokens)  .lines()  .exact_usd
+  TeamMonth(team_id, period, groups, unpriced)  .lines()  .exact_usd  .by_model() -> {model: Decimal}
+  await groups(store, start, end, team_id=None, ingested_before=None) -> (list[LedgerGroup], unpriced: int)
+      billable usage grouped by (model, price_version, unit prices); one group never merges two unit prices;
+      `ingested_before` counts only events ingested at or before it (an invoice "as of" its finalization).
+  await groups_by_team(store, start, end, team_id=None) -> {team_id: (list[LedgerGroup], unpriced)}
+      the same, per team, in one query (reconciliation of every team).
+  await team_month(store, team_id, period, ingested_before=None) -> TeamMonth         (the period's usage, adjustments by event period)
+  await month_to_date(store, period, ingested_before=None) -> list[MonthToDate]
+      per (team_id, key_id): billable tokens (priced or not), exact usd, last occurred_at, unpriced count:
+      the quota seed.
+  report_model(model, config) -> str
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from schemas.clickhouse import Store
+from schemas.config import GatewayConfig
+from schemas.periods import bounds
+from schemas.prices import MILLION
+
+BILLED_MODEL_SQL = "if(served_model = '', requested_model, served_model)"
+BILLABLE_STATUSES = ("ok", "error")
+COMPONENTS = ("input", "cached_input", "output")
+UNKNOWN_MODEL = "(unknown)"
+ZERO = Decimal(0)
+
+_STATUSES_SQL = ", ".join(f"'{s}'" for s in BILLABLE_STATUSES)
+_RANGE = "occurred_at >= {start:DateTime64(6, 'UTC')} AND occurred_at < {end:DateTime64(6, 'UTC')}"
+
+_EFFECTIVE_SQL = """(
+SELECT e.event_id AS event_id, e.occurred_at AS occurred_at, e.ingested_at AS ingested_at,
+       e.team_id AS team_id, e.key_id AS key_id, e.model AS model, e.requested_model AS requested_model,
+       e.served_model AS served_model, e.provider AS provider, e.status AS status, e.priced AS priced,
+       e.status IN ({statuses}) AND e.priced AS billable, e.cache_hit AS cache_hit,
+       e.prompt_tokens AS prompt_tokens, e.completion_tokens AS completion_tokens, e.cached_tokens AS cached_tokens,
+       e.prompt_tokens - least(e.cached_tokens, e.prompt_tokens) AS input_tokens,
+       least(e.cached_tokens, e.prompt_tokens) AS cached_input_tokens, e.completion_tokens AS output_tokens,
+       if(a.n > 0, a.pv, e.price_version) AS price_version, if(a.n > 0, a.ui, e.unit_input) AS unit_input,
+       if(a.n > 0, a.uo, e.unit_output) AS unit_output, if(a.n > 0, a.uc, e.unit_cached_input) AS unit_cached_input,
+       e.cost_total AS stored_cost, a.delta AS adjustments_usd, a.n AS adjustment_count,
+       e.cost_total + a.delta AS cost_usd
+FROM (SELECT *, {model} AS model FROM {{db}}.usage_events FINAL WHERE {range}{events_where}) AS e
+LEFT JOIN (
+    SELECT event_id, count() AS n, argMax(price_version, seq) AS pv, argMax(unit_input, seq) AS ui,
+           argMax(unit_output, seq) AS uo, argMax(unit_cached_input, seq) AS uc, sum(delta_total) AS delta
+    FROM {{db}}.usage_adjustments FINAL WHERE {range}{team_where}
+    GROUP BY event_id
+) AS a ON e.event_id = a.event_id
+)"""
+
+
+def effective_sql(team: bool = False, ingested_before: bool = False) -> str:
+    """A parenthesised subquery usable as `FROM <it> AS x`: one effective row per event in the range."""
+    team_where = " AND team_id = {team:String}" if team else ""
+    events_where = team_where + (
+        " AND ingested_at <= {ingested_before:DateTime64(6, 'UTC')}" if ingested_before else ""
+    )
+    # An unmatched LEFT JOIN row has default values (n = 0, delta = 0), not NULLs (join_use_nulls is off).
+    return _EFFECTIVE_SQL.format(statuses=_STATUSES_SQL, model=BILLED_MODEL_SQL, range=_RANGE,
+                                 events_where=events_where, team_where=team_where)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerLine:
+    """One component of one group: what an invoice usage line is made of, before rounding."""
+
+    model: str
+    price_version: str
+    component: str
+    unit_usd_per_1m: Decimal
+    quantity: int
+    requests: int
+
+    @property
+    def exact_usd(self) -> Decimal:
+        return Decimal(self.quantity) * self.unit_usd_per_1m / MILLION
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerGroup:
+    """Billable usage of one model at one price version and one set of unit prices."""
+
+    model: str
+    price_version: str
+    unit_input: Decimal
+    unit_output: Decimal
+    unit_cached_input: Decimal
+    requests: int
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+
+    def lines(self) -> list[LedgerLine]:
+        parts = (("input", self.unit_input, self.input_tokens), ("cached_input", self.unit_cached_input,
+                 self.cached_tokens), ("output", self.unit_output, self.output_tokens))  # fmt: skip
+        return [LedgerLine(self.model, self.price_version, comp, unit, qty, self.requests) for comp, unit, qty in parts]
+
+    @property
+    def exact_usd(self) -> Decimal:
+        return sum((line.exact_usd for line in self.lines()), ZERO)
+
+
+@dataclass(frozen=True, slots=True)
+class TeamMonth:
+    team_id: str
+    period: str
+    groups: list[LedgerGroup] = field(default_factory=list)
+    unpriced: int = 0
+
+    def lines(self) -> list[LedgerLine]:
+        return [line for g in self.groups for line in g.lines()]
+
+    @property
+    def exact_usd(self) -> Decimal:
+        return sum((g.exact_usd for g in self.groups), ZERO)
+
+    def by_model(self) -> dict[str, Decimal]:
+        out: dict[str, Decimal] = defaultdict(Decimal)
+        for g in self.groups:
+            out[g.model] += g.exact_usd
+        return dict(out)
+
+
+@dataclass(frozen=True, slots=True)
+class MonthToDate:
+    team_id: str
+    key_id: str
+    tokens: int  # prompt + completion tokens of billable-status calls, priced or not (token quotas need no price)
+    usd: Decimal  # exact effective cost (events + adjustments)
+    last_at: datetime | None
+    unpriced: int
+
+
+_GROUPS_SQL = """
+SELECT model, price_version, unit_input, unit_output, unit_cached_input, count() AS requests,
+       sum(input_tokens) AS input_qty, sum(cached_input_tokens) AS cached_qty, sum(output_tokens) AS output_qty
+FROM {effective} AS x
+WHERE billable
+GROUP BY model, price_version, unit_input, unit_output, unit_cached_input
+ORDER BY model, price_version, unit_input, unit_output, unit_cached_input
+"""
+_UNPRICED_SQL = "SELECT count() FROM {effective} AS x WHERE status IN ({statuses}) AND NOT priced"
+
+
+def _params(start: datetime, end: datetime, team_id: str | None) -> dict[str, object]:
+    return {"start": start, "end": end} | ({"team": team_id} if team_id is not None else {})
+
+
+async def groups(store: Store, start: datetime, end: datetime, team_id: str | None = None,
+                 ingested_before: datetime | None = None) -> tuple[list[LedgerGroup], int]:  # fmt: skip
+    """Billable usage in [start, end) grouped by (model, price version, unit prices), and the unpriced count.
+    `ingested_before`: only events ingested at or before it (what had arrived when an invoice was finalized)."""
+    eff = effective_sql(team=team_id is not None, ingested_before=ingested_before is not None)
+    params = _params(start, end, team_id)
+    if ingested_before is not None:
+        params["ingested_before"] = ingested_before
+    rows = await store.query_dicts(_GROUPS_SQL.format(effective=eff), parameters=params)
+    unpriced = await store.query(_UNPRICED_SQL.format(effective=eff, statuses=_STATUSES_SQL), parameters=params)
+    out = [
+        LedgerGroup(r["model"], r["price_version"], Decimal(r["unit_input"]), Decimal(r["unit_output"]),
+                    Decimal(r["unit_cached_input"]), int(r["requests"]), int(r["input_qty"]), int(r["cached_qty"]),
+                    int(r["output_qty"]))
+        for r in rows
+    ]  # fmt: skip
+    return out, int(unpriced[0][0]) if unpriced else 0
+
+
+_TEAM_GROUPS_SQL = """
+SELECT team_id, model, price_version, unit_input, unit_output, unit_cached_input, billable, count() AS requests,
+       sum(input_tokens) AS input_qty, sum(cached_input_tokens) AS cached_qty, sum(output_tokens) AS output_qty
+FROM {effective} AS x
+WHERE billable OR (status IN ({statuses}) AND NOT priced)
+GROUP BY team_id, model, price_version, unit_input, unit_output, unit_cached_input, billable
+ORDER BY team_id, model, price_version, unit_input, unit_output, unit_cached_input
+"""
+
+
+async def groups_by_team(store: Store, start: datetime, end: datetime,
+                         team_id: str | None = None) -> dict[str, tuple[list[LedgerGroup], int]]:  # fmt: skip
+    """`groups` for every team with usage in [start, end): {team_id: (groups, unpriced)}."""
+    sql = _TEAM_GROUPS_SQL.format(effective=effective_sql(team=team_id is not None), statuses=_STATUSES_SQL)
+    out: dict[str, tuple[list[LedgerGroup], int]] = {}
+    for r in await store.query_dicts(sql, parameters=_params(start, end, team_id)):
+        gs, unpriced = out.get(r["team_id"], ([], 0))
+        if r["billable"]:
+            gs.append(LedgerGroup(r["model"], r["price_version"], Decimal(r["unit_input"]), Decimal(r["unit_output"]),
+                                  Decimal(r["unit_cached_input"]), int(r["requests"]), int(r["input_qty"]),
+                                  int(r["cached_qty"]), int(r["output_qty"])))  # fmt: skip
+        else:
+            unpriced += int(r["requests"])
+        out[r["team_id"]] = (gs, unpriced)
+    return out
+
+
+async def team_month(store: Store, team_id: str, period: str, ingested_before: datetime | None = None) -> TeamMonth:
+    """A team's billable usage of a UTC month, adjustments attached to the period of the event they correct."""
+    start, end = bounds(period)
+    gs, unpriced = await groups(store, start, end, team_id, ingested_before)
+    return TeamMonth(team_id, period, gs, unpriced)
+
+
+_MTD_SQL = """
+SELECT team_id, key_id, sumIf(prompt_tokens + completion_tokens, status IN ({statuses})) AS tokens,
+       sumIf(cost_usd, billable) AS usd, max(occurred_at) AS last_at,
+       countIf(status IN ({statuses}) AND NOT priced) AS unpriced
+FROM {effective} AS x
+GROUP BY team_id, key_id
+"""
+
+
+async def month_to_date(store: Store, period: str, ingested_before: datetime | None = None) -> list[MonthToDate]:
+    """Per (team, key) totals of a period: the quota seed. `ingested_before` counts only events ingested
+    at or before it (and their adjustments), so a stream consumer can count the rest itself."""
+    start, end = bounds(period)
+    params: dict[str, object] = {"start": start, "end": end}
+    if ingested_before is not None:
+        params["ingested_before"] = ingested_before
+    sql = _MTD_SQL.format(statuses=_STATUSES_SQL, effective=effective_sql(ingested_before=ingested_before is not None))
+    rows = await store.query_dicts(sql, parameters=params)
+    return [
+        MonthToDate(r["team_id"], r["key_id"], int(r["tokens"]), Decimal(r["usd"]),
+                    r["last_at"].replace(tzinfo=UTC) if r["last_at"] is not None else None, int(r["unpriced"]))
+        for r in rows
+    ]  # fmt: skip
+
+
+def report_model(model: str, config: GatewayConfig) -> str:
+    """The label a report shows for a stored model name: itself if the config knows it (a public name or
+    an alias), else one bucket, so a caller's made-up names never become rows in staff views."""
+    return model if model in config.models or config.resolve(model) is not None else UNKNOWN_MODEL
