@@ -277,6 +277,19 @@ class Month:
         tag = f"{team.name} {period}"
         self.checks.eq(f"{tag}: usage API totals.cost_usd (exact)", D(usage["totals"]["cost_usd"]),
                        Ledger.exact(calls, catalog))  # fmt: skip
+        billed = [c for c in calls if c.billable]
+        hits = [c for c in calls if c.cache_hit]
+        want_counts = {
+            "requests": len(calls), "prompt_tokens": sum(c.prompt for c in calls),
+            "completion_tokens": sum(c.completion for c in calls), "billed_requests": len(billed),
+            "billed_input_tokens": sum(c.quantities()["input"] for c in billed),
+            "billed_cached_input_tokens": sum(c.quantities()["cached_input"] for c in billed),
+            "billed_output_tokens": sum(c.completion for c in billed), "cache_hits": len(hits),
+            "cache_hit_prompt_tokens": sum(c.prompt for c in hits),
+            "cache_hit_completion_tokens": sum(c.completion for c in hits),
+        }  # fmt: skip
+        self.checks.eq(f"{tag}: usage API totals (requests and tokens, billed and cache-hit apart)",
+                       {k: usage["totals"].get(k) for k in want_counts}, want_counts)  # fmt: skip
         by_model = {g["model"]: g for g in usage["groups"]}
         for model in sorted({c.model for c in calls}):
             got = D(by_model[model]["cost_usd"]) if model in by_model else None
@@ -326,7 +339,11 @@ class Month:
             self.checks.eq(f"{tag} CSV: TOTAL actual = JSON actual", D(total[0]["actual_cost_usd"]),
                            D(roi["actual_cost_usd"]))  # fmt: skip
 
-    def check_reconcile(self, period: str, teams: list[Team], invoiced: bool) -> dict[str, Any]:
+    def check_reconcile(self, period: str, teams: list[Team], state: str = "invoiced",
+                        billed: dict[Any, tuple[int, Decimal]] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Per team and model: metered (exact) = the ledger; billable = its lines rounded once; invoiced (and what
+        the next open invoice carries) to the cent. `billed`: the lines finalized so far, when `state` says the
+        rest is carried (adjustment_pending)."""
         catalog = self.catalog()
         deadline = time.monotonic() + 10  # rollups are recomputed every second: wait for them to catch up
         while True:
@@ -335,22 +352,32 @@ class Month:
                 break
             time.sleep(0.3)
         self.checks.true(f"reconcile {period}: ok", rec["ok"] is True,
-                         orjson.dumps({k: rec.get(k) for k in ("ok", "sequence_gaps", "totals", "rows")}).decode()[:3000])  # fmt: skip
+                         orjson.dumps({k: rec.get(k) for k in ("ok", "sequence_gaps", "problems", "totals")}).decode()[:3000])  # fmt: skip
         self.checks.eq(f"reconcile {period}: sequence gaps", rec["sequence_gaps"], 0)
         rows = {(r["team_id"], r["model"]): r for r in rec["rows"]}
         for team in teams:
             calls = self.ledger.of(team.team_id, period)
+            lines = Ledger.lines(calls, catalog)
             for model in sorted({c.model for c in calls}):
-                want = Ledger.exact(calls, catalog, model)
                 row = rows.get((team.team_id, model))
                 tag = f"reconcile {period} {team.name} {model}"
                 if not self.checks.true(f"{tag}: row present", row is not None, sorted(rows)):
                     continue
-                self.checks.eq(f"{tag}: metered_usd (exact)", D(row["metered_usd"]), want)
-                if invoiced:
-                    got = row.get("invoiced_usd")
-                    self.checks.eq(f"{tag}: invoiced_usd to the cent", cents(D(got)) if got is not None else None,
-                                   cents(want))  # fmt: skip
+                billable = sum((a for (m, _, _), (_, a) in lines.items() if m == model), Decimal(0))
+                self.checks.eq(
+                    f"{tag}: metered_usd (exact)", D(row["metered_usd"]), Ledger.exact(calls, catalog, model)
+                )
+                self.checks.eq(f"{tag}: billable_usd (lines rounded once)", D(row["billable_usd"]), billable)
+                invoiced = billable
+                if billed is not None:
+                    invoiced = sum((a for (m, _, _), (_, a) in billed.items() if m == model), Decimal(0))
+                self.checks.eq(f"{tag}: invoice_state", row.get("invoice_state"),
+                               "invoiced" if invoiced == billable else state)  # fmt: skip
+                if billed is not None:
+                    self.checks.eq(f"{tag}: carried_usd (on the next invoice)", D(row.get("carried_usd") or 0),
+                                   billable - invoiced)  # fmt: skip
+                got = row.get("invoiced_usd")
+                self.checks.eq(f"{tag}: invoiced_usd", D(got) if got is not None else None, invoiced)
         return rec
 
     def check_invoice(self, inv: dict[str, Any], team: Team, period: str, status: str,
@@ -543,8 +570,8 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
                 m.check_invoice(m.invoice(team, FEB), team, FEB, "finalized")
                 m.check_usage(team, FEB)
                 m.check_roi(team, FEB)
-            m.check_reconcile(JAN, [acme], invoiced=True)
-            m.check_reconcile(FEB, [acme, beta], invoiced=True)
+            m.check_reconcile(JAN, [acme])
+            m.check_reconcile(FEB, [acme, beta])
             numbers = [m.invoice(acme, JAN)["number"], m.invoice(acme, FEB)["number"], m.invoice(beta, FEB)["number"]]
             ck.eq("invoice numbers are unique", len(set(numbers)), 3)
             feb_invoice = m.invoice(acme, FEB)
@@ -559,7 +586,8 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
                                for i in range(2)]  # fmt: skip
             m.check_usage(acme, FEB, m.wait_billed(acme, FEB))
             m.check_roi(acme, FEB)
-            m.check_reconcile(FEB, [acme, beta], invoiced=False)
+            m.check_reconcile(FEB, [acme], "adjustment_pending", billed_feb)
+            m.check_reconcile(FEB, [beta])
             m.check_quota(acme, MAR)
             now_feb = Ledger.lines(m.ledger.of(acme.team_id, FEB), m.catalog())
             late_lines = []
@@ -576,8 +604,8 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
             r = m.finalize(acme, MAR)
             ck.eq("finalize acme 2027-03", r.status_code, 200)
             m.check_invoice(m.invoice(acme, MAR), acme, MAR, "finalized", late_lines)
-            m.check_reconcile(FEB, [acme, beta], invoiced=True)
-            m.check_reconcile(MAR, [acme], invoiced=True)
+            m.check_reconcile(FEB, [acme, beta])
+            m.check_reconcile(MAR, [acme])
     finally:
         if m.stack is not None and m.stack.proc.poll() is None:
             m.stack.proc.kill()
