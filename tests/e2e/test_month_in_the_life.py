@@ -44,7 +44,6 @@ from typing import Any
 import httpx
 import openai
 import orjson
-import pytest
 import yaml
 
 from tests.e2e.conftest import TOLLWAY, Stack, stack_env, start_stack, stop_stack
@@ -59,6 +58,7 @@ from tests.support.month import (
     cents,
     crafted_event,
     dead_letters,
+    month_bounds,
     produce,
     prorated_fee,
 )
@@ -66,8 +66,6 @@ from tests.support.month import (
 BASE_CONFIG = Path(__file__).with_name("month_in_the_life.yaml")
 USAGE_TOPIC, DLQ_TOPIC = "tollway.usage.v1", "tollway.usage.dlq"
 JAN, FEB, MAR = "2027-01", "2027-02", "2027-03"
-
-pytestmark = pytest.mark.skipif(not FAKETIME_LIB.exists(), reason="needs libfaketime (apt-get install faketime)")
 
 
 @dataclass
@@ -255,16 +253,17 @@ class Month:
     def catalog(self) -> Catalog:
         return Catalog(self.config)
 
-    def fee_lines(self, team: Team, period: str) -> list[Decimal]:
-        """One plan-fee amount per plan the team was on during the period, prorated by the second."""
-        catalog = self.catalog()
-        history = self.plans[team.team_id]
+    def fee_spans(self, team: Team, period: str) -> list[tuple[str, datetime, datetime, Decimal]]:
+        """(plan, from, to, monthly fee) for each plan with a fee the team was on during the period, by this
+        test's clock: from the team's creation, split at each plan change."""
+        catalog, history = self.catalog(), self.plans[team.team_id]
+        lo, hi = month_bounds(period)
         out = []
         for i, (start, plan) in enumerate(history):
-            end = history[i + 1][0] if i + 1 < len(history) else datetime(2300, 1, 1, tzinfo=UTC)
-            amount = cents(prorated_fee(catalog.fees[plan], start, end, period))
-            if amount:
-                out.append(amount)
+            end = history[i + 1][0] if i + 1 < len(history) else hi
+            start, end = max(start, lo), min(end, hi)
+            if end > start and catalog.fees[plan]:
+                out.append((plan, start, end, catalog.fees[plan]))
         return out
 
     # -- comparisons -------------------------------------------------------------------------------------
@@ -392,10 +391,22 @@ class Month:
                      for x in inv["lines"] if x["type"] == "usage"}  # fmt: skip
         self.checks.eq(f"{tag}: usage lines (model, component, unit price, tokens, amount)", sorted(got_usage),
                        sorted(want_usage))  # fmt: skip
-        fees = self.fee_lines(team, period)
-        got_fees = sorted(D(x["amount_usd"]) for x in inv["lines"] if x["type"] == "plan_fee")
-        self.checks.eq(f"{tag}: plan fee lines (prorated by the second from team start and plan changes)",
-                       got_fees, sorted(fees))  # fmt: skip
+        # Plan fees: the spans must start at the team's creation and split at the plan change (this test's clock,
+        # within 2 s: the product floors to the second); each amount = fee x seconds of its span / seconds of the
+        # month, rounded once.
+        spans = self.fee_spans(team, period)
+        got_fees = [x for x in inv["lines"] if x["type"] == "plan_fee"]
+        self.checks.eq(f"{tag}: plan fee lines, one per plan in force", [x.get("plan") for x in got_fees],
+                       [p for p, *_ in spans])  # fmt: skip
+        fees = [cents(prorated_fee(fee, a, b, period)) for _, a, b, fee in spans]
+        if [x.get("plan") for x in got_fees] == [p for p, *_ in spans]:
+            fees = []
+            for x, (plan, a, b, fee) in zip(got_fees, spans, strict=True):
+                lo, hi = instant(x["from"]), instant(x["to"])
+                self.checks.true(f"{tag}: {plan} fee span [{x['from']}, {x['to']}) vs [{a}, {b})",
+                                 abs(lo - a) <= timedelta(seconds=2) and abs(hi - b) <= timedelta(seconds=2))  # fmt: skip
+                fees.append(cents(prorated_fee(fee, lo, hi, period)))
+                self.checks.eq(f"{tag}: {plan} fee amount (prorated by the second)", D(x["amount_usd"]), fees[-1])
         want_adj = {(p, m, comp, unit.of(comp), q, a) for p, m, comp, unit, q, a in adjustments}
         got_adj = {(x["adjusts"]["period"], x["adjusts"]["model"], x["adjusts"]["component"],
                     D(x["unit_price_usd_per_1m"]), x["quantity"], D(x["amount_usd"]))
@@ -433,6 +444,10 @@ class Month:
         return self.api("POST", "/v1/admin/invoices/finalize", json={"period": period, "team": team.team_id})
 
 
+def instant(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
 def month_range(period: str) -> tuple[str, str]:
     """`from`/`to` for the usage API: the first and the last day (a bare `to` date covers its whole day)."""
     y, m = int(period[:4]), int(period[5:7])
@@ -457,6 +472,7 @@ def t(month: int, day: int, hour: int) -> datetime:
 
 
 def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) -> None:
+    assert FAKETIME_LIB.exists(), "libfaketime is missing: `make system-deps` (Debian package faketime)"
     m = Month(tmp_path)
     ck = m.checks
     try:
@@ -606,6 +622,8 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
             m.check_invoice(m.invoice(acme, MAR), acme, MAR, "finalized", late_lines)
             m.check_reconcile(FEB, [acme, beta])
             m.check_reconcile(MAR, [acme])
+            cli = m.tollway(t(4, 5, 12), "reconcile", "--period", FEB)
+            ck.eq("`tollway reconcile --period 2027-02` exits 0 (ok)", cli.returncode, 0)
     finally:
         if m.stack is not None and m.stack.proc.poll() is None:
             m.stack.proc.kill()

@@ -23,7 +23,8 @@ import orjson
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+# Debian's `faketime` package (`make system-deps` installs it); the multi-threaded variant, as the stack is.
+FAKETIME_LIB = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"))), Path("libfaketimeMT.so.1"))
 MILLION = Decimal(1_000_000)
 CENT = Decimal("0.01")
 COMPONENTS = ("input", "cached_input", "output")
