@@ -49,10 +49,12 @@ import yaml
 from tests.e2e.conftest import TOLLWAY, Stack, stack_env, start_stack, stop_stack
 from tests.support.month import (
     FAKETIME_LIB,
+    MILLION,
     Call,
     Catalog,
     Checks,
     FakeClock,
+    ItemKey,
     Ledger,
     Unit,
     cents,
@@ -380,7 +382,7 @@ class Month:
         return rec
 
     def check_invoice(self, inv: dict[str, Any], team: Team, period: str, status: str,
-                      adjustments: list[tuple[str, str, str, Unit, int, Decimal]] = ()) -> None:  # fmt: skip
+                      adjustments: list[Adjustment] = ()) -> None:  # fmt: skip
         """Usage lines keyed by (model, component, unit price), plan fees, adjustment lines; totals = sums."""
         tag = f"{team.name} {period} invoice"
         catalog = self.catalog()
@@ -407,19 +409,16 @@ class Month:
                                  abs(lo - a) <= timedelta(seconds=2) and abs(hi - b) <= timedelta(seconds=2))  # fmt: skip
                 fees.append(cents(prorated_fee(fee, lo, hi, period)))
                 self.checks.eq(f"{tag}: {plan} fee amount (prorated by the second)", D(x["amount_usd"]), fees[-1])
-        want_adj = {(p, m, comp, unit.of(comp), q, a) for p, m, comp, unit, q, a in adjustments}
+        want_adj = {(p, m, comp, unit.of(comp), q, a, why) for p, m, comp, unit, q, a, why in adjustments}
         got_adj = {(x["adjusts"]["period"], x["adjusts"]["model"], x["adjusts"]["component"],
-                    D(x["unit_price_usd_per_1m"]), x["quantity"], D(x["amount_usd"]))
+                    D(x["unit_price_usd_per_1m"]), x["quantity"], D(x["amount_usd"]), x.get("reason"))
                    for x in inv["lines"] if x["type"] == "adjustment"}  # fmt: skip
-        self.checks.eq(f"{tag}: adjustment lines (period, model, component, unit price, tokens, amount)",
+        self.checks.eq(f"{tag}: adjustment lines (period, model, component, unit price, tokens, amount, cause)",
                        sorted(got_adj), sorted(want_adj))  # fmt: skip
-        for x in inv["lines"]:
-            if x["type"] == "adjustment":
-                self.checks.eq(f"{tag}: adjustment label for late events", x.get("reason"), "late usage")
         want_total = (
             sum((a for *_, a in want_usage), Decimal(0))
             + sum(fees, Decimal(0))
-            + sum((a for *_, a in want_adj), Decimal(0))
+            + sum((a for *_, a, _ in want_adj), Decimal(0))
         )
         self.checks.eq(f"{tag}: total_usd", D(inv["total_usd"]), want_total)
         self.checks.eq(f"{tag}: total_usd = sum of its lines", D(inv["total_usd"]),
@@ -442,6 +441,33 @@ class Month:
 
     def finalize(self, team: Team, period: str) -> httpx.Response:
         return self.api("POST", "/v1/admin/invoices/finalize", json={"period": period, "team": team.team_id})
+
+
+Adjustment = tuple[str, str, str, Unit, int, Decimal, str]  # period, model, component, unit, tokens, amount, cause
+
+
+def adjustments(period: str, billed: dict[ItemKey, tuple[int, Decimal]], known: list[Call], now: list[Call],
+                catalog: Catalog) -> list[Adjustment]:  # fmt: skip
+    """The lines a later invoice carries for closed `period`, per item (model, component, unit price), by the
+    rule docs/metering.md states: with B billed so far, T the tokens now and K the tokens of the events known
+    when the period was billed, "late usage" T - K and "re-rating" K - B tokens, each amount rounded once, and a
+    0-token "rounding" line keeping the item's cumulative amount at round(T x unit)."""
+    t_items, k_items = Ledger.items(now, catalog), Ledger.items(known, catalog)
+    out = []
+    for key in sorted(set(t_items) | set(k_items) | set(billed)):
+        unit = key[2].of(key[1])
+        t, k = t_items.get(key, 0), k_items.get(key, 0)
+        b_qty, b_amount = billed.get(key, (0, Decimal(0)))
+        late, rerate = cents(Decimal(t - k) * unit / MILLION), cents(Decimal(k - b_qty) * unit / MILLION)
+        rounding = cents(Decimal(t) * unit / MILLION) - b_amount - late - rerate
+        for cause, qty, amount in (
+            ("late usage", t - k, late),
+            ("re-rating", k - b_qty, rerate),
+            ("rounding", 0, rounding),
+        ):
+            if qty or amount:
+                out.append((period, key[0], key[1], key[2], qty, amount, cause))
+    return out
 
 
 def instant(text: str) -> datetime:
@@ -605,21 +631,35 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
             m.check_reconcile(FEB, [acme], "adjustment_pending", billed_feb)
             m.check_reconcile(FEB, [beta])
             m.check_quota(acme, MAR)
-            now_feb = Ledger.lines(m.ledger.of(acme.team_id, FEB), m.catalog())
-            late_lines = []
-            for (model, comp, unit), (qty, amount) in sorted(now_feb.items()):
-                b_qty, b_amount = billed_feb.get((model, comp, unit), (0, Decimal(0)))
-                if (qty, amount) != (b_qty, b_amount):
-                    late_lines.append((FEB, model, comp, unit, qty - b_qty, amount - b_amount))
+            known_feb = [c for c in m.ledger.of(acme.team_id, FEB) if c.label != "late"]
+            late_lines = adjustments(FEB, billed_feb, known_feb, m.ledger.of(acme.team_id, FEB), m.catalog())
             ck.true("the late events change February's billable items", bool(late_lines))
             m.check_invoice(m.invoice(acme, MAR), acme, MAR, "draft", late_lines)
             ck.eq("February's finalized invoice is unchanged by the late events", m.invoice(acme, FEB), feb_invoice)
 
-        # Apr 05: March is closed; February's reconciliation now counts the adjustments carried to March.
+        # Between runs: gpt-4.1-mini gets cheaper from Feb 20, after February was invoiced: re-rate both months.
+        billed_beta_feb = Ledger.lines(m.ledger.of(beta.team_id, FEB), m.catalog())
+        edit_config(m.config, lambda raw: raw["models"]["gpt-4.1-mini"]["prices"].append(
+            {"effective_from": "2027-02-20", "input": "330", "output": "1320", "cached_input": "82"}))  # fmt: skip
+        for period in (FEB, MAR):
+            out = m.tollway(t(4, 5, 11), "rerate", "--period", period)
+            assert out.returncode == 0, out.stderr[-2000:]
+        beta_feb = m.ledger.of(beta.team_id, FEB)
+        rerated = adjustments(FEB, billed_beta_feb, beta_feb, beta_feb, m.catalog())
+        ck.true("the price change moves beta's February mini call to the new unit price", bool(rerated))
+
+        # Apr 05: March is closed, carrying February's late usage (acme) and re-rating (beta); February's
+        # reconciliation now counts the adjustments carried to March.
         with m.running(t(4, 5, 12)):
-            r = m.finalize(acme, MAR)
-            ck.eq("finalize acme 2027-03", r.status_code, 200)
+            for team in (acme, beta):
+                r = m.finalize(team, MAR)
+                ck.eq(f"finalize {team.name} 2027-03", r.status_code, 200)
             m.check_invoice(m.invoice(acme, MAR), acme, MAR, "finalized", late_lines)
+            m.check_invoice(m.invoice(beta, MAR), beta, MAR, "finalized", rerated)
+            for team in (acme, beta):
+                m.check_usage(team, FEB)
+                m.check_roi(team, FEB)
+            m.check_usage(acme, MAR)
             m.check_reconcile(FEB, [acme, beta])
             m.check_reconcile(MAR, [acme])
             cli = m.tollway(t(4, 5, 12), "reconcile", "--period", FEB)
