@@ -97,8 +97,10 @@ async def check_and_record(store: Store, config: GatewayConfig, by: str, today: 
     today = today or datetime.now(UTC).date()
     recorded = await recorded_versions(store)
     found = conflicts(config, recorded, today)
-    used = await versions_in_use(store, [was.version for _, was in found])
-    problems = [refusal(e, was) for e, was in found if was.version in used]
+    # Rows priced before versions had a hash carry the name alone (`model/provider@date`): they count as uses.
+    names = {was.version: (was.version, was.version.split("#", 1)[0]) for _, was in found}
+    used = await versions_in_use(store, sorted({n for pair in names.values() for n in pair}))
+    problems = [refusal(e, was) for e, was in found if used.intersection(names[was.version])]
     if problems:
         raise PriceEditedInPlace("; ".join(problems))
     return await record(store, to_record(config, recorded, today), by)

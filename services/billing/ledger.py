@@ -7,7 +7,8 @@ re-inserts collapse by event_id; a priced copy beats an unpriced one by row_vers
 same number: a rerate writes delta = (tokens at the new price) - (current cost), so cost + deltas is always
 the tokens at the effective unit prices.
 
-Rules stated here once and imported everywhere else:
+Rules stated once (the first two in `schemas/billed.py`, so the meter's rollups can share them; re-exported
+here) and imported everywhere else:
   * billed model (`BILLED_MODEL_SQL`): `if(served_model = '', requested_model, served_model)`;
   * billable (`BILLABLE_STATUSES`): status ok or error (a cache hit and a rejection are billed zero);
     a billable row that is not priced is *unpriced*: counted, billed zero until `tollway rerate` prices it;
@@ -40,7 +41,8 @@ Public API (stable: add, don't change):
       `ingested_before` counts only events ingested at or before it (an invoice "as of" its finalization).
   await groups_by_team(store, start, end, team_id=None) -> {team_id: (list[LedgerGroup], unpriced)}
       the same, per team, in one query (reconciliation of every team).
-  await team_month(store, team_id, period, ingested_before=None) -> TeamMonth         (the period's usage, adjustments by event period)
+  await team_month(store, team_id, period, ingested_before=None) -> TeamMonth
+      a UTC month's billable usage, adjustments attached by event period.
   await month_to_date(store, period, ingested_before=None) -> list[MonthToDate]
       per (team_id, key_id): billable tokens (priced or not), exact usd, last occurred_at, unpriced count:
       the quota seed.
@@ -54,13 +56,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from schemas.billed import BILLABLE_STATUSES, BILLED_MODEL_SQL
 from schemas.clickhouse import Store
 from schemas.config import GatewayConfig
 from schemas.periods import bounds
 from schemas.prices import MILLION
 
-BILLED_MODEL_SQL = "if(served_model = '', requested_model, served_model)"
-BILLABLE_STATUSES = ("ok", "error")
+__all__ = ["BILLABLE_STATUSES", "BILLED_MODEL_SQL", "COMPONENTS", "UNKNOWN_MODEL", "LedgerGroup", "LedgerLine",
+           "MonthToDate", "TeamMonth", "effective_sql", "groups", "groups_by_team", "month_to_date", "report_model",
+           "team_month"]  # fmt: skip
+
 COMPONENTS = ("input", "cached_input", "output")
 UNKNOWN_MODEL = "(unknown)"
 ZERO = Decimal(0)
@@ -80,7 +85,10 @@ SELECT e.event_id AS event_id, e.occurred_at AS occurred_at, e.ingested_at AS in
        if(a.n > 0, a.uo, e.unit_output) AS unit_output, if(a.n > 0, a.uc, e.unit_cached_input) AS unit_cached_input,
        e.cost_total AS stored_cost, a.delta AS adjustments_usd, a.n AS adjustment_count,
        e.cost_total + a.delta AS cost_usd
-FROM (SELECT *, {model} AS model FROM {{db}}.usage_events FINAL WHERE {range}{events_where}) AS e
+FROM (SELECT event_id, occurred_at, ingested_at, team_id, key_id, {model} AS model, requested_model, served_model,
+             provider, status, priced, cache_hit, prompt_tokens, completion_tokens, cached_tokens, price_version,
+             unit_input, unit_output, unit_cached_input, cost_total
+      FROM {{db}}.usage_events FINAL WHERE {range}{events_where}) AS e
 LEFT JOIN (
     SELECT event_id, count() AS n, argMax(price_version, seq) AS pv, argMax(unit_input, seq) AS ui,
            argMax(unit_output, seq) AS uo, argMax(unit_cached_input, seq) AS uc, sum(delta_total) AS delta

@@ -22,7 +22,11 @@ USAGE_QUERY_SECONDS = Histogram(
 QUOTA_EVENTS = Counter(
     "tollway_billing_quota_events_total", "Usage events seen by the quota loop, by outcome", ["outcome"]
 )
-QUOTA_CONVERGED = Counter("tollway_billing_quota_converged_total", "Month-to-date quota recomputed from the ledger")
+QUOTA_CONVERGE_SECONDS = Histogram(
+    "tollway_billing_quota_converge_seconds",
+    "One convergence of month-to-date quota on the ledger (its ClickHouse queries)",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 QUOTA_TAIL_DROPPED = Counter(
     "tollway_billing_quota_tail_dropped_total",
     "Events the quota stream counted that the meter never wrote (dropped or dead-lettered), no longer counted",

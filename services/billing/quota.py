@@ -7,6 +7,7 @@ provider (status ok or error); cache hits and rejections count nothing. Spend is
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -53,7 +54,7 @@ class Counted:
 class Converged:
     changed: set[Entity]  # entities whose month-to-date total moved
     absorbed: int  # tail events the ledger now holds
-    dropped: int  # tail events the meter never wrote (dropped or dead-lettered): no longer counted
+    dropped: int  # tail events the meter never wrote (dropped or dead-lettered), or past max_tail: not counted
 
 
 @dataclass(slots=True)
@@ -65,15 +66,19 @@ class QuotaBook:
     never will (the meter wrote rows for `max_age` after the event was counted, but not this one: dropped
     or dead-lettered). So the month-to-date total is the ledger's whenever the stream has nothing newer.
     The id set is bounded (`max_ids`, oldest forgotten first): it guards against redelivery and replays,
-    which arrive close to the original; the ledger covers everything older.
+    which arrive close to the original; the ledger covers everything older. The tail is bounded too
+    (`max_tail`, ~300 B an entry): past it (the meter down for long at a high rate) the oldest entries stay
+    in the totals only until the next convergence, then count once the ledger has them.
     """
 
     period: str
     max_ids: int = 2_000_000
+    max_tail: int = 500_000
     settled: dict[Entity, Usage] = field(default_factory=dict)
     usage: dict[Entity, Usage] = field(default_factory=dict)  # settled + tail: what limits are judged on
     tail: OrderedDict[str, Counted] = field(default_factory=OrderedDict)  # by counted_at
     _seen: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    _overflowed: int = 0
 
     def seen(self, event_id: str) -> bool:
         return event_id in self._seen
@@ -86,7 +91,10 @@ class QuotaBook:
         self._seen[event_id] = None
         if len(self._seen) > self.max_ids:
             self._seen.popitem(last=False)
-        self.tail[event_id] = Counted(team_id, key_id, tokens, usd, at, counted_at or at)
+        self.tail[event_id] = Counted(sys.intern(team_id), sys.intern(key_id), tokens, usd, at, counted_at or at)
+        if len(self.tail) > self.max_tail:
+            self.tail.popitem(last=False)
+            self._overflowed += 1
         for entity in (("team", team_id), ("key", key_id)):
             self.usage.setdefault(entity, Usage()).add(tokens, usd, at)  # type: ignore[arg-type]
         return True
@@ -98,7 +106,7 @@ class QuotaBook:
         before = len(self.tail)
         for event_id in in_ledger:
             self.tail.pop(event_id, None)
-        absorbed, dropped = before - len(self.tail), 0
+        absorbed, dropped, self._overflowed = before - len(self.tail), self._overflowed, 0
         if meter_progress is not None:
             while self.tail:
                 event_id, c = next(iter(self.tail.items()))

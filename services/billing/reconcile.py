@@ -69,7 +69,7 @@ GROUP BY team_id, model"""
 DEAD_SQL = f"""
 SELECT team_id, model, count() AS dead,
        countIf(event_id = '' OR event_id NOT IN (SELECT toString(event_id) FROM {{db}}.usage_events)) AS outstanding,
-       countIf(positionCaseInsensitive(reason, 'future') > 0) AS clock_skewed
+       countIf(positionCaseInsensitive(reason, 'in the future') > 0) AS clock_skewed
 FROM {{db}}.usage_dead_letters FINAL
 WHERE {_DEAD_RANGE} {{team_filter}}
 GROUP BY team_id, model"""

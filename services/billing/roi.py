@@ -34,6 +34,7 @@ from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
+from schemas.billed import billed_model
 from schemas.clickhouse import Store
 from schemas.config import GatewayConfig, Price
 from schemas.prices import MILLION, PriceBook, UnitPrice
@@ -103,7 +104,7 @@ def compute(rows: list[RoiRow], config: GatewayConfig, team_id: str, period: str
     exact = dict.fromkeys(("actual", "baseline"), ZERO)
     per_model: dict[str, dict[str, Any]] = {}
     for r in rows:
-        served = r.served_model or r.requested_model
+        served = billed_model(r.served_model, r.requested_model)
         requested = config.resolve(r.requested_model) or served
         when = datetime(r.day.year, r.day.month, r.day.day, tzinfo=UTC)
         toks = (r.input_tokens, r.cached_tokens, r.output_tokens)

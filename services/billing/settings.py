@@ -23,6 +23,16 @@ class BillingSettings(CommonSettings):
     quota_watch_ratio: float = 0.5
     quota_update_interval_ms: int = 100
     quota_commit_delay_s: float = 60.0
+    # Quota = ledger: every `quota_converge_s` the month-to-date totals are recomputed from the ledger for rows
+    # ingested up to now - `quota_settle_s`, plus what the stream counted that the ledger did not hold then; a
+    # counted event the meter has not written `quota_tail_max_s` into its later writes is taken as never coming.
+    quota_converge_s: float = Field(default=30.0, gt=0)
+    quota_settle_s: float = Field(default=5.0, ge=0)
+    quota_tail_max_s: float = Field(default=300.0, gt=0)
+    # Acknowledgements (the event ids counted) to the proxies for entities not near a limit, at most this often.
+    quota_ack_interval_ms: int = Field(default=1000, ge=0)
+    # An event dated further than this ahead of billing's clock is clock-skewed: not counted, never rolls a month.
+    quota_future_tolerance_s: float = Field(default=300.0, ge=0)
     # Invoices: a month can be finalized this long after it ended (late events: spool replay, meter lag).
     invoice_grace_s: float = Field(default=3600.0, ge=0)
     # Quota = ledger: every `quota_converge_s` the month-to-date totals are recomputed from the ledger for rows

@@ -43,16 +43,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
+from schemas.clock import FUTURE_TOLERANCE_S, future_cutoff
 from schemas.prices import PriceBook
 from services.meter.encode import SCHEMA
-from services.meter.pricing import (
-    FUTURE_TOLERANCE_S,
-    DeadLetter,
-    PricedBatch,
-    _decode_and_price,
-    future_cutoff,
-    row_version,
-)
+from services.meter.pricing import DeadLetter, PricedBatch, _decode_and_price, row_version
 
 _STR, _I64, _U64, _F64, _BOOL = pa.string(), pa.int64(), pa.uint64(), pa.float64(), pa.bool_()
 # What the proxy writes (UsageEvent.model_dump_json), field for field. Counts that are UInt64 columns are

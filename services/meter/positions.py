@@ -34,6 +34,9 @@ What this cannot see (offsets alone cannot tell two logs apart):
 - A commit already in flight when the broker dies: aiokafka resends it to the new broker by itself; if that lands
   (during the rejoin) it is indistinguishable from our own. The window is one commit round trip per batch.
 Reconciliation's proxy_seq gaps (docs/metering.md section 5) still report either as missing events.
+Offsets are positions for this commit step only: nothing stored is named by them (the insert dedup token, dead
+letters and adjustments are named by content, docs/metering.md section 1), so a batch read again after a seek,
+or a new log at the old offsets, is never mistaken for one already stored.
 Earlier detection does not help: aiokafka already restarts from the beginning when a fetch position is past the
 new log's end (OffsetOutOfRange) and on every rejoin; the loss only happens once the new log has grown past the
 old offsets, which looks like any fetch, so the commit is where it is stopped.

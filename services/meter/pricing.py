@@ -9,7 +9,7 @@ import gc
 import hashlib
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -18,6 +18,7 @@ import orjson
 import pyarrow as pa
 from pydantic import ValidationError
 
+from schemas.clock import FUTURE_TOLERANCE_S, future_cutoff
 from schemas.events import UsageEvent
 from schemas.prices import ZERO, PriceBook, Priced, price_of
 
@@ -52,12 +53,6 @@ def row_version(priced: bool, written_ms: int) -> int:
     return (PRICED_BIT if priced else 0) | (_MS_MASK - written_ms)
 
 
-# An event dated further than this ahead of the meter's clock is held as a dead letter (the default of
-# MeterSettings.future_tolerance_s): stored, it would open a month no invoice has reached and roll quotas.
-FUTURE_TOLERANCE_S = 300.0
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     reason: str
@@ -66,7 +61,9 @@ class DeadLetter:
     offset: int
     key: bytes | None
     value: bytes | None
-    future: bool = False  # a valid event held for its occurred_at (metric tollway_meter_future_events_total)
+    # A valid event held for its occurred_at beyond the tolerance (schemas/clock.py); metric
+    # tollway_meter_future_events_total.
+    future: bool = False
 
     def dead_id(self) -> str:
         """Named by its bytes, never by where it was read: the same record dead-lettered again (a replay, a
@@ -294,13 +291,6 @@ def model_fields(e: UsageEvent) -> tuple:
         e.prompt_tokens, e.completion_tokens, e.cached_tokens, e.latency_ms, e.ttft_ms, e.attempts, e.fallback_used,
         e.cache_hit, e.client_disconnected, e.proxy_instance, e.proxy_seq, e.usage_source, e.schema_version,
     )  # fmt: skip
-
-
-def future_cutoff(now: datetime, tolerance_s: float) -> tuple[int, datetime]:
-    """(H, the first instant past it): an event is from the future when its occurred_at floored to the
-    millisecond (as stored) is after H = now + tolerance in epoch ms. Both decode paths use this one rule."""
-    horizon_ms = int(now.timestamp() * 1000) + int(tolerance_s * 1000)
-    return horizon_ms, _EPOCH + timedelta(milliseconds=horizon_ms + 1)
 
 
 def decode_and_price(records: list[Any], book: PriceBook, future_tolerance_s: float = FUTURE_TOLERANCE_S

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from schemas.clock import FUTURE_TOLERANCE_S
 from schemas.events import USAGE_TOPIC
 from schemas.settings import CommonSettings
-from services.meter.pricing import FUTURE_TOLERANCE_S
 
 
 class MeterSettings(CommonSettings):

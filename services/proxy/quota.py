@@ -11,6 +11,10 @@ handler's single exit). So a limit bites here the moment local counting crosses 
 when billing's exhausted signal lands; concurrent calls overshoot by at most what was reserved in flight
 when the limit was reached (per proxy), plus what other proxies served before the signal reached them.
 That holds with billing down or lagging, up to `pending_max_s` (docs/metering.md, "Quota = ledger").
+The month is billing's (the latest period its signals carry), not this host's clock: a proxy whose clock runs
+into the next month early does not drop billing's totals and exhausted states, nor one that lags keep them.
+This clock rules only when it is in a later month and billing has been silent for `BILLING_SILENT_S` (down
+over the month's end); silence is timed on the monotonic clock, which a wrong wall clock does not move.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import time
 from calendar import monthrange
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -106,6 +111,7 @@ class QuotaGate:
     # Billing acknowledges within a second when it keeps up; 15 minutes covers a billing restart and its
     # replay with room to spare. Memory: ~200 B per entry, i.e. ~35 MB at 200 gated calls/s for 15 minutes.
     PENDING_MAX_S = 900.0
+    BILLING_SILENT_S = 3600.0
 
     def __init__(self, config: GatewayConfig, default_max_tokens: int = 1024,
                  pending_max_s: float = PENDING_MAX_S) -> None:  # fmt: skip
@@ -113,6 +119,9 @@ class QuotaGate:
         self.prices = PriceBook(config)
         self.default_max_tokens = default_max_tokens
         self.pending_max_s = pending_max_s
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self.billing_period: str | None = None  # the latest month billing's signals named
+        self._billing_heard = 0.0  # monotonic: when billing last published a quota state or a snapshot
         self.states: dict[Entity, EntityState] = {}
         self.reservations: dict[str, Reservation] = {}
         self.teams: dict[str, TeamState] = {}
@@ -138,6 +147,7 @@ class QuotaGate:
         elif isinstance(msg, QuotaSignal):
             self._on_signal(msg)
         elif isinstance(msg, Snapshot):
+            self._billing_heard = time.monotonic()
             # A full state re-asserts every exhausted entity; one not re-asserted since the previous
             # Snapshot is stale (its billing restarted into a new month, or a limit was raised meanwhile).
             self._gen += 1
@@ -146,6 +156,9 @@ class QuotaGate:
                     st.exhausted = None
 
     def _on_signal(self, msg: QuotaSignal) -> None:
+        self._billing_heard = time.monotonic()
+        if msg.period is not None and (self.billing_period is None or msg.period > self.billing_period):
+            self.billing_period = msg.period
         st = self.states.setdefault((msg.scope, msg.id), EntityState())
         if msg.used_tokens is not None:
             st.billing_tokens, st.billing_usd, st.billing_period = msg.used_tokens, msg.used_usd or ZERO, msg.period
@@ -202,8 +215,8 @@ class QuotaGate:
         ]
         if not scoped:
             return
-        now = datetime.now(UTC)
-        period, mono = period_of(now), time.monotonic()
+        now = self.clock()
+        period, mono = self.period(now), time.monotonic()
         for entity, lim in scoped:
             st = self.states.setdefault(entity, EntityState())
             st.prune(mono, self.pending_max_s)
@@ -224,6 +237,15 @@ class QuotaGate:
             st.reserved_tokens += tokens
             st.reserved_usd += usd
         self.reservations[event["event_id"]] = Reservation(tuple(e for e, _ in scoped), tokens, usd)
+
+    def period(self, now: datetime) -> str:
+        """The month quotas are judged in: billing's, unless this clock is well past its end."""
+        own = period_of(now)
+        if self.billing_period is None or own == self.billing_period:
+            return own
+        if own > self.billing_period and time.monotonic() - self._billing_heard > self.BILLING_SILENT_S:
+            return own  # billing silent since before this clock's month began: it may be down over the roll
+        return self.billing_period
 
     def _reject(self, entity: Entity, st: EntityState, source: str, now: datetime) -> None:
         REJECTIONS.labels(entity[0], source).inc()
@@ -251,8 +273,8 @@ class QuotaGate:
             if unit is not None:
                 usd = cost_of(int(event.get("prompt_tokens", 0)), int(event.get("completion_tokens", 0)),
                               int(event.get("cached_tokens", 0)), unit).total  # fmt: skip
-        now, mono = datetime.now(UTC), time.monotonic()
-        period = period_of(now)
+        now, mono = self.clock(), time.monotonic()
+        period = self.period(now)
         for entity in r.entities:
             st = self.states[entity]
             st.reserved_tokens -= r.tokens

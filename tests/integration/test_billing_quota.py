@@ -25,12 +25,12 @@ from schemas.events import USAGE_TOPIC
 from schemas.prices import PriceBook
 from services.billing import ledger
 from services.billing.periods import bounds, period_of
-from services.meter.rerate import price_held
+from services.meter.rerate import price_held, rerate_period
 from services.proxy.app import create_app as proxy_app
 from services.proxy.settings import ProxySettings
 from tests.support.billing import ADMIN, running_billing
 from tests.support.events import make_event
-from tests.support.metered import meter
+from tests.support.metered import expected, meter, month, repriced
 from tests.support.stack import gateway_config, mock_upstream
 from tests.support.waiting import eventually
 
@@ -420,3 +420,32 @@ async def test_the_month_rolls_on_billings_clock_and_next_months_events_wait_for
         assert quota.state_of(("team", tid))[0] == "ok"
     raw = await read_topic(bootstrap, CONTROL_TOPIC, lambda s: len(quota_signals(s, tid)) >= 2)
     assert [s.reason for s in quota_signals(raw, tid)] == ["tokens_per_month", "new_period"]
+
+
+async def test_quota_usage_api_and_ledger_agree_before_and_after_a_rerate(store, bootstrap, unique):
+    async with converging_billing(store, bootstrap, f"q-{unique}") as billing:
+        tid, kid, kh = await team_and_key(billing, f"rerate-{unique}")
+        now = datetime.now(UTC)
+        events = [e.model_copy(update={"occurred_at": now - timedelta(seconds=30 - i)})
+                  for i, e in enumerate(month(tid, kid))]  # fmt: skip
+        await produce(bootstrap, events)  # what the quota stream sees
+        await meter(store, events)  # what the meter writes
+        period = period_of(now)
+        start, end = bounds(period)
+        span = {"team": tid, "from": start.date().isoformat(), "to": (end - timedelta(days=1)).date().isoformat()}
+
+        async def surfaces() -> dict[str, Decimal]:
+            q = (await billing.get("/v1/quota", headers=kh)).json()
+            usage = (await billing.get("/v1/usage", params=span, headers=kh)).json()
+            return {"quota": Decimal(q["team"]["used"]["usd"]), "quota_key": Decimal(q["key"]["used"]["usd"]),
+                    "usage": Decimal(usage["totals"]["cost_usd"]),
+                    "ledger": (await ledger.team_month(store, tid, period)).exact_usd}  # fmt: skip
+
+        names = ("quota", "quota_key", "usage", "ledger")
+        before = expected(events, after_rerate=False)
+        await eventually(surfaces, lambda s: s == dict.fromkeys(names, before))
+        # A price change for the month, then `tollway rerate`: adjustment rows the stream never carries.
+        await rerate_period(store, PriceBook(repriced()), period)
+        after = expected(events, after_rerate=True)
+        assert after != before
+        await eventually(surfaces, lambda s: s == dict.fromkeys(names, after))

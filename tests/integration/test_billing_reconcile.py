@@ -145,3 +145,13 @@ async def test_dead_letters_clock_skew_and_unpriced_events_make_ok_false(billing
     assert not rep["ok"]
     assert rep["totals"]["clock_skewed"] == 1 and rep["totals"]["dead_letters_outstanding"] == 1
     assert [p["kind"] for p in rep["problems"]] == ["dead_letters"]
+
+
+async def test_an_unpriced_event_is_a_problem_until_priced(billing, store, unique):
+    tid = await new_team(billing, f"unp-{unique}")
+    # January 2025: before gpt-4.1's first price (2025-04-14), so the meter stores it unpriced (held).
+    await meter(store, [make_event(tid, occurred_at=datetime(2025, 1, 10, tzinfo=UTC))])
+    await refresh_all(store)
+    rep = await reconcile(billing, "2025-01", tid)
+    assert not rep["ok"] and rep["totals"]["unpriced"] == 1
+    assert [(p["kind"], p["events"]) for p in rep["problems"]] == [("unpriced", 1)]

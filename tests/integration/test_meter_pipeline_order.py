@@ -25,11 +25,11 @@ async def test_a_batch_priced_late_is_still_committed_before_the_ones_after_it(b
     slow_first = threading.Event()
     priced: list[int] = []  # first offset of each batch, in the order their pricing finished
 
-    def decode(records, book):
+    def decode(records, book, *args):
         if not slow_first.is_set():
             slow_first.set()
             time.sleep(1.5)  # the other decode thread prices the next batches meanwhile
-        out = real_decode(records, book)
+        out = real_decode(records, book, *args)
         priced.append(records[0].offset)
         return out
 

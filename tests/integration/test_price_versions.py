@@ -72,3 +72,13 @@ async def test_a_mistyped_price_that_priced_nothing_may_be_corrected_in_place(st
     await priced_one_event(store, config({**typo, "input": "2"}), "2025-05-01")
     with pytest.raises(PriceEditedInPlace):  # the correction has priced usage now: frozen
         await check_and_record(store, config(typo), "up")
+
+
+async def test_rows_priced_before_versions_had_a_hash_freeze_the_price_too(store):
+    price = {"effective_from": "2025-04-14", "input": "2", "output": "8"}
+    assert await check_and_record(store, config(price), "up") == 1  # the first start after the upgrade
+    await store.insert_rows("usage_events", [[str(uuid.uuid4()), datetime(2025, 5, 1, tzinfo=UTC), "team", "m",
+                                              True, "m/*@2025-04-14"]],
+                            ["event_id", "occurred_at", "team_id", "served_model", "priced", "price_version"])  # fmt: skip
+    with pytest.raises(PriceEditedInPlace):
+        await check_and_record(store, config({**price, "input": "3"}), "up")

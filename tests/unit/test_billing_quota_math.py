@@ -200,3 +200,29 @@ def test_book_keeps_its_tail_while_the_meter_writes_nothing():
     assert out.dropped == 0 and book.get(("team", "t")).tokens == 100
     out = book.converge({}, set(), at(30), timedelta(seconds=60))
     assert out.dropped == 0 and not out.changed
+
+
+def test_book_tail_is_bounded_and_what_overflows_counts_until_the_next_convergence():
+    book = QuotaBook("2026-11", max_tail=2)
+    for i in range(3):
+        book.add(f"e{i}", "t", "k", 100, Decimal(0), at(i), counted_at=at(i))
+    assert len(book.tail) == 2 and book.get(("team", "t")).tokens == 300
+    out = book.converge({}, set(), None, timedelta(seconds=60))
+    assert out.dropped == 1 and book.get(("team", "t")).tokens == 200
+
+
+def test_gate_judges_in_billings_month_not_this_proxys_clock():
+    gate, key = gate_with(1000)
+    month = f"{datetime.now(UTC):%Y-%m}"
+    gate.on_control(QuotaSignal(scope="key", id="k", state="exhausted", period=month, used_tokens=1000))
+    gate.clock = lambda: datetime.now(UTC) + timedelta(days=40)  # this proxy's clock runs 40 days ahead
+    with pytest.raises(QuotaExceeded):
+        gate.admit({"event_id": "e1"}, key, body(1))
+    # Billing silent for longer than BILLING_SILENT_S (down over the month's end): this clock rules.
+    ahead = datetime.now(UTC) + timedelta(days=40)
+    gate._billing_heard -= gate.BILLING_SILENT_S + 1
+    assert gate.period(ahead) == f"{ahead:%Y-%m}"
+    gate.clock = lambda: datetime.now(UTC)
+    gate.on_control(QuotaSignal(scope="key", id="k", state="ok", reason="new_period",
+                                period=f"{datetime.now(UTC) + timedelta(days=40):%Y-%m}"))  # fmt: skip
+    gate.admit({"event_id": "e2"}, key, body(1))  # billing rolled: this proxy follows, though its clock lags

@@ -128,3 +128,12 @@ def test_money_is_plain_decimal_notation():
     assert money(Decimal("1.500000000000000000")) == "1.5"
     assert money(Decimal("100.000000000000000000")) == "100"
     assert money(Decimal("0.000000000000000001")) == "0.000000000000000001"
+
+
+def test_models_the_config_does_not_know_merge_into_one_group():
+    from schemas.config import load_config
+
+    rows = [_row("gpt-4.1", 2, "0.5"), _row("made-up-1", 1, "0"), _row("\x1b[31mevil", 3, "0")]
+    report = shape_report(rows, "team_x", NOW, NOW, "model", load_config("tollway.yaml"))
+    assert [(g["model"], g["requests"]) for g in report["groups"]] == [("(unknown)", 4), ("gpt-4.1", 2)]
+    assert report["totals"]["requests"] == 6
