@@ -194,9 +194,9 @@ class Month:
         assert r.status_code == 200, f"GET {path} {params}: {r.status_code} {r.text[:500]}"
         return r.json()
 
-    def create_team(self, name: str) -> Team:
+    def create_team(self, name: str, plan: str | None = None) -> Team:
         before = self.clock.now()
-        r = self.api("POST", "/v1/admin/teams", json={"name": name})
+        r = self.api("POST", "/v1/admin/teams", json={"name": name} | ({"plan": plan} if plan else {}))
         assert r.status_code == 201, r.text
         team_id = r.json()["team_id"]
         after = self.clock.now()
@@ -599,6 +599,8 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
         # Feb 16: beta is created mid-month; acme moves to `starter` mid-month.
         with m.running(t(2, 16, 12)):
             beta = m.create_team("beta")
+            gamma = m.create_team("gamma", plan="enterprise")  # no fee: a later credit nets the next document negative
+            m.chat(gamma, "gpt-4.1-mini", "Gamma's first question of the month")
             for i in range(2):
                 m.chat(beta, "gpt-4.1-mini", f"Beta's question {i}: where is the invoice?")
             for i in range(2):
@@ -609,12 +611,14 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
 
         # Feb 25: the month's last calls; month-to-date quota must be the ledger.
         with m.running(t(2, 25, 8)):
-            # The same shape as Feb 16's traffic (two calls per team): a fresh broker hands out the same offsets.
+            # The same shape as Feb 16's traffic (as many calls per team, the last one acme's before the restart):
+            # a fresh broker hands out the same offsets.
             for i in range(2):
                 m.chat(acme, "gpt-4.1", f"Late-month question number {i}")
             m.chat(beta, "gpt-4.1", "Beta tries the big model once")
             m.chat(beta, "gpt-4.1-mini", "And the small one again")
-            for team in (acme, beta):
+            m.chat(gamma, "gpt-4.1-mini", " ".join(f"word{i % 17}" for i in range(400)))
+            for team in (acme, beta, gamma):
                 m.check_usage(team, FEB, m.wait_billed(team, FEB))
                 m.check_quota(team, FEB)
 
@@ -632,18 +636,21 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
             for period in (JAN, FEB):
                 r = m.finalize(acme, period)
                 ck.eq(f"finalize acme {period}", r.status_code, 200)
-            r = m.finalize(beta, FEB)
-            ck.eq("finalize beta 2027-02 (its first month)", r.status_code, 200)
+            for team in (beta, gamma):
+                r = m.finalize(team, FEB)
+                ck.eq(f"finalize {team.name} 2027-02 (its first month)", r.status_code, 200)
 
             m.check_invoice(m.invoice(acme, JAN), acme, JAN, "finalized")
-            for team in (acme, beta):
+            for team in (acme, beta, gamma):
                 m.check_invoice(m.invoice(team, FEB), team, FEB, "finalized")
                 m.check_usage(team, FEB)
                 m.check_roi(team, FEB)
             m.check_reconcile(JAN, [acme])
-            m.check_reconcile(FEB, [acme, beta])
-            numbers = [m.invoice(acme, JAN)["number"], m.invoice(acme, FEB)["number"], m.invoice(beta, FEB)["number"]]
-            ck.eq("invoice numbers are unique", len(set(numbers)), 3)
+            m.check_reconcile(FEB, [acme, beta, gamma])
+            numbers = [
+                m.invoice(team, p)["number"] for team, p in ((acme, JAN), (acme, FEB), (beta, FEB), (gamma, FEB))
+            ]
+            ck.eq("invoice numbers are unique", len(set(numbers)), 4)
             feb_invoice = m.invoice(acme, FEB)
             billed_feb = Ledger.lines(m.ledger.of(acme.team_id, FEB), m.catalog())
 
@@ -657,7 +664,7 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
             m.check_usage(acme, FEB, m.wait_billed(acme, FEB))
             m.check_roi(acme, FEB)
             m.check_reconcile(FEB, [acme], "adjustment_pending", billed_feb)
-            m.check_reconcile(FEB, [beta])
+            m.check_reconcile(FEB, [beta, gamma])
             m.check_quota(acme, MAR)
             known_feb = [c for c in m.ledger.of(acme.team_id, FEB) if c.label != "late"]
             late_lines = adjustments(FEB, billed_feb, known_feb, m.ledger.of(acme.team_id, FEB), m.catalog())
@@ -667,6 +674,7 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
 
         # Between runs: gpt-4.1-mini gets cheaper from Feb 20, after February was invoiced: re-rate both months.
         billed_beta_feb = Ledger.lines(m.ledger.of(beta.team_id, FEB), m.catalog())
+        billed_gamma_feb = Ledger.lines(m.ledger.of(gamma.team_id, FEB), m.catalog())
         edit_config(m.config, lambda raw: raw["models"]["gpt-4.1-mini"]["prices"].append(
             {"effective_from": "2027-02-20", "input": "330", "output": "1320", "cached_input": "82"}))  # fmt: skip
         for period in (FEB, MAR):
@@ -675,20 +683,36 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
         beta_feb = m.ledger.of(beta.team_id, FEB)
         rerated = adjustments(FEB, billed_beta_feb, beta_feb, beta_feb, m.catalog())
         ck.true("the price change moves beta's February mini call to the new unit price", bool(rerated))
+        gamma_feb = m.ledger.of(gamma.team_id, FEB)
+        credited = adjustments(FEB, billed_gamma_feb, gamma_feb, gamma_feb, m.catalog())
+        credit = -sum((a for *_, a, _ in credited), Decimal(0))
+        ck.true("gamma's February is now worth less than it was invoiced", credit > 0, credited)
 
         # Apr 05: March is closed, carrying February's late usage (acme) and re-rating (beta); February's
         # reconciliation now counts the adjustments carried to March.
         with m.running(t(4, 5, 12)):
-            for team in (acme, beta):
+            for team in (acme, beta, gamma):
                 r = m.finalize(team, MAR)
                 ck.eq(f"finalize {team.name} 2027-03", r.status_code, 200)
             m.check_invoice(m.invoice(acme, MAR), acme, MAR, "finalized", late_lines)
             m.check_invoice(m.invoice(beta, MAR), beta, MAR, "finalized", rerated)
-            for team in (acme, beta):
+            # gamma's March holds nothing but the credit: a numbered credit note naming the invoice it credits.
+            note, feb_gamma = m.invoice(gamma, MAR), m.invoice(gamma, FEB)
+            m.check_invoice(note, gamma, MAR, "finalized", credited)
+            ck.eq(
+                "gamma 2027-03 is a credit note",
+                (note.get("kind"), str(note.get("number"))[:3]),
+                ("credit_note", "CN-"),
+            )
+            ck.eq("gamma's credit note: credit_usd", dec(note.get("credit_usd")), credit)
+            ck.eq("gamma's credit note credits February's invoice",
+                  [(c["invoice_id"], c["invoice_number"], c["period"], D(c["amount_usd"])) for c in note.get("credits") or []],
+                  [(feb_gamma["invoice_id"], feb_gamma["number"], FEB, -credit)])  # fmt: skip
+            for team in (acme, beta, gamma):
                 m.check_usage(team, FEB)
                 m.check_roi(team, FEB)
             m.check_usage(acme, MAR)
-            m.check_reconcile(FEB, [acme, beta])
+            m.check_reconcile(FEB, [acme, beta, gamma])
             m.check_reconcile(MAR, [acme])
             cli = m.tollway("reconcile", "--period", FEB)
             ck.eq("`tollway reconcile --period 2027-02` exits 0 (ok)", cli.returncode, 0)
