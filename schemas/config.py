@@ -129,6 +129,8 @@ class ModelConfig(_Strict):
     )
     retry: RetryConfig | None = Field(default=None, description="overrides the gateway's retry policy")
     cache_ttl_s: float | None = Field(default=None, ge=0, description="overrides cache.ttl_s; 0 = never cache")
+    max_output_tokens: int | None = Field(default=None, ge=1, le=10_000_000,
+                                          description="the model's output cap: a larger max_tokens is a 400")  # fmt: skip
 
     @field_validator("prices")
     @classmethod

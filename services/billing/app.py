@@ -61,7 +61,8 @@ def create_app(settings: BillingSettings, config: GatewayConfig, store: Store, b
             await publisher.stop()
             log.info("billing_stopped")
 
-    app = FastAPI(title="Tollway billing", version="1", lifespan=lifespan)
+    # no /docs or /redoc: both load Swagger UI / ReDoc from a CDN (nothing offline); /openapi.json stays
+    app = FastAPI(title="Tollway billing", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.config = config
     app.state.store = store

@@ -15,7 +15,7 @@ Exactly-once between the two, without a shared transaction between ClickHouse an
   * offsets are committed only for records older than `quota_commit_delay_s`, so a restart replays at
     least that much: everything ingested after the first cutoff comes back through the stream.
 Clocks: the month rolls on billing's clock, never on an event's. An event dated more than
-`quota_future_tolerance_s` ahead of billing's clock is clock-skewed: counted by a metric, logged, not counted
+`future_tolerance_s` (schemas/clock.py, the meter's rule too) ahead of billing's clock is clock-skewed: counted by a metric, logged, not counted
 (the meter holds it as a dead letter); one dated in the next month within the tolerance waits for the roll.
 """
 
@@ -35,6 +35,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from schemas.clickhouse import Store
+from schemas.clock import future_cutoff
 from schemas.config import GatewayConfig, Limits
 from schemas.control import KeyState, QuotaSignal, monthly_limits
 from schemas.events import USAGE_TOPIC, UsageEvent
@@ -286,11 +287,11 @@ class QuotaService:
     def _current(self, events: list[UsageEvent]) -> list[UsageEvent]:
         """This period's events. The month never rolls here: billing's clock rolls it (`tick`)."""
         now = self.clock()
-        ahead = now + timedelta(seconds=self.settings.quota_future_tolerance_s)
+        _, future = future_cutoff(now, self.settings.future_tolerance_s)
         current: list[UsageEvent] = []
         for e in events:
             p = period_of(e.occurred_at)
-            if e.occurred_at > ahead:
+            if e.occurred_at >= future:
                 self._clock_skewed(e, now)
             elif p == self.book.period:
                 current.append(e)

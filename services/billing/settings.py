@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from schemas.clock import FUTURE_TOLERANCE_S
 from schemas.settings import CommonSettings
 
 
@@ -32,7 +33,8 @@ class BillingSettings(CommonSettings):
     # Acknowledgements (the event ids counted) to the proxies for entities not near a limit, at most this often.
     quota_ack_interval_ms: int = Field(default=1000, ge=0)
     # An event dated further than this ahead of billing's clock is clock-skewed: not counted, never rolls a month.
-    quota_future_tolerance_s: float = Field(default=300.0, ge=0)
+    # One rule with the meter's (same env var TOLLWAY_FUTURE_TOLERANCE_S): see schemas/clock.py.
+    future_tolerance_s: float = Field(default=FUTURE_TOLERANCE_S, ge=0)
     # Invoices: a month can be finalized this long after it ended (late events: spool replay, meter lag).
     invoice_grace_s: float = Field(default=3600.0, ge=0)
     # Quota = ledger: every `quota_converge_s` the month-to-date totals are recomputed from the ledger for rows
