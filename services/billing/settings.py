@@ -37,13 +37,3 @@ class BillingSettings(CommonSettings):
     future_tolerance_s: float = Field(default=FUTURE_TOLERANCE_S, ge=0)
     # Invoices: a month can be finalized this long after it ended (late events: spool replay, meter lag).
     invoice_grace_s: float = Field(default=3600.0, ge=0)
-    # Quota = ledger: every `quota_converge_s` the month-to-date totals are recomputed from the ledger for rows
-    # ingested up to now - `quota_settle_s`, plus what the stream counted that the ledger did not hold then; a
-    # counted event the meter has not written `quota_tail_max_s` into its later writes is taken as never coming.
-    quota_converge_s: float = 30.0
-    quota_settle_s: float = 5.0
-    quota_tail_max_s: float = 300.0
-    # Acknowledgements (the event ids counted) to the proxies for entities not near a limit, at most this often.
-    quota_ack_interval_ms: int = 1000
-    # An event dated further than this ahead of billing's clock is clock-skewed: not counted, never rolls a month.
-    quota_future_tolerance_s: float = 300.0
