@@ -47,6 +47,7 @@ from typing import Any
 import httpx
 import openai
 import orjson
+import pytest
 import yaml
 
 from tests.e2e.conftest import TOLLWAY, Stack, stack_env, start_stack, stop_stack
@@ -525,6 +526,7 @@ def t(month: int, day: int, hour: int) -> datetime:
     return datetime(2027, month, day, hour, 0, tzinfo=UTC)
 
 
+@pytest.mark.slow
 def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) -> None:
     assert FAKETIME_LIB.exists(), "libfaketime is missing: `make system-deps` (Debian package faketime)"
     m = Month(tmp_path)
