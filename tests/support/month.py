@@ -27,7 +27,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 FAKETIME_LIB = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"))), Path("libfaketimeMT.so.1"))
 MILLION = Decimal(1_000_000)
 CENT = Decimal("0.01")
-COMPONENTS = ("input", "cached_input", "output")
 
 
 def cents(v: Decimal) -> Decimal:
