@@ -35,8 +35,9 @@ lock:
 up: $(STAMP)
 	$(BIN)/tollway up --demo
 
-# Debian packages the tests drive as real processes (redis-server for shared rate limits).
-# and chromium for the dashboard's real-browser test (driven by playwright; no browser download).
+# Debian packages the tests drive as real processes: redis-server (shared rate limits), chromium (the
+# dashboard's real-browser test, driven by playwright; no browser download) and faketime (the month-in-the-life
+# e2e test runs `tollway up` on a shifted clock).
 system-deps:
 	@missing=""; command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
