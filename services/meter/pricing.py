@@ -167,6 +167,12 @@ _COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "attempts", "p
 _FLAGS = ("stream", "fallback_used", "cache_hit", "client_disconnected")
 
 
+def _floor_ms(when: datetime) -> datetime:
+    """occurred_at as stored (DateTime64(3)) and as the columnar path reads it: floored to the millisecond, so
+    both paths hand ClickHouse the same value whichever insert (Arrow or columns) takes the batch."""
+    return when.replace(microsecond=when.microsecond - when.microsecond % 1000)
+
+
 def _nonneg_int(v: Any) -> bool:
     return type(v) is int and v >= 0
 
@@ -201,6 +207,8 @@ def fast_fields(d: Any) -> tuple | None:
         return None
     if when.utcoffset():
         when = when.astimezone(UTC)
+    if when.microsecond % 1000:
+        when = _floor_ms(when)
     end_user, error_code, meta = d.get("end_user"), d.get("error_code"), d.get("metadata", {})
     latency, ttft, http = d.get("latency_ms", 0.0), d.get("ttft_ms"), d.get("http_status")
     status, source = d.get("status"), d.get("usage_source", "provider")
@@ -278,6 +286,8 @@ def exact_fields(d: Any) -> tuple | None:
         return None
     if tz is not UTC and when.utcoffset():
         when = when.astimezone(UTC)
+    if when.microsecond % 1000:
+        when = _floor_ms(when)
     return (
         eid, when, rid, team, key, eu or "", meta, ep, rm, sm, prov, stream, status, http, ec or "", pt, ct, cat,
         float(lat), None if ttft is None else float(ttft), att, fb, ch, cd, pi, seq, us, 1,
@@ -286,7 +296,7 @@ def exact_fields(d: Any) -> tuple | None:
 
 def model_fields(e: UsageEvent) -> tuple:
     return (
-        e.event_id, e.occurred_at, e.request_id, e.team_id, e.key_id, e.end_user or "", e.metadata, e.endpoint,
+        e.event_id, _floor_ms(e.occurred_at), e.request_id, e.team_id, e.key_id, e.end_user or "", e.metadata, e.endpoint,
         e.requested_model, e.served_model, e.provider, e.stream, e.status, e.http_status, e.error_code or "",
         e.prompt_tokens, e.completion_tokens, e.cached_tokens, e.latency_ms, e.ttft_ms, e.attempts, e.fallback_used,
         e.cache_hit, e.client_disconnected, e.proxy_instance, e.proxy_seq, e.usage_source, e.schema_version,
