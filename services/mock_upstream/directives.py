@@ -61,7 +61,7 @@ class Directives:
     fail_key: str | None = None
     usage: bool = True
     stream_chunks: int | None = None
-    cached_tokens: int = 0
+    cached_tokens: int | None = None
     disconnect_after_chunks: int | None = None
     chunk_delay_ms: float | None = None
     input_tokens: int | None = None
@@ -73,7 +73,8 @@ class Directives:
 
     @property
     def steers_cache(self) -> bool:
-        return bool(self.cached_tokens) or self.cache_write_tokens is not None or self.cache_write_1h_tokens is not None
+        # an explicit 0 steers too: it is how a test asks the Messages API for a cache miss
+        return any(v is not None for v in (self.cached_tokens, self.cache_write_tokens, self.cache_write_1h_tokens))
 
 
 NONE = Directives()

@@ -38,7 +38,7 @@ def split_input(
     total = derived_total if d.input_tokens is None else d.input_tokens
     if d.steers_cache:
         cache_read, cache_write_5m, cache_write_1h = (
-            d.cached_tokens,
+            d.cached_tokens or 0,
             d.cache_write_tokens or 0,
             d.cache_write_1h_tokens or 0,
         )
