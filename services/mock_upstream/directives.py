@@ -11,12 +11,14 @@ Every directive works on every API the mock speaks (chat, Responses, Messages) u
 - ``cached_tokens``: prompt tokens read from the cache (chat ``prompt_tokens_details.cached_tokens``,
   Responses ``input_tokens_details.cached_tokens``, Messages ``cache_read_input_tokens``).
 - ``cache_write_tokens`` / ``cache_write_1h_tokens``: prompt tokens written to the cache, 5-minute and
-  1-hour (Messages ``cache_creation``; Responses ``input_tokens_details.cache_write_tokens`` is their sum).
+  1-hour (Messages ``cache_creation``; Responses ``cache_write_tokens`` is their sum, split as
+  ``cache_write_tokens_details.ttl_30m_tokens`` / ``ttl_12h_tokens``).
   Cache counts are clamped so read + write never exceed the prompt; any of the three replaces the
-  Messages API's own cache_control bookkeeping for that request.
+  Messages API's own cache_control bookkeeping for that request (an explicit 0 forces a miss).
+  Chat reports only ``cached_tokens``.
 - ``reasoning_tokens``: reasoning tokens on top of the visible words (chat and Responses
   ``reasoning_tokens``, Messages thinking words); output tokens include them.
-- ``service_tier``: the tier reported as served, whatever the request asked for.
+- ``service_tier``: the tier reported as served, whatever the request asked for (Responses, Messages).
 - ``web_search_requests``: server-side web searches reported (Responses ``web_search_call`` items,
   Messages ``usage.server_tool_use.web_search_requests``).
 """
