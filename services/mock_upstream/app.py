@@ -261,6 +261,7 @@ def create_app(settings: MockSettings) -> Starlette:
             Route("/v1/messages", messages_api.create_message, methods=["POST"]),
             Route("/v1/messages/count_tokens", messages_api.count_message_tokens, methods=["POST"]),
             Route("/mock/last-request", messages_api.last_request, methods=["GET"]),
+            Route("/mock/prompt-cache", messages_api.forget_prompt_cache, methods=["DELETE"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/mock/stats", stats, methods=["GET", "DELETE"]),
             Route("/mock/streams", stream_stats, methods=["GET"]),

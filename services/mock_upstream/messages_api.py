@@ -3,6 +3,7 @@
 
 A request needs ``x-api-key`` (or ``Authorization: Bearer``, as Claude Code sends it) and
 ``anthropic-version``; the last ones seen are at ``GET /mock/last-request`` (the key only as a SHA-256).
+``DELETE /mock/prompt-cache`` forgets every cached prefix.
 
 Input tokens: 3, plus each tool's JSON, plus 3 + text for the system prompt and each message (tokens.py's
 counting). ``count_tokens`` returns exactly the total a create call splits into ``input_tokens`` +
@@ -345,6 +346,13 @@ async def stream_events(answer: Answer, d: Directives, delay_s: float, state: An
         delta_body["usage"] = final_usage
     yield _sse("message_delta", delta_body)
     yield _sse("message_stop", {})
+
+
+async def forget_prompt_cache(request: Request) -> Response:
+    """DELETE /mock/prompt-cache: every cached prefix is gone, so tests sharing one mock start cold."""
+    forgotten = len(request.app.state.prompt_cache)
+    request.app.state.prompt_cache.clear()
+    return JSONResponse({"forgotten": forgotten})
 
 
 async def last_request(request: Request) -> Response:

@@ -233,6 +233,17 @@ async def test_two_breakpoints_write_each_stretch_at_its_own_ttl_then_read_the_l
     assert other["usage"]["cache_read_input_tokens"] == 0
 
 
+async def test_forgetting_the_prompt_cache_and_an_explicit_zero_both_force_a_miss(client: httpx.AsyncClient) -> None:
+    body = {"system": [block("Shared by two tests.")], "messages": USER}
+    await message(client, **body)
+    assert (await message(client, **body)).json()["usage"]["cache_read_input_tokens"] > 0
+    forced = (await message(client, **body, mock={"cached_tokens": 0})).json()["usage"]
+    assert (forced["cache_read_input_tokens"], forced["cache_creation_input_tokens"]) == (0, 0)
+    assert (await client.delete("/mock/prompt-cache")).json() == {"forgotten": 1}
+    cold = (await message(client, **body)).json()["usage"]
+    assert cold["cache_read_input_tokens"] == 0 and cold["cache_creation_input_tokens"] > 0
+
+
 async def test_a_cached_prefix_expires_after_its_ttl(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
