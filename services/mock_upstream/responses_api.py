@@ -150,7 +150,9 @@ class Plan:
     message_id: str
 
 
-def _plan(request: Request, body: dict[str, Any], d: Directives) -> tuple[Plan, list[dict[str, Any]], list]:
+def _plan(
+    request: Request, body: dict[str, Any], d: Directives
+) -> tuple[Plan, list[dict[str, Any]], list[dict[str, Any]]]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
