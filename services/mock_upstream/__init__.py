@@ -1,1 +1,2 @@
-"""Mock upstream: an OpenAI-compatible fake provider with deterministic tokens and injectable failures."""
+"""Mock upstream: a fake provider speaking OpenAI chat/embeddings, the OpenAI Responses API and Anthropic's
+Messages API, with deterministic tokens in every usage dimension and injectable failures."""

@@ -1,4 +1,5 @@
-"""The mock upstream's HTTP surface: OpenAI-shaped chat, embeddings and models, with injected faults."""
+"""The mock upstream's HTTP surface: chat, embeddings and models here; the Responses API (responses_api.py)
+and Anthropic's Messages API (messages_api.py) beside it; faults and usage steered by directives.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from services.mock_upstream.directives import DirectiveError, Directives, parse_directives
+from services.mock_upstream import messages_api, responses_api
+from services.mock_upstream.errors import BadRequest, JSONResponse, error_response
+from services.mock_upstream.intake import admit, directives, optional_int, read_body
 from services.mock_upstream.settings import MockSettings
 from services.mock_upstream.tokens import (
     DEFAULT_COMPLETION_WORDS,
@@ -27,129 +30,32 @@ from services.mock_upstream.tokens import (
     count_tokens,
     prompt_tokens_for_messages,
 )
+from services.mock_upstream.usage import TokenCounts, split_input
 
 MODELS: tuple[str, ...] = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small", "mock-chat")
 EMBEDDING_DIMENSIONS = 8
-DEFAULT_FAIL_KEY = "default"
-
-# status -> (type, code), as OpenAI spells them
-_ERRORS: dict[int, tuple[str, str]] = {
-    400: ("invalid_request_error", "invalid_request_error"),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("invalid_request_error", "permission_denied"),
-    404: ("invalid_request_error", "model_not_found"),
-    405: ("invalid_request_error", "method_not_allowed"),
-    408: ("server_error", "timeout"),
-    413: ("invalid_request_error", "request_too_large"),
-    429: ("requests", "rate_limit_exceeded"),
-    500: ("server_error", "internal_error"),
-    502: ("server_error", "bad_gateway"),
-    503: ("server_error", "service_unavailable"),
-    504: ("server_error", "timeout"),
-}
 
 
-class JSONResponse(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
-
-
-def error_response(
-    status: int, message: str, *, code: str | None = None, retry_after: float | None = None
-) -> JSONResponse:
-    kind, default_code = _ERRORS.get(
-        status, ("invalid_request_error" if status < 500 else "server_error", f"http_{status}")
-    )
-    headers = None
-    if status == 429 and retry_after is None:
-        retry_after = 1
-    if retry_after is not None:
-        headers = {"retry-after": f"{retry_after:g}"}
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code or default_code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-async def _read_body(request: Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        raise BadRequest("We could not parse the JSON body of your request.") from None
-    if not isinstance(body, dict):
-        raise BadRequest("The request body must be a JSON object.")
-    return body
-
-
-def _directives(request: Request, body: dict[str, Any]) -> Directives:
-    # one pass over the raw headers: most requests carry no x-mock-* header at all
-    headers = {k.decode(): v.decode() for k, v in request.headers.raw if k.startswith(b"x-mock-")}
-    try:
-        return parse_directives(headers, body)
-    except DirectiveError as e:
-        raise BadRequest(str(e)) from None
-
-
-async def _admit(request: Request, d: Directives) -> Response | None:
-    """Count the request, sleep the injected latency, and return the injected failure if any."""
-    state = request.app.state
-    settings: MockSettings = state.settings
-    if d.fail_key is not None or d.fail_times:
-        key = d.fail_key or DEFAULT_FAIL_KEY
-        seen = state.fail_keys[key] = state.fail_keys.get(key, 0) + 1
-    else:
-        seen = 0
-    latency = settings.mock_latency_ms if d.latency_ms is None else d.latency_ms
-    if latency > 0:
-        await asyncio.sleep(latency / 1000)
-    if state.fault_status is not None:
-        return error_response(state.fault_status, f"Mock upstream outage (HTTP {state.fault_status}).")
-    if d.fail_times > 0:
-        if seen <= d.fail_times:
-            status = d.status if d.status and d.status >= 400 else 503
-            return error_response(status, f"Mock upstream failure {seen} of {d.fail_times}.", retry_after=d.retry_after)
-    elif d.status is not None and d.status >= 400:
-        return error_response(d.status, f"Mock upstream injected HTTP {d.status}.", retry_after=d.retry_after)
-    if settings.mock_error_rate > 0 and state.rng.random() < settings.mock_error_rate:
-        return error_response(503, "Mock upstream random failure (mock_error_rate).")
-    return None
-
-
-def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        # a provider never reports more cached tokens than prompt tokens
-        "prompt_tokens_details": {"cached_tokens": max(0, min(cached, prompt))},
+def _usage(t: TokenCounts) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": t.input_total,
+        "completion_tokens": t.output,
+        "total_tokens": t.input_total + t.output,
+        "prompt_tokens_details": {"cached_tokens": t.cache_read},
     }
-
-
-def _optional_int(body: dict[str, Any], *names: str) -> int | None:
-    for name in names:
-        v = body.get(name)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise BadRequest(f"'{name}' must be an integer.")
-        return v
-    return None
+    if t.reasoning:
+        usage["completion_tokens_details"] = {"reasoning_tokens": t.reasoning}
+    return usage
 
 
 async def chat_completions(request: Request) -> Response:
     request.app.state.requests_served += 1
     try:
-        body = await _read_body(request)
-        d = _directives(request, body)
+        body = await read_body(request)
+        d = directives(request, body)
     except BadRequest as e:
         return error_response(400, e.message)
-    failure = await _admit(request, d)
+    failure = await admit(request, d)
     if failure is not None:
         return failure
 
@@ -160,23 +66,23 @@ async def chat_completions(request: Request) -> Response:
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         return error_response(400, "'messages' must be a non-empty array of objects.")
     try:
-        max_tokens = _optional_int(body, "max_completion_tokens", "max_tokens")
+        max_tokens = optional_int(body, "max_completion_tokens", "max_tokens")
     except BadRequest as e:
         return error_response(400, e.message)
 
     wanted = DEFAULT_COMPLETION_WORDS if d.stream_chunks is None else max(0, d.stream_chunks)
     words = completion_text(messages, max_tokens, words=wanted)
     finish_reason = "length" if len(words) < wanted else "stop"
-    prompt_tokens = prompt_tokens_for_messages(messages)
-    # every vocabulary word is exactly one token, so this equals count_tokens(" ".join(words))
-    completion_tokens = len(words)
+    total, read, _, _ = split_input(prompt_tokens_for_messages(messages), d)
+    # every vocabulary word is exactly one token, so len(words) equals count_tokens(" ".join(words))
+    tokens = TokenCounts(total, read, 0, 0, len(words), d.reasoning_tokens or 0)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
     if body.get("stream") is True:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        usage = _usage(prompt_tokens, completion_tokens, d.cached_tokens) if include_usage and d.usage else None
+        usage = _usage(tokens) if include_usage and d.usage else None
         settings: MockSettings = request.app.state.settings
         delay_ms = settings.mock_stream_chunk_delay_ms if d.chunk_delay_ms is None else d.chunk_delay_ms
         events = _stream_events(
@@ -200,7 +106,7 @@ async def chat_completions(request: Request) -> Response:
         ],
     }
     if d.usage:
-        response["usage"] = _usage(prompt_tokens, completion_tokens, d.cached_tokens)
+        response["usage"] = _usage(tokens)
     return JSONResponse(response)
 
 
@@ -264,16 +170,16 @@ def _embedding_inputs(raw: Any) -> list[str | list[int]]:
 async def embeddings(request: Request) -> Response:
     request.app.state.requests_served += 1
     try:
-        body = await _read_body(request)
-        d = _directives(request, body)
-        failure = await _admit(request, d)
+        body = await read_body(request)
+        d = directives(request, body)
+        failure = await admit(request, d)
         if failure is not None:
             return failure
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return error_response(400, "you must provide a model parameter", code="missing_required_parameter")
         items = _embedding_inputs(body.get("input"))
-        dimensions = _optional_int(body, "dimensions") or EMBEDDING_DIMENSIONS
+        dimensions = optional_int(body, "dimensions") or EMBEDDING_DIMENSIONS
         if not 1 <= dimensions <= 4096:
             raise BadRequest("'dimensions' must be between 1 and 4096.")
     except BadRequest as e:
@@ -347,6 +253,15 @@ def create_app(settings: MockSettings) -> Starlette:
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/responses", responses_api.create_response, methods=["POST"]),
+            Route("/v1/responses/{response_id}", responses_api.retrieve_response, methods=["GET"]),
+            Route("/v1/responses/{response_id}", responses_api.delete_response, methods=["DELETE"]),
+            Route("/v1/responses/{response_id}/cancel", responses_api.cancel_response, methods=["POST"]),
+            Route("/v1/responses/{response_id}/input_items", responses_api.list_input_items, methods=["GET"]),
+            Route("/v1/messages", messages_api.create_message, methods=["POST"]),
+            Route("/v1/messages/count_tokens", messages_api.count_message_tokens, methods=["POST"]),
+            Route("/mock/last-request", messages_api.last_request, methods=["GET"]),
+            Route("/mock/prompt-cache", messages_api.forget_prompt_cache, methods=["DELETE"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/mock/stats", stats, methods=["GET", "DELETE"]),
             Route("/mock/streams", stream_stats, methods=["GET"]),
@@ -357,9 +272,12 @@ def create_app(settings: MockSettings) -> Starlette:
     app.state.settings = settings
     # seeded so that a run with mock_error_rate > 0 fails the same requests every time
     app.state.rng = random.Random(settings.mock_seed)
-    app.state.requests_served = 0  # chat + embeddings requests, failed or not
+    app.state.requests_served = 0  # API requests (chat, embeddings, responses, messages), failed or not
     app.state.fail_keys = {}  # fail_key -> requests seen carrying it
     app.state.chunks_sent = 0  # streamed content chunks, all streams together
     app.state.fault_status = None  # set by PUT /mock/fault: every call fails with it until DELETE
     app.state.started_at = int(time.time())
+    app.state.responses = {}  # response id -> responses_api.StoredResponse
+    app.state.prompt_cache = {}  # Messages cache_control prefix key -> monotonic expiry
+    app.state.last_request = None  # the last Messages request's forwarded headers (key only as a hash)
     return app

@@ -65,6 +65,11 @@ def completion_text(
     for m in prompt_messages:
         if m.get("role") == "user":
             last_user = content_text(m.get("content"))
-    digest = hashlib.blake2b(last_user.encode(), digest_size=64).digest()
+    return words_for(last_user, n)
+
+
+def words_for(seed: str, n: int) -> list[str]:
+    """``n`` vocabulary words chosen by a hash of ``seed``: the same seed always gives the same words."""
+    digest = hashlib.blake2b(seed.encode(), digest_size=64).digest()
     size = len(VOCABULARY)
     return [VOCABULARY[(digest[i % 64] + i // 64) % size] for i in range(n)]
