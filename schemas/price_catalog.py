@@ -78,7 +78,9 @@ def candidates(name: str, m: ModelConfig, config: GatewayConfig) -> Iterator[tup
 
 def match(name: str, config: GatewayConfig, lookup: Lookup, mapped: dict[str, str]) -> CatalogModel | None:
     if name in mapped:
-        return lookup.exact(mapped[name])
+        if (found := lookup.exact(mapped[name])) is None:
+            raise ValueError(f"--map {name}={mapped[name]}: {lookup.source} has no such model")
+        return found
     for ref, provider, base_url in candidates(name, config.models[name], config):
         if (found := lookup.find(ref, provider, base_url)) is not None:
             return found

@@ -68,7 +68,7 @@ BLOCKS = {
 
 @pytest.mark.parametrize("name", BLOCKS)
 def test_every_list_layout_gets_the_entry_and_nothing_else(name):
-    text = "providers:\n  p: {base_url: 'http://x'}\n" + BLOCKS[name] + ("" if BLOCKS[name].endswith("\n") else "")
+    text = "providers:\n  p: {base_url: 'http://x'}\n" + BLOCKS[name]
     before = yaml.safe_load(text)
     new = add_prices(text, {"m": [_new("2026-12-02", "2", "3")]})
     after = yaml.safe_load(new)

@@ -135,7 +135,7 @@ def test_dry_run_shows_the_diff_and_writes_nothing(book, capsys):
 
 
 def test_map_prices_a_model_the_catalog_cannot_name(book, capsys):
-    rc, out, _ = prices(["import", "--config", str(book), "--map", "house-model=openai/gpt-4.1-mini"], capsys)
+    rc, _, _ = prices(["import", "--config", str(book), "--map", "house-model=openai/gpt-4.1-mini"], capsys)
     assert rc == 0
     house = load_config(book).models["house-model"].prices
     assert [(p.effective_from, p.input) for p in house] == [
@@ -143,6 +143,8 @@ def test_map_prices_a_model_the_catalog_cannot_name(book, capsys):
     ]
     rc, _, err = prices(["import", "--config", str(book), "--map", "nope=openai/gpt-4.1"], capsys)
     assert rc == 2 and "not configured: nope" in err
+    rc, _, err = prices(["check", "--config", str(book), "--map", "house-model=openai/no-such-model-x"], capsys)
+    assert rc == 2 and "has no such model" in err
 
 
 def test_a_scheduled_catalog_change_is_imported_at_the_catalogs_own_start_date(tmp_path, capsys):
