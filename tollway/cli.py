@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rerate_cli.register(sub)
     reconcile_cli.register(sub)
+    from tollway import prices_cli
+
+    prices_cli.register(sub)
     return p
 
 
@@ -48,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from tollway import invoices_cli, report_cli
 
         return (invoices_cli if args.command == "invoices" else report_cli).run(args)
+    if args.command == "prices":
+        from tollway import prices_cli
+
+        return prices_cli.run(args)
     if args.command == "keys":
         from tollway import keys_cli
 
