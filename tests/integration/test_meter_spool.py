@@ -70,13 +70,13 @@ async def test_broker_down_then_back_every_answered_call_is_billed_once(store, t
             app = create_app(settings, config, broker.bootstrap)
             async with app.router.lifespan_context(app):
                 async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as c:
-                    assert app.state.emitter.queued >= 150
+                    assert app.state.proxy.emitter.queued >= 150
                     await broker_back(broker)
                     await publish_key(broker.bootstrap, team, secret=secret)  # what billing republishes on start
                     await wait_key_active(c, secret, timeout_s=30)
                     assert set(await calls(c, secret, 50)) == {200}
                     await eventually(count, lambda n: n >= 250, timeout_s=60)
-                    await eventually(lambda: _v(app.state.emitter.queued), lambda q: q == 0, timeout_s=30)
+                    await eventually(lambda: _v(app.state.proxy.emitter.queued), lambda q: q == 0, timeout_s=30)
         assert await count() == 250
         await refresh_all(store)
         report = await reconcile_report(store, period, team)
