@@ -62,3 +62,20 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
     bad.write_text("providers: [unclosed")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(bad)
+
+
+def test_shipped_models_state_their_providers_output_caps():
+    """tollway.yaml carries each chat model's published output cap, so an oversized max_tokens is refused
+    before any upstream call (and before the quota reserves cap x n), via the model's alias too."""
+    from services.proxy.errors import InvalidRequest
+    from services.proxy.handler import check_output_cap
+    from services.proxy.routing import Router
+
+    config = load_config("tollway.yaml")
+    router = Router(config)
+    for name, m in config.models.items():
+        assert (m.max_output_tokens is None) == (m.kind == "embedding"), name
+    route = router.resolve("deepseek-chat", "chat")  # an alias of deepseek-v3.2 (8K output)
+    check_output_cap({"max_tokens": 8192}, route)
+    with pytest.raises(InvalidRequest, match="8192"):
+        check_output_cap({"max_completion_tokens": 8193}, route)
