@@ -105,7 +105,7 @@ async def run(b, pa, pb, app_a, trials: int, bursts: int) -> None:
         while (await pb.post("/v1/chat/completions", json=chat(1), headers=h)).status_code != 429:
             pass
         cross.append(time.perf_counter() - t0)
-    over, bound = [], app_a.state.quota.worst_case(chat(16))[0]
+    over, bound = [], app_a.state.proxy.quota.worst_case(chat(16))[0]
     for i in range(bursts):
         key = (await b.post("/v1/admin/keys", json={"team_id": team["team_id"], "name": f"burst{i}",
                             "limits": {"tokens_per_month": 300}}, headers=ADMIN)).json()  # fmt: skip

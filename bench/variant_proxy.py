@@ -40,7 +40,7 @@ def without_http1() -> None:
 
     async def post_json_aiohttp(pool, target, path, body, budget_s=None):
         # the P1 code path: the app's aiohttp session (st.upstream), whole body read, same error mapping
-        session = handler_state["app"].state.upstream
+        session = handler_state["app"].state.proxy.upstream
         timeout = timeouts.get(target.timeout_s) or timeouts.setdefault(
             target.timeout_s, aiohttp.ClientTimeout(total=target.timeout_s, connect=target.connect_timeout_s)
         )

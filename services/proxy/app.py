@@ -1,12 +1,11 @@
-"""The proxy app: everything the request path needs is built here once and closed in reverse order."""
+"""The proxy app: its lifespan opens the ProxyState (services/proxy/state.py) and the handler over it; the
+proxied endpoints are dispatched ahead of FastAPI, which serves health, readiness and metrics."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import httpx
 import orjson
 import structlog
 from fastapi import FastAPI
@@ -16,19 +15,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from schemas.config import GatewayConfig
-from services.proxy import upstream
-from services.proxy.auth import KeyView
-from services.proxy.cache import ResponseCache
-from services.proxy.control import ControlListener
 from services.proxy.errors import GatewayError, InvalidRequest, error_response
-from services.proxy.events import UsageEmitter
 from services.proxy.handler import ProxyHandler
-from services.proxy.health import Health
-from services.proxy.http1 import Http1Pool
-from services.proxy.limiter import MemoryLimiter, RedisLimiter
-from services.proxy.quota import QuotaGate
-from services.proxy.routing import Router
 from services.proxy.settings import ProxySettings
+from services.proxy.state import ProxyState, open_proxy_state
 
 log = structlog.get_logger("tollway.proxy")
 
@@ -63,42 +53,12 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        st = app.state
-        st.settings, st.config = settings, config
-        st.router = Router(config)
-        st.view = KeyView()
-        st.quota = QuotaGate(config)  # monthly quotas: billing's signals + local counting + reservations
-        st.quota.follow(st.view)
-        st.stop = asyncio.Event()
-        # the hot hop: plain (non-streamed) calls
-        st.plain = Http1Pool(settings.upstream_max_connections, max_body_bytes=settings.upstream_max_body_bytes)
-        st.upstream = upstream.open_session(settings.upstream_max_connections)  # streamed calls (aiohttp)
-        st.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))  # health probes only
-        st.limiter = RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter()
-        st.cache = ResponseCache(config.cache.max_entries, config.cache.max_bytes, config.cache.max_entry_bytes)
-        st.health = Health(st.router, config)
-        probe_task = asyncio.create_task(st.health.probe_loop(st.http, st.router, st.stop), name="health-probes")
-        instance = settings.instance()
-        seq_name = instance.replace("/", "_").replace(":", "_") + ".seq"
-        st.emitter = UsageEmitter(bootstrap, instance, settings.data_dir / "proxy" / seq_name,
-                                  settings.event_linger_ms, settings.event_queue_max,
-                                  replay_retained=replay_spool)  # fmt: skip
-        await st.emitter.start()
-        st.control = ControlListener(bootstrap, st.view)
-        control_task = asyncio.create_task(st.control.run(st.stop), name="control-listener")
-        st.handler = ProxyHandler(st)
-        log.info("proxy_started", instance=instance, models=len(config.models))
-        try:
+        async with open_proxy_state(settings, config, bootstrap, replay_spool) as proxy:
+            app.state.proxy = proxy
+            app.state.handler = ProxyHandler(proxy)
+            log.info("proxy_started", instance=proxy.instance, models=len(config.models))
             yield
-        finally:
-            st.stop.set()
-            await st.emitter.stop()
-            await asyncio.gather(control_task, probe_task, return_exceptions=True)
-            await st.limiter.close()
-            await st.http.aclose()
-            await st.upstream.close()
-            await st.plain.close()
-            log.info("proxy_stopped")
+        log.info("proxy_stopped")
 
     app = ProxyApp(title="Tollway proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -123,7 +83,7 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
 
     @app.get("/readyz")
     async def readyz(request: Request) -> Response:
-        st = request.app.state
+        st: ProxyState = request.app.state.proxy
         checks = {
             "control_view": st.control.caught_up.is_set(),
             "usage_producer": st.emitter.started.is_set(),

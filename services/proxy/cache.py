@@ -11,6 +11,9 @@ from typing import Any
 
 import orjson
 
+from schemas.events import UsageSource
+from services.proxy.tokens import TokenUsage
+
 # Fields that change who asked or how the answer travels, never what the answer is. `mock` stays in the
 # key on purpose: it is part of the request the upstream answers, like any other provider parameter.
 VOLATILE_FIELDS = frozenset({"user", "stream", "stream_options", "metadata", "store", "service_tier"})
@@ -67,8 +70,8 @@ def cache_key(team_id: str, model: str, endpoint: str, body: dict[str, Any]) -> 
 @dataclass(slots=True)
 class Entry:
     body: bytes  # the non-streamed JSON answer
-    usage: dict[str, int]
-    usage_source: str
+    usage: TokenUsage  # what the answer cost when it was made: a hit records it (the avoided cost, in ROI)
+    usage_source: UsageSource
     provider: str
     expires_at: float
 

@@ -1,10 +1,11 @@
 """Usage events out of the request path, through the on-disk spool.
 
-The handler calls `emit()`: it stamps the instance sequence number, lays the fields over the contract's
-defaults (every UsageEvent v1 field, in the model's order: the canonical form, as `model_dump_json` writes
-it) and appends that to the spool (one write, no network) -- so an answered call is on disk before its
-response leaves. A background sender reads the spool in order and hands the bytes as they are to a
-lingering, compressing producer; the spool cursor advances only when the broker acknowledges. The full
+The handler calls `emit()` with the call's UsageDraft: it stamps the instance sequence number, serializes
+the draft (every UsageEvent v1 field, in the model's order: the canonical form, as `model_dump_json` writes
+it) and appends that to the spool with its Kafka key, the team (one write, no network) -- so an answered
+call is on disk before its response leaves. A background sender reads the spool in order and hands key and
+bytes as they are to a lingering, compressing producer; the spool cursor advances only when the broker
+acknowledges. The full
 contract check is the meter's (a malformed event becomes a dead letter with its reason, never a silent
 drop); tests/unit/test_proxy_emit.py holds emit's bytes equal to the model's. If the broker is down or slow the
 proxy keeps serving and the spool grows; when it is back the sender catches up in order.
@@ -26,27 +27,22 @@ import orjson
 import structlog
 from aiokafka import AIOKafkaProducer
 
-from schemas.events import USAGE_TOPIC, UsageEvent
+from schemas.events import USAGE_TOPIC
 from services.proxy import metrics
+from services.proxy.draft import UsageDraft
 from services.proxy.spool import SPOOL_REPLAYED, Pos, Spool, SpoolSettings, fsync_all
 
 log = structlog.get_logger("tollway.proxy.events")
 
 
-# Every contract field with its default, in the model's order; required fields start as None and are always
-# set by the handler (an event without them is refused by the meter with a reason).
-_CANONICAL: dict[str, Any] = {
-    name: (None if f.is_required() else f.get_default(call_default_factory=True))
-    for name, f in UsageEvent.model_fields.items()
-}
 _DUMP_OPTS = orjson.OPT_UTC_Z  # "...Z", as pydantic writes a UTC datetime
+MAX_KEY_BYTES = 0xFFFF  # what a spool record's key length holds
 
 
-def canonical_event(fields: dict[str, Any]) -> bytes:
-    """The usage event's bytes in the contract's canonical form (what `UsageEvent.model_dump_json` gives)."""
-    event = _CANONICAL.copy()  # shallow: the one default container (metadata {}) is only ever serialized
-    event.update(fields)
-    return orjson.dumps(event, default=str, option=_DUMP_OPTS)
+def canonical_event(draft: UsageDraft) -> bytes:
+    """The usage event's bytes in the contract's canonical form (what `UsageEvent.model_dump_json` gives):
+    orjson writes a dataclass's fields in their declared order, which is the model's."""
+    return orjson.dumps(draft, default=str, option=_DUMP_OPTS)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
@@ -55,6 +51,7 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 
 def _team_of(payload: bytes) -> bytes | None:
+    """The key of a record spooled before records carried it (an older proxy's spool, replayed after an upgrade)."""
     try:
         team = orjson.loads(payload).get("team_id")
     except (orjson.JSONDecodeError, AttributeError):
@@ -96,7 +93,7 @@ class UsageEmitter:
         self.linger_ms = linger_ms
         self.window = max(1000, min(queue_max, 50_000))  # unacknowledged sends in flight at most
         self.spool = Spool(seq_path.parent / "spool" / seq_path.stem, spool)
-        if self.spool.last_payload:
+        if self.spool.last_payload:  # the payload is the event in either record format
             try:  # the spool outlives a stale sequence file (machine crash): never hand out a number twice
                 self.seq.value = max(self.seq.value, int(orjson.loads(self.spool.last_payload)["proxy_seq"]))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -113,12 +110,14 @@ class UsageEmitter:
         self.refused = 0
         self._last_refused_log = 0.0
 
-    def emit(self, fields: dict[str, Any]) -> None:
+    def emit(self, draft: UsageDraft) -> None:
         """Called on the request path: stamp, serialize, one write to the spool. Never blocks on the network."""
-        fields["proxy_instance"] = self.instance
-        fields["proxy_seq"] = self.seq.next()
+        draft.proxy_instance = self.instance
+        draft.proxy_seq = self.seq.next()
+        # keyed by team: one team's events stay in order on one partition (an empty key: refused when sent)
+        key = draft.team_id.encode()[:MAX_KEY_BYTES] if draft.team_id else b""
         try:
-            ok = self.spool.append(canonical_event(fields))
+            ok = self.spool.append(canonical_event(draft), key)
         except OSError as err:  # disk full / gone: keep serving, say so loudly
             ok = False
             log.error("spool_write_failed", error=str(err)[:200])
@@ -196,16 +195,15 @@ class UsageEmitter:
         while True:
             self._wake.clear()
             records = self.spool.read(pos, 2_000) if len(inflight) < self.window else []
-            for payload, nxt in records:
+            for key, payload, nxt in records:
                 fut = None
-                team = _team_of(payload)
+                team = _team_of(payload) if key is None else (key or None)  # None: an older proxy's record
                 if team is None:  # a proxy bug, not a caller's: say so loudly, keep serving
                     metrics.EVENTS.labels("invalid").inc()
-                    log.error("usage_event_invalid", error="not a JSON object with a string team_id",
+                    log.error("usage_event_invalid", error="no team_id to key the event by",
                               payload=payload[:300].decode("utf-8", "replace"))  # fmt: skip
                 else:
-                    # the spooled bytes are the event (canonical since emit); keyed by team: one team's
-                    # events stay in order on one partition
+                    # the spooled bytes are the event (canonical since emit), with the key emit gave them
                     fut = await producer.send(self.topic, payload, key=team)
                     fut.add_done_callback(_retrieve)  # after a rewind nobody awaits the rest: keep asyncio quiet
                     if nxt <= self._replay_until:

@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from schemas.config import RetryConfig
 from services.proxy import metrics
@@ -22,20 +22,33 @@ T = TypeVar("T")
 
 
 @dataclass(slots=True)
+class Tried:
+    """What forward() did, for the usage event: upstream attempts made, the provider of the latest one (the
+    one that answered, on success) and whether it was a fallback route. Kept up to date attempt by attempt,
+    so a call that fails or is cancelled midway still records what it tried."""
+
+    attempts: int = 0
+    provider: str = ""
+    fallback_used: bool = False
+
+
+@dataclass(slots=True)
 class Forwarded(Generic[T]):
     value: T
     route: RouteState
     upstream_s: float
+    tried: Tried
 
 
 Attempt = Callable[[Target, float], Awaitable[T]]
 
 
-async def forward(health: Health, route: ModelRoute, policy: RetryConfig, attempt: Attempt[T], ev: dict[str, Any],
-                  started: float, rng: random.Random | None = None) -> Forwarded[T]:  # fmt: skip
+async def forward(health: Health, route: ModelRoute, policy: RetryConfig, attempt: Attempt[T], started: float,
+                  tried: Tried | None = None, rng: random.Random | None = None) -> Forwarded[T]:  # fmt: skip
     """`attempt(target, budget_s)` makes one upstream call and returns what the client will get, or raises a
-    GatewayError saying whether it is retryable. `ev` (the usage event) records attempts, the route that
-    answered (served_model stays the public name, provider is the answering route's) and fallback_used."""
+    GatewayError saying whether it is retryable. What was tried is returned in `Forwarded.tried`; pass your
+    own `tried` to know it also when forward raises (or is cancelled)."""
+    tried = Tried() if tried is None else tried
     deadline = started + policy.deadline_s
     order = health.plan(route)
     if not order:
@@ -46,20 +59,18 @@ async def forward(health: Health, route: ModelRoute, policy: RetryConfig, attemp
         )  # fmt: skip
     first = order[0]
     last: GatewayError | None = None
-    attempts = 0
     for pos, s in enumerate(order):
         more_routes = pos + 1 < len(order)
         tries = 0
-        while attempts < policy.max_attempts:
+        while tried.attempts < policy.max_attempts:
             budget = deadline - time.perf_counter()
             if budget <= 0:
                 break
             if not health.begin(s):
                 break  # half-open and its one probe is already out: leave it to that probe
-            attempts += 1
             tries += 1
-            ev["attempts"], ev["provider"] = attempts, s.target.provider
-            ev["fallback_used"] = s is not first
+            tried.attempts += 1
+            tried.provider, tried.fallback_used = s.target.provider, s is not first
             t0 = time.perf_counter()
             try:
                 value = await attempt(s.target, budget)
@@ -94,8 +105,8 @@ async def forward(health: Health, route: ModelRoute, policy: RetryConfig, attemp
             metrics.attempts_by(route.name, s.target.provider, "ok").inc()
             if s is not first:
                 metrics.FALLBACKS.labels(route.name).inc()
-            return Forwarded(value, s, up_s)
-        if attempts >= policy.max_attempts:
+            return Forwarded(value, s, up_s, tried)
+        if tried.attempts >= policy.max_attempts:
             break
     if last is None:
         last = UpstreamTimeout(f"No upstream answered model '{route.name}' within the request deadline.")

@@ -19,6 +19,7 @@ from services.proxy import metrics
 from services.proxy.auth import authenticate
 from services.proxy.cache import HEADER as CACHE_HEADER
 from services.proxy.cache import CacheUse, CompletionAssembler, Entry, cache_key, cache_use, replay_chunks
+from services.proxy.draft import UsageDraft
 from services.proxy.errors import (
     GatewayError,
     InvalidRequest,
@@ -27,11 +28,13 @@ from services.proxy.errors import (
     UsageUnrecordable,
     error_response,
 )
-from services.proxy.forward import forward
+from services.proxy.forward import Tried, forward
 from services.proxy.limiter import Ticket
 from services.proxy.limits import Policy, resolve_policy
 from services.proxy.routing import ModelRoute, Target
-from services.proxy.streaming import SSEResponse, StreamOutcome, StreamRelay, iterate, reported_cached_tokens
+from services.proxy.state import ProxyState
+from services.proxy.streaming import SSEResponse, StreamOutcome, StreamRelay, iterate
+from services.proxy.tokens import TokenUsage, admission_tokens, completion_chars, estimate_usage, provider_usage
 from services.proxy.upstream import UpstreamReply, open_stream, post_json, upstream_failure
 
 log = structlog.get_logger("tollway.proxy.handler")
@@ -59,10 +62,11 @@ class JSONBytes(Response):
 
 
 class Call:
-    """What one request accumulates on its way; becomes the usage event at the end."""
+    """What one request accumulates on its way: its usage event (the draft, emitted at the end), what forward
+    tried, and the request-side bookkeeping (headers, rate-limit ticket, cache key)."""
 
-    __slots__ = ("body_bytes", "cache_key", "done", "endpoint", "event", "headers", "request_id", "started",
-                 "ticket", "tpm_cost")  # fmt: skip
+    __slots__ = ("body_bytes", "cache_key", "done", "draft", "endpoint", "headers", "request_id", "started",
+                 "ticket", "tpm_cost", "tried")  # fmt: skip
 
     def __init__(self, request: Request, endpoint: str) -> None:
         self.started = time.perf_counter()
@@ -76,15 +80,8 @@ class Call:
         self.body_bytes = 0
         self.cache_key: bytes | None = None
         self.done = False
-        self.event: dict[str, Any] = {
-            "event_id": str(uid),
-            "occurred_at": utc_now(),
-            "request_id": self.request_id,
-            "endpoint": endpoint,
-            "requested_model": "",
-            "status": "error",
-            "http_status": 0,
-        }
+        self.tried = Tried()  # filled by forward(), attempt by attempt; into the draft at the end
+        self.draft = UsageDraft(event_id=str(uid), occurred_at=utc_now(), request_id=self.request_id, endpoint=endpoint)
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -186,55 +183,11 @@ def check_output_cap(body: dict[str, Any], route: ModelRoute) -> None:
                                  f"'{route.name}'.", code="invalid_value")  # fmt: skip
 
 
-def tokens(v: Any) -> int:
-    """A token count from a provider: anything but a non-negative number counts as zero, never crashes."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 2**62:
-        return 0
-    return int(v)
-
-
-def usage_fields(data: Any) -> dict[str, int] | None:
-    usage = data.get("usage") if isinstance(data, dict) else None
-    if not isinstance(usage, dict):
-        return None
-    return {
-        "prompt_tokens": tokens(usage.get("prompt_tokens")),
-        "completion_tokens": tokens(usage.get("completion_tokens")),
-        "cached_tokens": tokens(reported_cached_tokens(usage)),
-    }
-
-
-def estimate_tokens(body: dict[str, Any], completion_chars: int = 0) -> dict[str, int]:
-    """A provider that reports no usage is still billed: ~4 characters per token, marked as estimated."""
-    prompt_chars = len(orjson.dumps(body.get("messages") or body.get("input") or ""))
-    return {"prompt_tokens": max(1, prompt_chars // 4), "completion_tokens": (completion_chars + 3) // 4,
-            "cached_tokens": 0}  # fmt: skip
-
-
-def completion_chars(data: Any) -> int:
-    """Characters of generated output in a chat.completion, for estimating tokens the provider did not report."""
-    n = 0
-    for c in (data.get("choices") if isinstance(data, dict) else None) or ():
-        msg = c.get("message") if isinstance(c, dict) else None
-        if isinstance(msg, dict):
-            if isinstance(msg.get("content"), str):
-                n += len(msg["content"])
-            if msg.get("tool_calls"):
-                n += len(orjson.dumps(msg["tool_calls"]))
-    return n
-
-
-def admission_tokens(body: dict[str, Any], body_bytes: int) -> int:
-    """What tpm counts before the answer: the prompt (~4 bytes a token) plus the completion the caller allows."""
-    cap = body.get("max_completion_tokens") or body.get("max_tokens") or 0
-    return max(1, body_bytes // 4) + (cap if isinstance(cap, int) else 0)
-
-
 class ProxyHandler:
-    """Holds what every request needs (built once in the lifespan) and serves the OpenAI endpoints."""
+    """Serves the OpenAI endpoints over the ProxyState the lifespan opened."""
 
-    def __init__(self, state: Any) -> None:
-        self.s = state  # app.state: settings, config, view, router, http, emitter, limiter, cache, health
+    def __init__(self, state: ProxyState) -> None:
+        self.s = state
         self.config = state.config
         self.limiter = state.limiter
         self.cache = state.cache
@@ -260,7 +213,7 @@ class ProxyHandler:
                                     "was not made. Retry later.", headers={"retry-after": "5"})  # fmt: skip
         await self.rate_limit(call, policy, body)
         # Monthly quota (QuotaExceeded): reserves the call's worst case, settled in finish().
-        self.s.quota.admit(call.event, key, body)
+        self.s.quota.admit(call.draft.event_id, key, body)
 
     async def rate_limit(self, call: Call, policy: Policy, body: dict[str, Any]) -> None:
         """Per key and per team: rpm, rpd, tpm. Raises RateLimited (429 + Retry-After); otherwise leaves
@@ -294,26 +247,28 @@ class ProxyHandler:
         if call.done:
             return
         call.done = True
-        ev = call.event
-        ev["http_status"] = status
-        ev["latency_ms"] = round(call.elapsed_ms(), 3)
-        self.s.quota.settle(ev)  # the quota reservation becomes the actual usage
+        d = call.draft
+        d.http_status = status
+        d.latency_ms = round(call.elapsed_ms(), 3)
+        tried = call.tried
+        if tried.attempts:  # the call went upstream (a cache hit did not: its draft says so already)
+            d.attempts, d.provider, d.fallback_used = tried.attempts, tried.provider, tried.fallback_used
+        self.s.quota.settle(d)  # the quota reservation becomes the actual usage
         if call.ticket is not None:
-            self.settle_limits(call, ev.get("prompt_tokens", 0) + ev.get("completion_tokens", 0)
-                               if ev["status"] != "cached" else 0)  # fmt: skip
-        if ev.get("error_code") == "usage_unrecordable":
+            self.settle_limits(call, d.prompt_tokens + d.completion_tokens if d.status != "cached" else 0)
+        if d.error_code == "usage_unrecordable":
             # refused because the spool is full: its event would take the room kept for calls in flight
             metrics.EVENTS.labels("not_recorded_spool_full").inc()
-        elif "team_id" in ev:  # only calls that got past auth are events
-            self.s.emitter.emit(ev)  # (the queue-depth gauge is the sender's to update, once per round)
-        model = ev.get("served_model") or ev.get("requested_model") or "unknown"
-        metrics.requests_by(call.endpoint, model if route else "unknown", ev.get("provider", ""), ev["status"]).inc()
-        metrics.latency_by(call.endpoint).observe(ev["latency_ms"] / 1000)
+        elif d.team_id is not None:  # only calls that got past auth are events
+            self.s.emitter.emit(d)  # (the queue-depth gauge is the sender's to update, once per round)
+        model = d.served_model or d.requested_model or "unknown"
+        metrics.requests_by(call.endpoint, model if route else "unknown", d.provider, d.status).inc()
+        metrics.latency_by(call.endpoint).observe(d.latency_ms / 1000)
 
     def fail(self, call: Call, err: GatewayError, route: ModelRoute | None = None) -> Response:
         rejected = err.code in ("rate_limit_exceeded", "insufficient_quota")
-        call.event["status"] = "rejected" if rejected else "error"
-        call.event["error_code"] = err.code
+        call.draft.status = "rejected" if rejected else "error"
+        call.draft.error_code = err.code
         self.finish(call, err.status, route)
         err.headers = {**call.headers, **err.headers}
         return error_response(err, call.request_id)
@@ -326,27 +281,27 @@ class ProxyHandler:
 
     async def _serve(self, request: Request, endpoint: str, path: str, kind: str) -> Response:
         call = Call(request, endpoint)
-        ev = call.event
+        d = call.draft
         route: ModelRoute | None = None
         body: dict[str, Any] = {}
         raw = b""
         try:
             key = authenticate(request, self.s.view)
-            ev["team_id"], ev["key_id"] = key.team_id, key.key_id
-            ev["metadata"] = dict(key.metadata)
+            d.team_id, d.key_id = key.team_id, key.key_id
+            d.metadata = dict(key.metadata)
             body, raw = await read_body(request, self.s.settings.max_body_bytes)
             call.body_bytes = len(raw)
-            ev["requested_model"] = str(body.get("model", ""))[:256]
+            d.requested_model = str(body.get("model", ""))[:256]
             if isinstance(body.get("user"), str):
-                ev["end_user"] = body["user"][:256]
+                d.end_user = body["user"][:256]
             (validate_chat if kind == "chat" else validate_embeddings)(body)
             policy = self.policy(key)
             await self.admit(call, key, policy, body)
             route = self.s.router.resolve(body.get("model"), kind, policy.models)
-            ev["served_model"] = route.name
+            d.served_model = route.name
             check_output_cap(body, route)
             stream = kind == "chat" and body.get("stream") is True
-            ev["stream"] = stream
+            d.stream = stream
             use = self.cache_use(request, body, kind, route)
             if use.write or use.read:
                 call.cache_key = cache_key(key.team_id, route.name, endpoint, body)
@@ -362,25 +317,24 @@ class ProxyHandler:
                 return await self._stream(call, route, body, path)
             t_fwd = time.perf_counter()
             fwd = await forward(self.health, route, route.retry or self.config.retry,
-                                self._json_attempt(body, raw, path), ev, call.started)  # fmt: skip
+                                self._json_attempt(body, raw, path), call.started, call.tried)  # fmt: skip
             fwd_s = time.perf_counter() - t_fwd
         except GatewayError as err:
             return self.fail(call, err, route)
         except asyncio.CancelledError:
             # the server is stopping under us (uvicorn does not cancel on a client disconnect): the provider
             # may already have done the work, so the call is still recorded, with what we know of it
-            if "team_id" in ev and not call.done:
+            if d.team_id is not None and not call.done:
                 if body:
-                    ev.update(estimate_tokens(body), usage_source="estimated")
-                ev.update(client_disconnected=True, error_code="cancelled")
-                ev["status"] = "error"
+                    d.take_usage(estimate_usage(body), "estimated")
+                d.client_disconnected, d.error_code, d.status = True, "cancelled", "error"
                 self.finish(call, 499, route)
             raise
         except ClientDisconnect:
             # the client hung up before its body was in: not our error, an event (499) and an info line
             log.info("client_hung_up", request_id=call.request_id, endpoint=call.endpoint)
-            if "team_id" in ev and not call.done:
-                ev.update(client_disconnected=True, error_code="client_disconnected")
+            if d.team_id is not None and not call.done:
+                d.client_disconnected, d.error_code = True, "client_disconnected"
                 self.finish(call, 499, route)
             return Response(status_code=499)  # nobody reads it; uvicorn drops it on a closed connection
         except Exception:  # a bug: still an OpenAI-shaped answer (naming nothing inside), and still an event
@@ -388,15 +342,15 @@ class ProxyHandler:
             return self.fail(call, GatewayError(f"Internal error (request {call.request_id})."), route)
         reply = fwd.value
         metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
-        usage, ev["usage_source"] = usage_fields(reply.data), "provider"
+        usage, source = provider_usage(reply.data), "provider"
         if usage is None:
-            usage, ev["usage_source"] = estimate_tokens(body, completion_chars(reply.data)), "estimated"
+            usage, source = estimate_usage(body, completion_chars(reply.data)), "estimated"
         if kind == "embedding":
-            usage["completion_tokens"] = 0
-        ev.update(usage)
-        ev["status"] = "ok"
-        metrics.tokens_by(route.name, "prompt").inc(usage["prompt_tokens"])
-        metrics.tokens_by(route.name, "completion").inc(usage["completion_tokens"])
+            usage.completion_tokens = 0
+        d.take_usage(usage, source)
+        d.status = "ok"
+        metrics.tokens_by(route.name, "prompt").inc(usage.prompt_tokens)
+        metrics.tokens_by(route.name, "completion").inc(usage.completion_tokens)
         if call.cache_key is not None:
             self._store(call, route, reply.body, usage, fwd.route.target.provider)
         self.finish(call, reply.status, route)
@@ -419,7 +373,7 @@ class ProxyHandler:
         return attempt
 
     async def _stream(self, call: Call, route: ModelRoute, body: dict[str, Any], path: str) -> Response:
-        ev = call.event
+        d = call.draft
         opts = body.get("stream_options")
         wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
         # always ask for usage: the bill must come from the provider's count, not our estimate
@@ -427,28 +381,25 @@ class ProxyHandler:
         assembler = CompletionAssembler() if call.cache_key is not None else None
 
         def on_end(out: StreamOutcome) -> None:
-            if out.usage_seen:
-                ev.update(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                          cached_tokens=out.cached_tokens, usage_source="provider")  # fmt: skip
+            if out.usage is not None:
+                d.take_usage(out.usage, "provider")
             else:
-                ev.update(estimate_tokens(body, out.content_chars))
-                ev["usage_source"] = "estimated"
-            ev["ttft_ms"] = round(out.ttft_ms, 3) if out.ttft_ms is not None else None
-            ev["client_disconnected"] = out.client_gone
-            ev["status"] = "error" if out.upstream_broken and not out.client_gone else "ok"
+                d.take_usage(estimate_usage(body, out.content_chars), "estimated")
+            d.ttft_ms = round(out.ttft_ms, 3) if out.ttft_ms is not None else None
+            d.client_disconnected = out.client_gone
+            d.status = "error" if out.upstream_broken and not out.client_gone else "ok"
             if out.upstream_broken and not out.client_gone:
-                ev["error_code"] = "upstream_response_too_large" if out.too_large else "upstream_stream_broken"
+                d.error_code = "upstream_response_too_large" if out.too_large else "upstream_stream_broken"
             if out.client_gone:
                 metrics.CLIENT_DISCONNECTS.labels(route.name).inc()
             if out.ttft_ms is not None:
                 metrics.TTFT.labels(route.name).observe(out.ttft_ms / 1000)
-            metrics.tokens_by(route.name, "prompt").inc(ev["prompt_tokens"])
-            metrics.tokens_by(route.name, "completion").inc(ev["completion_tokens"])
+            metrics.tokens_by(route.name, "prompt").inc(d.prompt_tokens)
+            metrics.tokens_by(route.name, "completion").inc(d.completion_tokens)
             if assembler is not None and out.completed and not out.upstream_broken:
                 completion = assembler.completion()
                 if completion is not None:
-                    usage = {k: ev[k] for k in ("prompt_tokens", "completion_tokens", "cached_tokens")}
-                    self._store(call, route, orjson.dumps(completion), usage, ev.get("provider", ""))
+                    self._store(call, route, orjson.dumps(completion), d.usage(), call.tried.provider)
             self.finish(call, 200, route)
 
         async def attempt(target: Target, budget_s: float) -> StreamRelay:
@@ -467,7 +418,7 @@ class ProxyHandler:
             return relay
 
         t_fwd = time.perf_counter()
-        fwd = await forward(self.health, route, route.retry or self.config.retry, attempt, ev, call.started)
+        fwd = await forward(self.health, route, route.retry or self.config.retry, attempt, call.started, call.tried)
         fwd_s = time.perf_counter() - t_fwd
         metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
         metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
@@ -481,20 +432,19 @@ class ProxyHandler:
             return CacheUse(False, False)
         return cache_use(request.headers.get(CACHE_HEADER), body, kind)
 
-    def _store(self, call: Call, route: ModelRoute, body: bytes, usage: dict[str, int], provider: str) -> None:
+    def _store(self, call: Call, route: ModelRoute, body: bytes, usage: TokenUsage, provider: str) -> None:
         assert call.cache_key is not None
         ttl = route.cache_ttl_s if route.cache_ttl_s is not None else self.config.cache.ttl_s
-        entry = Entry(body, dict(usage), call.event.get("usage_source", "provider"), provider, time.monotonic() + ttl)
+        entry = Entry(body, usage, call.draft.usage_source, provider, time.monotonic() + ttl)
         if self.cache.put(call.cache_key, entry):
             metrics.CACHE.labels("store").inc()
             metrics.CACHE_ENTRIES.set(len(self.cache))
 
     def _from_cache(self, call: Call, route: ModelRoute, entry: Entry, body: dict[str, Any], stream: bool) -> Response:
         """A hit answers at once and costs nothing; the event keeps the tokens so the avoided cost shows in ROI."""
-        ev = call.event
-        ev.update(entry.usage)
-        ev.update(status="cached", cache_hit=True, attempts=0, provider=entry.provider,
-                  usage_source=entry.usage_source)  # fmt: skip
+        d = call.draft
+        d.take_usage(entry.usage, entry.usage_source)
+        d.status, d.cache_hit, d.attempts, d.provider = "cached", True, 0, entry.provider
         call.headers["x-tollway-cache"] = "hit"
         if not stream:
             self.finish(call, 200, route)
@@ -504,8 +454,8 @@ class ProxyHandler:
         events = replay_chunks(orjson.loads(entry.body), wants_usage)
 
         def on_finish(client_gone: bool) -> None:
-            ev["client_disconnected"] = client_gone
-            ev["ttft_ms"] = round(call.elapsed_ms(), 3)
+            d.client_disconnected = client_gone
+            d.ttft_ms = round(call.elapsed_ms(), 3)
             self.finish(call, 200, route)
 
         return SSEResponse(iterate(events), on_finish, headers=call.headers)

@@ -28,13 +28,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import orjson
 from prometheus_client import Counter, Histogram
 
 from schemas.config import GatewayConfig, Limits
 from schemas.control import KeyState, QuotaSignal, Snapshot, TeamState, monthly_limits
 from schemas.prices import MILLION, PriceBook, cost_of
+from services.proxy.draft import UsageDraft
 from services.proxy.errors import QuotaExceeded
+from services.proxy.tokens import worst_case_tokens
 
 ZERO = Decimal(0)
 Entity = tuple[str, str]
@@ -194,17 +195,15 @@ class QuotaGate:
         return out
 
     def worst_case(self, body: dict[str, Any]) -> tuple[int, Decimal]:
-        prompt = max(1, len(orjson.dumps(body.get("messages") or body.get("input") or "")) // 4)
-        cap = body.get("max_completion_tokens") or body.get("max_tokens")
-        cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else self.default_max_tokens
-        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 0) > 0 else 1
-        completion = cap * n
+        most = worst_case_tokens(body, self.default_max_tokens)
         model = self.config.resolve(str(body.get("model", ""))) or ""
         unit = self.prices.at(model, "*", datetime.now(UTC)) if model else None
-        usd = ZERO if unit is None else (Decimal(prompt) * unit.input + Decimal(completion) * unit.output) / MILLION
-        return prompt + completion, usd
+        usd = ZERO
+        if unit is not None:
+            usd = (Decimal(most.prompt_tokens) * unit.input + Decimal(most.completion_tokens) * unit.output) / MILLION
+        return most.prompt_tokens + most.completion_tokens, usd
 
-    def admit(self, event: dict[str, Any], key: KeyState, body: dict[str, Any]) -> None:
+    def admit(self, event_id: str, key: KeyState, body: dict[str, Any]) -> None:
         """Raise QuotaExceeded, or reserve the call's worst case under its event id."""
         team_limits, key_limits = self.limits(key)
         scoped = [(("key", key.key_id), key_limits)]
@@ -236,7 +235,7 @@ class QuotaGate:
             st = self.states[entity]
             st.reserved_tokens += tokens
             st.reserved_usd += usd
-        self.reservations[event["event_id"]] = Reservation(tuple(e for e, _ in scoped), tokens, usd)
+        self.reservations[event_id] = Reservation(tuple(e for e, _ in scoped), tokens, usd)
 
     def period(self, now: datetime) -> str:
         """The month quotas are judged in: billing's, unless this clock is well past its end."""
@@ -259,20 +258,19 @@ class QuotaGate:
             headers={"retry-after": str(seconds_to_reset(now))},
         )
 
-    def settle(self, event: dict[str, Any]) -> None:
+    def settle(self, event: UsageDraft) -> None:
         """The call ended: swap its reservation for what it actually used (counted until billing has it)."""
-        r = self.reservations.pop(event.get("event_id", ""), None)
+        r = self.reservations.pop(event.event_id, None)
         if r is None:
             return
-        billable = event.get("status") in ("ok", "error")
-        tokens = int(event.get("prompt_tokens", 0)) + int(event.get("completion_tokens", 0)) if billable else 0
+        billable = event.status in ("ok", "error")
+        tokens = event.prompt_tokens + event.completion_tokens if billable else 0
         usd = ZERO
         if tokens:
-            model = event.get("served_model") or event.get("requested_model") or ""
-            unit = self.prices.at(model, event.get("provider", ""), datetime.now(UTC))
+            model = event.served_model or event.requested_model
+            unit = self.prices.at(model, event.provider, datetime.now(UTC))
             if unit is not None:
-                usd = cost_of(int(event.get("prompt_tokens", 0)), int(event.get("completion_tokens", 0)),
-                              int(event.get("cached_tokens", 0)), unit).total  # fmt: skip
+                usd = cost_of(event.prompt_tokens, event.completion_tokens, event.cached_tokens, unit).total
         now, mono = self.clock(), time.monotonic()
         period = self.period(now)
         for entity in r.entities:
@@ -281,7 +279,7 @@ class QuotaGate:
             st.reserved_usd -= r.usd
             if not tokens:
                 continue
-            st.pending[event["event_id"]] = (mono, tokens, usd)
+            st.pending[event.event_id] = (mono, tokens, usd)
             st.pending_tokens += tokens
             st.pending_usd += usd
             if st.crossed_at is None:

@@ -1,9 +1,14 @@
 """The proxy's on-disk usage spool: every usage event is appended here before anything tries to send it.
 
-Layout: `<dir>/<n:012d>.seg` append-only segments of records `[u32 length][u32 crc32][payload]`, plus
-`cursor` (the first position the broker has not acknowledged yet, as two u64). The request path appends
-one record with one `write()` (page cache: a kill -9 of the process loses nothing); the background sender
-reads from the cursor, produces, and advances the cursor when the broker acknowledges.
+Layout: `<dir>/<n:012d>.seg` append-only segments of records `[u32 length][u32 crc32][body]`, plus
+`cursor` (the first position the broker has not acknowledged yet, as two u64). A record carries its Kafka
+key beside the payload, so the sender never parses an event again: the length's top bit marks a keyed
+record, whose body is `[u16 key length][key][payload]`; without it (the format before keys were spooled,
+2026-12) the body is the payload alone and the key is read from it. The CRC covers the whole body. A spool
+written by an older proxy is replayed as it is; an older proxy cannot read a newer spool (no downgrade).
+The request path appends one record with one `write()` (page cache: a kill -9 of the process loses
+nothing); the background sender reads from the cursor, produces, and advances the cursor when the broker
+acknowledges.
 
 fsync policy: segments and the cursor are fsynced by the sender at most every `spool_fsync_ms` (and on
 segment roll and close) -- a machine crash can lose that window, a process crash loses nothing. A torn
@@ -38,8 +43,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 log = structlog.get_logger("tollway.proxy.spool")
 
 HEADER = struct.Struct(">II")
+KEY_LENGTH = struct.Struct(">H")
+KEYED = 0x8000_0000  # in the length field: the body starts with its key (no record reaches 2 GiB)
 CURSOR = struct.Struct(">QQ")
 Pos = tuple[int, int]  # (segment number, byte offset)
+Record = tuple[bytes | None, bytes, Pos]  # (key, or None in the keyless format; payload; position after it)
 
 SPOOL_BYTES = Gauge("tollway_spool_bytes", "Bytes on disk in the usage spool (sent and unsent)")
 SPOOL_PENDING_BYTES = Gauge("tollway_spool_pending_bytes", "Spooled bytes the broker has not acknowledged")
@@ -99,15 +107,17 @@ class Spool:
         return self.dir / f"{n:012d}.seg"
 
     # --- the request path -------------------------------------------------------------------------
-    def append(self, payload: bytes) -> bool:
+    def append(self, payload: bytes, key: bytes = b"") -> bool:
         """One write(); False (and counted) if the unsent backlog is at its bound."""
-        size = HEADER.size + len(payload)
+        head = KEY_LENGTH.pack(len(key)) + key
+        length = len(head) + len(payload)
+        size = HEADER.size + length
         if self.pending_bytes + size > self.s.spool_max_bytes:
             self._gc(force=True)
             if self.pending_bytes + size > self.s.spool_max_bytes:
                 SPOOL_REFUSED.inc()
                 return False
-        os.write(self._fd, HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        os.write(self._fd, HEADER.pack(length | KEYED, zlib.crc32(payload, zlib.crc32(head))) + head + payload)
         self._sizes[self.active] += size
         self.pending_events += 1
         self._dirty = True
@@ -118,15 +128,20 @@ class Spool:
         return True
 
     # --- the sender -------------------------------------------------------------------------------
-    def read(self, pos: Pos, max_records: int) -> list[tuple[bytes, Pos]]:
-        out: list[tuple[bytes, Pos]] = []
-        for payload, nxt in self.iter_from(pos):
-            out.append((payload, nxt))
+    def read(self, pos: Pos, max_records: int) -> list[Record]:
+        out: list[Record] = []
+        for record in self.records_from(pos):
+            out.append(record)
             if len(out) >= max_records:
                 break
         return out
 
-    def iter_from(self, pos: Pos, chunk_bytes: int = 256 * 1024) -> Iterator[tuple[bytes, Pos]]:
+    def iter_from(self, pos: Pos) -> Iterator[tuple[bytes, Pos]]:
+        """The payloads from `pos` on, without their keys."""
+        for _key, payload, nxt in self.records_from(pos):
+            yield payload, nxt
+
+    def records_from(self, pos: Pos, chunk_bytes: int = 256 * 1024) -> Iterator[Record]:
         # One pread per chunk of records, not two per record: the sender reads every event once.
         seg, off = pos
         for n in sorted(k for k in self._sizes if k >= seg):
@@ -141,16 +156,21 @@ class Spool:
                     if len(buf) < HEADER.size:
                         break
                 length, crc = HEADER.unpack_from(buf, start)
+                keyed, length = length & KEYED, length & ~KEYED
                 end = start + HEADER.size + length
                 if end > len(buf):  # the record runs past the chunk: read from its start, at least all of it
                     buf, base = os.pread(fd, max(chunk_bytes, HEADER.size + length), off), off
                     start, end = 0, HEADER.size + length
-                payload = buf[start + HEADER.size : end]
-                if len(payload) != length or zlib.crc32(payload) != crc:
+                body = buf[start + HEADER.size : end]
+                if len(body) != length or zlib.crc32(body) != crc:
                     log.error("spool_record_corrupt", segment=n, offset=off)
                     break
                 off += HEADER.size + length
-                yield payload, (n, off)
+                if keyed:
+                    k = KEY_LENGTH.size + KEY_LENGTH.unpack_from(body)[0]
+                    yield body[KEY_LENGTH.size : k], body[k:], (n, off)
+                else:
+                    yield None, body, (n, off)
 
     def ack(self, pos: Pos, events: int) -> None:
         if pos <= self.acked:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
@@ -20,46 +19,20 @@ from starlette.types import Receive, Scope, Send
 
 from services.proxy.cache import CompletionAssembler
 from services.proxy.errors import GatewayError, UpstreamError, UpstreamUnavailable, error_body
+from services.proxy.tokens import TokenUsage, usage_of
 from services.proxy.upstream import TRANSPORT_ERRORS
 
 
 @dataclass(slots=True)
 class StreamOutcome:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    usage_seen: bool = False
+    usage: TokenUsage | None = None  # the provider's count, from the stream's usage chunk; None if it sent none
     completed: bool = False
     upstream_broken: bool = False
     finished: bool = False  # a choice reported its finish_reason
     client_gone: bool = False
     ttft_ms: float | None = None
     content_chars: int = 0
-    served_model: str | None = None
     too_large: bool = False  # broken because a line or the whole stream passed its bound
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _count(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 2**62:
-        return 0  # a provider's garbage must not crash the stream or invalidate the event
-    return int(v)
-
-
-def reported_cached_tokens(usage: dict[str, Any]) -> Any:
-    """Prompt tokens served from the provider's cache, counted inside prompt_tokens (raw, not yet checked):
-    OpenAI reports them as prompt_tokens_details.cached_tokens, DeepSeek as prompt_cache_hit_tokens."""
-    details = usage.get("prompt_tokens_details")
-    if isinstance(details, dict) and details.get("cached_tokens") is not None:
-        return details["cached_tokens"]
-    return usage.get("prompt_cache_hit_tokens", 0)
-
-
-def _usage_into(out: StreamOutcome, usage: dict[str, Any]) -> None:
-    out.prompt_tokens = _count(usage.get("prompt_tokens"))
-    out.completion_tokens = _count(usage.get("completion_tokens"))
-    out.cached_tokens = _count(reported_cached_tokens(usage))
-    out.usage_seen = True
 
 
 def _sse(payload: bytes) -> bytes:
@@ -142,7 +115,7 @@ class StreamRelay:
                 usage = chunk.get("usage")
                 choices = chunk.get("choices")
                 if isinstance(usage, dict):
-                    _usage_into(out, usage)
+                    out.usage = usage_of(usage)
                     if not choices and not self.client_wants_usage:
                         continue  # we asked for usage on the client's behalf: it does not expect this chunk
                 if choices and isinstance(choices, list):

@@ -225,7 +225,7 @@ async def test_crossing_is_rejected_by_every_proxy_within_the_lag_and_concurrenc
         ok = [r for r in replies if r.status_code == 200]
         assert all(r.status_code in (200, 429) for r in replies)
         total = spent + sum(r.json()["usage"]["total_tokens"] for r in ok)
-        worst = proxy_a._transport.app.state.quota.worst_case(chat(16))[0]  # type: ignore[attr-defined]
+        worst = proxy_a._transport.app.state.proxy.quota.worst_case(chat(16))[0]  # type: ignore[attr-defined]
         assert len(ok) < 40
         assert total - 300 <= worst, (total, worst, len(ok))
         q = await eventually(lambda: billing.get("/v1/quota", headers=h),
@@ -380,13 +380,13 @@ async def test_proxy_keeps_uncounted_usage_while_billing_is_down_so_overshoot_st
             assert r.status_code == 200, r.text
             spent += r.json()["usage"]["total_tokens"]
         assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
-        worst = app.state.quota.worst_case(chat())[0]
+        worst = app.state.proxy.quota.worst_case(chat())[0]
         assert spent - limit <= worst, (spent, worst)
 
         # Billing comes back, counts the stream and acknowledges: the proxy's uncounted usage drains into
         # billing's total, also for a key nowhere near its limit.
         async with quota_billing(store, bootstrap, f"q-{unique}", gateway_config("http://unused")):
-            st = app.state.quota.states[("key", keys[1]["key_id"])]
+            st = app.state.proxy.quota.states[("key", keys[1]["key_id"])]
             await eventually(lambda: asyncio.sleep(0, (st.pending_tokens, st.billing_tokens)),
                              lambda v: v == (0, roomy_spent))  # fmt: skip
             r = await proxy.post("/v1/chat/completions", json=chat(), headers=tight)

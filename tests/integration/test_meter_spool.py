@@ -4,16 +4,22 @@ own restart), and replays them in order once the broker is back; the meter bills
 from __future__ import annotations
 
 import asyncio
+import struct
+import zlib
 from datetime import UTC, datetime
 
 import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer
 
 from schemas.config import load_config
+from schemas.events import USAGE_TOPIC
 from services.billing.api.reconcile import reconcile_report
 from services.meter.rollups import refresh_all
 from services.meter.settings import MeterSettings
 from services.proxy.app import create_app
 from services.proxy.settings import ProxySettings
+from tests.support.events import make_event
 from tests.support.meter_harness import meter_task
 from tests.support.stack import gateway_config, mock_upstream, publish_key, wait_key_active
 from tests.support.waiting import eventually
@@ -70,13 +76,13 @@ async def test_broker_down_then_back_every_answered_call_is_billed_once(store, t
             app = create_app(settings, config, broker.bootstrap)
             async with app.router.lifespan_context(app):
                 async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as c:
-                    assert app.state.emitter.queued >= 150
+                    assert app.state.proxy.emitter.queued >= 150
                     await broker_back(broker)
                     await publish_key(broker.bootstrap, team, secret=secret)  # what billing republishes on start
                     await wait_key_active(c, secret, timeout_s=30)
                     assert set(await calls(c, secret, 50)) == {200}
                     await eventually(count, lambda n: n >= 250, timeout_s=60)
-                    await eventually(lambda: _v(app.state.emitter.queued), lambda q: q == 0, timeout_s=30)
+                    await eventually(lambda: _v(app.state.proxy.emitter.queued), lambda q: q == 0, timeout_s=30)
         assert await count() == 250
         await refresh_all(store)
         report = await reconcile_report(store, period, team)
@@ -94,3 +100,42 @@ async def broker_back(broker: BundledBroker) -> None:
 
 async def _v(x):
     return x
+
+
+async def test_a_spool_written_before_records_carried_keys_is_replayed_after_an_upgrade(bootstrap, tmp_path, unique):
+    """A proxy upgraded over an unsent spool of the keyless format sends those events (keyed by their team,
+    in order, as before) and the events of new calls after them, its sequence continuing from theirs."""
+    team = f"team_{unique}"
+    settings = ProxySettings(data_dir=tmp_path, proxy_instance=f"upgrade-{unique}")
+    old = [make_event(team, proxy_instance=settings.instance(), proxy_seq=i).model_dump_json().encode()
+           for i in range(1, 6)]  # fmt: skip
+    spool_dir = tmp_path / "proxy" / "spool" / f"upgrade-{unique}"  # where the emitter keeps it (see state.py)
+    spool_dir.mkdir(parents=True)
+    frames = [struct.pack(">II", len(p), zlib.crc32(p)) + p for p in old]  # [u32 length][u32 crc32][payload]
+    (spool_dir / "000000000000.seg").write_bytes(b"".join(frames))
+    (spool_dir / "cursor").write_bytes(struct.pack(">QQ", 0, len(frames[0])))  # the first one was acknowledged
+    consumer = AIOKafkaConsumer(USAGE_TOPIC, bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="latest")  # fmt: skip
+    await consumer.start()
+    seen: list[tuple[bytes, dict]] = []
+
+    async def mine() -> list[tuple[bytes, dict]]:
+        for records in (await consumer.getmany(timeout_ms=100)).values():
+            seen.extend((r.key, orjson.loads(r.value)) for r in records)
+        return [(k, e) for k, e in seen if e["team_id"] == team]
+
+    try:
+        await consumer.getmany(timeout_ms=100)  # positions fixed at "now", before the proxy starts
+        secret, _ = await publish_key(bootstrap, team)
+        async with mock_upstream() as upstream_url:
+            app = create_app(settings, gateway_config(upstream_url), bootstrap)
+            async with app.router.lifespan_context(app):
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as c:
+                    await wait_key_active(c, secret)
+                    assert set(await calls(c, secret, 2)) == {200}
+                    got = await eventually(mine, lambda xs: len(xs) >= 6, timeout_s=30)
+    finally:
+        await consumer.stop()
+    assert {k for k, _ in got} == {team.encode()}  # every event keyed by its team, old and new alike
+    assert [e["proxy_seq"] for _, e in got] == [2, 3, 4, 5, 6, 7]  # the unsent old ones, in order, then the new
+    assert [orjson.dumps(e) for _, e in got[:4]] == [orjson.dumps(orjson.loads(p)) for p in old[1:]]  # unchanged

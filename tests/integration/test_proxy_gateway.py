@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from schemas.config import GatewayConfig, Limits, parse_config
 from schemas.control import KeyState, TeamState
 from schemas.keys import hash_key, new_secret
 from services.proxy.app import create_app
+from services.proxy.draft import UsageDraft
 from services.proxy.settings import ProxySettings
 from tests.support.stack import mock_upstream
 from tests.support.waiting import eventually
@@ -56,10 +57,10 @@ class Gateway:
         secret = new_secret()
         team = team or f"team_{uuid.uuid4().hex[:8]}"
         if team_limits is not None:
-            self.app.state.view.apply(TeamState(team_id=team, name=team, limits=team_limits))
+            self.app.state.proxy.view.apply(TeamState(team_id=team, name=team, limits=team_limits))
         state = KeyState(key_id=f"key_{uuid.uuid4().hex[:12]}", key_hash=hash_key(secret), prefix="tw-x",
                          team_id=team, plan=plan, limits=limits or Limits())  # fmt: skip
-        self.app.state.view.apply(state)
+        self.app.state.proxy.view.apply(state)
         return secret, state
 
     async def chat(self, secret: str, body: dict[str, Any] | None = None, **headers: str) -> httpx.Response:
@@ -72,12 +73,12 @@ class Gateway:
 
 def record_events(gw: Gateway) -> None:
     """Keep a copy of every usage event the proxy emits (they still go on to the spool and broker)."""
-    emitter = gw.app.state.emitter
+    emitter = gw.app.state.proxy.emitter
     forward_emit = emitter.emit
 
-    def capture(fields: dict[str, Any]) -> None:
-        gw.events.append(dict(fields))
-        forward_emit(fields)
+    def capture(draft: UsageDraft) -> None:
+        forward_emit(draft)
+        gw.events.append(asdict(draft))  # a copy, as emitted
 
     emitter.emit = capture
 

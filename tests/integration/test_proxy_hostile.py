@@ -238,7 +238,7 @@ async def test_a_full_spool_refuses_new_calls_and_every_served_call_is_on_disk(t
                 spool_ok = (await gw.client.get("/readyz")).json()["checks"]["usage_spool"]
                 if first_not_ready is None and not spool_ok:
                     first_not_ready = i
-            emitter = gw.app.state.emitter
+            emitter = gw.app.state.proxy.emitter
             spool_dir = emitter.spool.dir
             refused_by_spool = emitter.refused
     served = statuses.count(200)

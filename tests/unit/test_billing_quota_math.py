@@ -12,6 +12,7 @@ from schemas.control import KeyState, QuotaSignal, Snapshot, TeamState
 from schemas.prices import UnitPrice
 from services.billing.quota import QuotaBook, Usage, crossed_thresholds, exhausted_by
 from services.billing.roi import RoiRow, compute
+from services.proxy.draft import UsageDraft
 from services.proxy.errors import QuotaExceeded
 from services.proxy.quota import QuotaGate
 
@@ -61,6 +62,11 @@ def gate_with(limit: int) -> tuple[QuotaGate, KeyState]:
     return gate, key
 
 
+def ended(fields: dict) -> UsageDraft:
+    """A call's usage event as the proxy holds it when the call ends."""
+    return UsageDraft(occurred_at=NOW, request_id="r", endpoint="chat.completions", **fields)
+
+
 def body(max_tokens: int) -> dict:
     return {"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
 
@@ -72,27 +78,27 @@ def test_gate_reserves_worst_case_so_concurrent_calls_overshoot_by_at_most_one_r
     admitted = []
     for i in range(50):  # fifty concurrent calls: none has finished yet
         try:
-            gate.admit({"event_id": f"e{i}"}, key, body(50))
+            gate.admit(f"e{i}", key, body(50))
             admitted.append(i)
         except QuotaExceeded:
             pass
     worst, _ = gate.worst_case(body(50))
     assert len(admitted) == 100 // worst + (100 % worst > 0)
     for i in admitted:  # each used its whole worst case
-        gate.settle({"event_id": f"e{i}", "status": "ok", "prompt_tokens": worst - 50, "completion_tokens": 50,
-                     "served_model": "gpt-4.1", "provider": "openai"})  # fmt: skip
+        gate.settle(ended({"event_id": f"e{i}", "status": "ok", "prompt_tokens": worst - 50, "completion_tokens": 50,
+                     "served_model": "gpt-4.1", "provider": "openai"}))  # fmt: skip
     used = 900 + worst * len(admitted)
     assert used - 1000 < worst  # the overshoot bound: one reservation
     with pytest.raises(QuotaExceeded):
-        gate.admit({"event_id": "late"}, key, body(1))
+        gate.admit("late", key, body(1))
 
 
 def test_gate_obeys_signals_and_forgets_counted_events():
     gate, key = gate_with(10_000)
     period = f"{datetime.now(UTC):%Y-%m}"
-    gate.admit({"event_id": "e1"}, key, body(10))
-    gate.settle({"event_id": "e1", "status": "ok", "prompt_tokens": 5, "completion_tokens": 10,
-                 "served_model": "gpt-4.1", "provider": "openai"})  # fmt: skip
+    gate.admit("e1", key, body(10))
+    gate.settle(ended({"event_id": "e1", "status": "ok", "prompt_tokens": 5, "completion_tokens": 10,
+                 "served_model": "gpt-4.1", "provider": "openai"}))  # fmt: skip
     st = gate.states[("key", "k")]
     assert st.pending_tokens == 15
     gate.on_control(QuotaSignal(scope="key", id="k", state="ok", period=period, used_tokens=15, counted=["e1"]))
@@ -100,10 +106,10 @@ def test_gate_obeys_signals_and_forgets_counted_events():
     gate.on_control(QuotaSignal(scope="key", id="k", state="exhausted", period=period, used_tokens=10_000,
                                 crossed_at=datetime.now(UTC)))  # fmt: skip
     with pytest.raises(QuotaExceeded) as err:
-        gate.admit({"event_id": "e2"}, key, body(1))
+        gate.admit("e2", key, body(1))
     assert err.value.code == "insufficient_quota" and int(err.value.headers["retry-after"]) > 0
     gate.on_control(QuotaSignal(scope="key", id="k", state="ok", reason="restored", period=period, used_tokens=15))
-    gate.admit({"event_id": "e3"}, key, body(1))  # a raised limit (restored) lets calls through again
+    gate.admit("e3", key, body(1))  # a raised limit (restored) lets calls through again
 
 
 def test_a_stale_exhausted_state_is_dropped_by_the_next_full_state():
@@ -112,7 +118,7 @@ def test_a_stale_exhausted_state_is_dropped_by_the_next_full_state():
     gate.on_control(QuotaSignal(scope="key", id="k", state="exhausted", period=period))
     gate.on_control(Snapshot(published_at=NOW, keys=1, teams=1))
     gate.on_control(Snapshot(published_at=NOW, keys=1, teams=1))  # a restart that did not re-assert it
-    gate.admit({"event_id": "e1"}, key, body(1))
+    gate.admit("e1", key, body(1))
 
 
 def test_quota_view_projection_never_overflows_and_is_none_past_the_reset():
@@ -143,28 +149,28 @@ def test_gate_keeps_usage_billing_has_not_acknowledged_past_thirty_seconds(monke
     gate, key = gate_with(1000)
     clock = [1000.0]
     monkeypatch.setattr("services.proxy.quota.time.monotonic", lambda: clock[0])
-    gate.admit({"event_id": "e1"}, key, body(10))
-    gate.settle({"event_id": "e1", "status": "ok", "prompt_tokens": 990, "completion_tokens": 10,
-                 "served_model": "gpt-4.1", "provider": "openai"})  # fmt: skip
+    gate.admit("e1", key, body(10))
+    gate.settle(ended({"event_id": "e1", "status": "ok", "prompt_tokens": 990, "completion_tokens": 10,
+                 "served_model": "gpt-4.1", "provider": "openai"}))  # fmt: skip
     clock[0] += 120  # billing is down: no acknowledgement for two minutes
     with pytest.raises(QuotaExceeded):
-        gate.admit({"event_id": "e2"}, key, body(1))
+        gate.admit("e2", key, body(1))
     gate.on_control(QuotaSignal(scope="key", id="k", state="ok", period=f"{datetime.now(UTC):%Y-%m}", used_tokens=1000,
                                 counted=["e1"]))  # fmt: skip
     assert gate.states[("key", "k")].pending_tokens == 0  # acknowledged: billing's total has it now
     with pytest.raises(QuotaExceeded):
-        gate.admit({"event_id": "e3"}, key, body(1))
+        gate.admit("e3", key, body(1))
 
 
 def test_gate_forgets_unacknowledged_usage_only_after_its_bound(monkeypatch):
     gate, key = gate_with(1000)
     clock = [1000.0]
     monkeypatch.setattr("services.proxy.quota.time.monotonic", lambda: clock[0])
-    gate.admit({"event_id": "e1"}, key, body(10))
-    gate.settle({"event_id": "e1", "status": "ok", "prompt_tokens": 990, "completion_tokens": 10,
-                 "served_model": "gpt-4.1", "provider": "openai"})  # fmt: skip
+    gate.admit("e1", key, body(10))
+    gate.settle(ended({"event_id": "e1", "status": "ok", "prompt_tokens": 990, "completion_tokens": 10,
+                 "served_model": "gpt-4.1", "provider": "openai"}))  # fmt: skip
     clock[0] += gate.pending_max_s + 1
-    gate.admit({"event_id": "e2"}, key, body(1))
+    gate.admit("e2", key, body(1))
     assert gate.states[("key", "k")].pending_tokens == 0
 
 
@@ -217,7 +223,7 @@ def test_gate_judges_in_billings_month_not_this_proxys_clock():
     gate.on_control(QuotaSignal(scope="key", id="k", state="exhausted", period=month, used_tokens=1000))
     gate.clock = lambda: datetime.now(UTC) + timedelta(days=40)  # this proxy's clock runs 40 days ahead
     with pytest.raises(QuotaExceeded):
-        gate.admit({"event_id": "e1"}, key, body(1))
+        gate.admit("e1", key, body(1))
     # Billing silent for longer than BILLING_SILENT_S (down over the month's end): this clock rules.
     ahead = datetime.now(UTC) + timedelta(days=40)
     gate._billing_heard -= gate.BILLING_SILENT_S + 1
@@ -225,4 +231,4 @@ def test_gate_judges_in_billings_month_not_this_proxys_clock():
     gate.clock = lambda: datetime.now(UTC)
     gate.on_control(QuotaSignal(scope="key", id="k", state="ok", reason="new_period",
                                 period=f"{datetime.now(UTC) + timedelta(days=40):%Y-%m}"))  # fmt: skip
-    gate.admit({"event_id": "e2"}, key, body(1))  # billing rolled: this proxy follows, though its clock lags
+    gate.admit("e2", key, body(1))  # billing rolled: this proxy follows, though its clock lags

@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 
 from services.proxy.cache import CompletionAssembler, Entry, ResponseCache, cache_key, cache_use, replay_chunks
+from services.proxy.tokens import TokenUsage
 
 BODY = {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
 
@@ -34,7 +35,7 @@ def test_key_ignores_volatile_fields_and_number_spelling_but_not_content_team_or
 
 
 def entry(body: bytes, expires: float = 1e18) -> Entry:
-    return Entry(body, {"prompt_tokens": 1, "completion_tokens": 1, "cached_tokens": 0}, "provider", "p", expires)
+    return Entry(body, TokenUsage(1, 1, 0), "provider", "p", expires)
 
 
 def test_lru_evicts_least_recently_used_and_honours_byte_bounds_and_ttl():

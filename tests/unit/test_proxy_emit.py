@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.events import UsageEvent, utc_now
+from services.proxy.draft import UsageDraft
 from services.proxy.events import canonical_event
 
 text = st.text(max_size=40)
@@ -42,7 +43,7 @@ def handler_events(draw: st.DrawFn) -> dict:
 @settings(max_examples=400, deadline=None)
 @given(handler_events())
 def test_emitted_bytes_are_the_models_canonical_bytes(ev: dict) -> None:
-    payload = canonical_event(ev)
+    payload = canonical_event(UsageDraft(**ev))
     model = UsageEvent.model_validate_json(payload)
     assert payload == model.model_dump_json().encode()
     assert list(orjson.loads(payload)) == list(UsageEvent.model_fields)  # every field, the model's order
@@ -52,6 +53,6 @@ def test_a_real_clock_reading_round_trips() -> None:
     ev = {"event_id": "0196b1c2-3d4e-7f50-8a9b-0c1d2e3f4a5b", "occurred_at": utc_now(), "request_id": "r",
           "endpoint": "chat.completions", "requested_model": "m", "status": "ok", "http_status": 200,
           "team_id": "t", "key_id": "k", "latency_ms": 0.25}  # fmt: skip
-    payload = canonical_event(ev)
+    payload = canonical_event(UsageDraft(**ev))
     assert UsageEvent.model_validate_json(payload).occurred_at == ev["occurred_at"]
     assert payload == UsageEvent.model_validate_json(payload).model_dump_json().encode()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.proxy.handler import usage_fields
-from services.proxy.streaming import StreamOutcome, _usage_into
+from services.proxy.tokens import TokenUsage, provider_usage, usage_of
 
 OPENAI = {"prompt_tokens": 1200, "completion_tokens": 30, "prompt_tokens_details": {"cached_tokens": 1024}}
 # DeepSeek: prompt_tokens includes the hits; prompt_cache_hit_tokens + prompt_cache_miss_tokens == prompt_tokens.
@@ -14,18 +13,17 @@ DEEPSEEK = {"prompt_tokens": 1200, "completion_tokens": 30, "prompt_cache_hit_to
 
 
 def streamed(usage: dict) -> int:
-    out = StreamOutcome()
-    _usage_into(out, usage)
-    return out.cached_tokens
+    """A stream's final chunk carries the usage object alone (no response around it)."""
+    return usage_of(usage).cached_tokens
 
 
 @pytest.mark.parametrize("usage", [OPENAI, DEEPSEEK], ids=["openai", "deepseek"])
 def test_cached_prompt_tokens_are_read_in_either_shape(usage):
-    assert usage_fields({"usage": usage}) == {"prompt_tokens": 1200, "completion_tokens": 30, "cached_tokens": 1024}
+    assert provider_usage({"usage": usage}) == TokenUsage(prompt_tokens=1200, completion_tokens=30, cached_tokens=1024)
     assert streamed(usage) == 1024
 
 
 def test_no_cache_report_is_zero_and_garbage_never_crashes():
-    assert usage_fields({"usage": {"prompt_tokens": 5, "completion_tokens": 1}})["cached_tokens"] == 0
-    assert usage_fields({"usage": {"prompt_tokens": 5, "prompt_cache_hit_tokens": "lots"}})["cached_tokens"] == 0
+    assert provider_usage({"usage": {"prompt_tokens": 5, "completion_tokens": 1}}).cached_tokens == 0
+    assert provider_usage({"usage": {"prompt_tokens": 5, "prompt_cache_hit_tokens": "lots"}}).cached_tokens == 0
     assert streamed({"prompt_tokens": 5, "prompt_cache_hit_tokens": -3}) == 0

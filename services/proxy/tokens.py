@@ -1,0 +1,93 @@
+"""Token counts: what a provider reported (in a response or a stream's usage chunk) and what the proxy
+estimates when it reported nothing, before a call (tpm admission, the quota's worst case) or after it.
+
+One place for the shapes providers use and for the ~4-characters-a-token rule, so the bill, the rate limit
+and the quota reservation read the same numbers. Pure: no I/O, nothing per request beyond the parse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text and JSON, for all three estimates
+_MAX_COUNT = 2**62  # beyond any real call; a larger "count" is a provider's garbage
+
+
+@dataclass(slots=True)
+class TokenUsage:
+    """A call's token counts, as the usage event carries them (cached_tokens is inside prompt_tokens)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def count(v: Any) -> int:
+    """A token count from a provider: anything but a non-negative number counts as zero, never crashes."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < _MAX_COUNT:
+        return 0
+    return int(v)
+
+
+def reported_cached_tokens(usage: dict[str, Any]) -> Any:
+    """Prompt tokens served from the provider's cache, counted inside prompt_tokens (raw, not yet checked):
+    OpenAI reports them as prompt_tokens_details.cached_tokens, DeepSeek as prompt_cache_hit_tokens."""
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and details.get("cached_tokens") is not None:
+        return details["cached_tokens"]
+    return usage.get("prompt_cache_hit_tokens", 0)
+
+
+def usage_of(usage: dict[str, Any]) -> TokenUsage:
+    """A provider's `usage` object (a chat.completion's, an embedding's, or a stream's final chunk)."""
+    return TokenUsage(
+        count(usage.get("prompt_tokens")), count(usage.get("completion_tokens")), count(reported_cached_tokens(usage))
+    )
+
+
+def provider_usage(data: Any) -> TokenUsage | None:
+    """The usage a parsed response body reports, or None when it reports none (then the call is estimated)."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    return usage_of(usage) if isinstance(usage, dict) else None
+
+
+def prompt_estimate(body: dict[str, Any]) -> int:
+    """The prompt's tokens from the request alone: the billed estimate and the quota's worst case both use it."""
+    return max(1, len(orjson.dumps(body.get("messages") or body.get("input") or "")) // CHARS_PER_TOKEN)
+
+
+def estimate_usage(body: dict[str, Any], completion_chars: int = 0) -> TokenUsage:
+    """A provider that reports no usage is still billed: the prompt and output estimated (marked estimated)."""
+    return TokenUsage(prompt_estimate(body), (completion_chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN, 0)
+
+
+def completion_chars(data: Any) -> int:
+    """Characters of generated output in a chat.completion, for estimating tokens the provider did not report."""
+    n = 0
+    for c in (data.get("choices") if isinstance(data, dict) else None) or ():
+        msg = c.get("message") if isinstance(c, dict) else None
+        if isinstance(msg, dict):
+            if isinstance(msg.get("content"), str):
+                n += len(msg["content"])
+            if msg.get("tool_calls"):
+                n += len(orjson.dumps(msg["tool_calls"]))
+    return n
+
+
+def admission_tokens(body: dict[str, Any], body_bytes: int) -> int:
+    """What tpm counts before the answer: the prompt plus the completion the caller allows. The prompt is the
+    body's size (already known, so no serialization for every rate-limited call), settled later to the actual."""
+    cap = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    return max(1, body_bytes // CHARS_PER_TOKEN) + (cap if isinstance(cap, int) else 0)
+
+
+def worst_case_tokens(body: dict[str, Any], default_max_tokens: int) -> TokenUsage:
+    """The most a call may use, for the quota's reservation: the prompt estimate plus max_tokens for each of
+    its `n` choices (`default_max_tokens` when the caller sets no cap)."""
+    cap = body.get("max_completion_tokens") or body.get("max_tokens")
+    cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else default_max_tokens
+    n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 0) > 0 else 1
+    return TokenUsage(prompt_estimate(body), cap * n, 0)
