@@ -18,10 +18,11 @@ from schemas.config import GatewayConfig
 from schemas.price_versions import record_in_force
 from schemas.prices import PriceBook
 from services.meter import metrics
+from services.meter.batch import PricedBatch
 from services.meter.columnar import decode_and_price_columnar
+from services.meter.dead_letters import DeadLetter
 from services.meter.dlq import DeadLetterSink
 from services.meter.positions import CommitGuard
-from services.meter.pricing import DeadLetter, PricedBatch
 from services.meter.rerate import price_held
 from services.meter.rollups import run_rollups
 from services.meter.settings import MeterSettings

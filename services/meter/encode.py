@@ -20,25 +20,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from services.meter.pricing import COLUMNS, INGESTED_AT
+from services.meter.row import INGESTED_AT, SCHEMA, TYPES
 
 FORMAT = "ArrowStream"
 
 _TS = pa.timestamp("ms", tz="UTC")
-_TYPES: dict[str, pa.DataType] = {
-    "occurred_at": _TS, "metadata": pa.map_(pa.string(), pa.string()), "stream": pa.bool_(),
-    "http_status": pa.uint16(), "prompt_tokens": pa.uint64(), "completion_tokens": pa.uint64(),
-    "cached_tokens": pa.uint64(), "latency_ms": pa.float64(), "ttft_ms": pa.float64(), "attempts": pa.uint16(),
-    "fallback_used": pa.bool_(), "cache_hit": pa.bool_(), "client_disconnected": pa.bool_(),
-    "proxy_seq": pa.uint64(), "schema_version": pa.uint16(), "priced": pa.bool_(),
-    "unit_input": pa.decimal128(38, 12), "unit_output": pa.decimal128(38, 12),
-    "unit_cached_input": pa.decimal128(38, 12), "cost_input": pa.decimal128(38, 18),
-    "cost_cached_input": pa.decimal128(38, 18), "cost_output": pa.decimal128(38, 18),
-    "cost_total": pa.decimal128(38, 18), "kafka_partition": pa.uint32(), "kafka_offset": pa.uint64(),
-    "ingested_at": _TS, "row_version": pa.uint64(),
-}  # fmt: skip
-TYPES: tuple[pa.DataType, ...] = tuple(_TYPES.get(name, pa.string()) for name in COLUMNS)
-SCHEMA = pa.schema(list(zip(COLUMNS, TYPES, strict=True)))
 _WIDE = decimal.Context(prec=100)
 
 

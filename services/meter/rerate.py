@@ -23,7 +23,8 @@ from schemas.events import UsageEvent
 from schemas.periods import bounds, checked_period
 from schemas.prices import PriceBook, price
 from services.meter import metrics
-from services.meter.pricing import COLUMNS, PricedBatch, row_version
+from services.meter.batch import PricedBatch
+from services.meter.row import COLUMNS, row_version
 
 log = structlog.get_logger("tollway.meter.rerate")
 

@@ -12,9 +12,11 @@ import structlog
 
 from schemas.clickhouse import Store
 from services.meter import metrics
+from services.meter.batch import PricedBatch
+from services.meter.dead_letters import DEAD_COLUMNS, DeadLetter, dead_letter_rows
 from services.meter.encode import FORMAT as ARROW_FORMAT
 from services.meter.encode import ArrowBatch, ArrowEncodeError
-from services.meter.pricing import COLUMNS, DEAD_COLUMNS, INGESTED_AT, DeadLetter, PricedBatch, dead_letter_rows
+from services.meter.row import COLUMNS, INGESTED_AT
 
 log = structlog.get_logger("tollway.meter.writer")
 TABLE = "usage_events"

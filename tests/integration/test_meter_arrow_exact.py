@@ -13,7 +13,8 @@ import orjson
 from schemas.config import load_config, parse_config
 from schemas.prices import PriceBook
 from services.meter.encode import ArrowBatch, ArrowEncodeError
-from services.meter.pricing import COLUMNS, INGESTED_AT, decode_and_price
+from services.meter.reference import decode_and_price
+from services.meter.row import COLUMNS, INGESTED_AT
 from services.meter.writer import TABLE, UsageWriter
 from tests.support.events import make_event
 

@@ -15,7 +15,8 @@ from schemas.config import load_config
 from schemas.prices import PriceBook
 from services.meter.columnar import decode_and_price_columnar
 from services.meter.encode import ArrowEncodeError
-from services.meter.pricing import COLUMNS, decode_and_price
+from services.meter.reference import decode_and_price
+from services.meter.row import COLUMNS
 from services.meter.writer import TABLE, UsageWriter
 from tests.integration.test_meter_arrow_exact import edge_values
 from tests.support.events import make_event

@@ -22,7 +22,8 @@ from schemas.prices import PriceBook
 from services.meter import columnar
 from services.meter.columnar import decode_and_price_columnar
 from services.meter.encode import ArrowBatch, ArrowEncodeError
-from services.meter.pricing import COLUMNS, decode_and_price
+from services.meter.reference import decode_and_price
+from services.meter.row import COLUMNS
 from tests.support.events import make_event
 
 CONFIG = load_config("tollway.yaml")
