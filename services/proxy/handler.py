@@ -24,7 +24,14 @@ from services.proxy.forward import forward
 from services.proxy.limiter import Ticket
 from services.proxy.limits import Policy, resolve_policy
 from services.proxy.routing import ModelRoute, Target
-from services.proxy.streaming import SSEResponse, StreamOutcome, StreamRelay, iterate, reported_cached_tokens
+from services.proxy.streaming import (
+    SSEResponse,
+    StreamOutcome,
+    StreamRelay,
+    iterate,
+    reported_cached_tokens,
+    reported_reasoning_tokens,
+)
 from services.proxy.upstream import UpstreamReply, open_stream, post_json, upstream_failure
 
 log = structlog.get_logger("tollway.proxy.handler")
@@ -157,6 +164,7 @@ def usage_fields(data: Any) -> dict[str, int] | None:
         "prompt_tokens": tokens(usage.get("prompt_tokens")),
         "completion_tokens": tokens(usage.get("completion_tokens")),
         "cached_tokens": tokens(reported_cached_tokens(usage)),
+        "reasoning_tokens": tokens(reported_reasoning_tokens(usage)),
     }
 
 
@@ -371,7 +379,8 @@ class ProxyHandler:
         def on_end(out: StreamOutcome) -> None:
             if out.usage_seen:
                 ev.update(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                          cached_tokens=out.cached_tokens, usage_source="provider")  # fmt: skip
+                          cached_tokens=out.cached_tokens, reasoning_tokens=out.reasoning_tokens,
+                          usage_source="provider")  # fmt: skip
             else:
                 ev.update(estimate_tokens(body, out.content_chars))
                 ev["usage_source"] = "estimated"
@@ -389,7 +398,9 @@ class ProxyHandler:
             if assembler is not None and out.completed and not out.upstream_broken:
                 completion = assembler.completion()
                 if completion is not None:
-                    usage = {k: ev[k] for k in ("prompt_tokens", "completion_tokens", "cached_tokens")}
+                    usage = {
+                        k: ev[k] for k in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+                    }
                     self._store(call, route, orjson.dumps(completion), usage, ev.get("provider", ""))
             self.finish(call, 200, route)
 

@@ -28,6 +28,7 @@ class StreamOutcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    reasoning_tokens: int = 0
     usage_seen: bool = False
     completed: bool = False
     upstream_broken: bool = False
@@ -54,10 +55,18 @@ def reported_cached_tokens(usage: dict[str, Any]) -> Any:
     return usage.get("prompt_cache_hit_tokens", 0)
 
 
+def reported_reasoning_tokens(usage: dict[str, Any]) -> Any:
+    """Completion tokens spent reasoning, counted inside completion_tokens (raw, not yet checked): OpenAI
+    reports them as completion_tokens_details.reasoning_tokens."""
+    details = usage.get("completion_tokens_details")
+    return details.get("reasoning_tokens", 0) if isinstance(details, dict) else 0
+
+
 def _usage_into(out: StreamOutcome, usage: dict[str, Any]) -> None:
     out.prompt_tokens = _count(usage.get("prompt_tokens"))
     out.completion_tokens = _count(usage.get("completion_tokens"))
     out.cached_tokens = _count(reported_cached_tokens(usage))
+    out.reasoning_tokens = _count(reported_reasoning_tokens(usage))
     out.usage_seen = True
 
 
