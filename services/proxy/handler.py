@@ -399,7 +399,8 @@ class ProxyHandler:
                 completion = assembler.completion()
                 if completion is not None:
                     usage = {
-                        k: ev[k] for k in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+                        k: ev.get(k, 0)
+                        for k in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
                     }
                     self._store(call, route, orjson.dumps(completion), usage, ev.get("provider", ""))
             self.finish(call, 200, route)
