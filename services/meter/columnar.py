@@ -133,10 +133,8 @@ def _columnar(records: list[Any], book: PriceBook, future_tolerance_s: float) ->
     slow.sort()  # the reference's dead letters come in record order
     batch, dead = _decode_and_price([records[i] for i in slow], book, now, future_tolerance_s)
     batch.spans = spans
-    if fast is not None and fast.num_rows:
-        batch.fast = fast
-        batch.rows += fast.num_rows
-        batch.unpriced += fast.num_rows - pc.sum(fast["priced"]).as_py()
+    if fast is not None:
+        batch.joined(fast)
     return batch, dead
 
 
@@ -419,7 +417,7 @@ def _fast_rows(table: pa.Table, index: np.ndarray, partitions: np.ndarray, offse
         "cost_input": pc.cast(costs["in"], _COST), "cost_cached_input": pc.cast(costs["cached"], _COST),
         "cost_output": pc.cast(costs["out"], _COST), "cost_total": pc.cast(total, _COST),
         "kafka_partition": pa.array(partitions[index]), "kafka_offset": pa.array(offsets[index]),
-        "ingested_at": pa.nulls(n, _TS),  # stamped per insert attempt (encode.ArrowBatch.ipc)
+        "ingested_at": pa.nulls(n, _TS),  # stamped per insert attempt (encode.ipc)
         "row_version": pc.if_else(priced, pa.scalar(row_version(True, now_ms), _U64),
                                   pa.scalar(row_version(False, now_ms), _U64)),
     }  # fmt: skip

@@ -16,9 +16,10 @@ from pydantic import ValidationError
 
 from schemas.clock import FUTURE_TOLERANCE_S, future_cutoff
 from schemas.events import UsageEvent
-from schemas.prices import ZERO, PriceBook, price_of
+from schemas.prices import ZERO, PriceBook, Priced, price_of
 from services.meter.batch import PricedBatch
 from services.meter.dead_letters import DeadLetter
+from services.meter.encode import ArrowEncodeError, table_of
 from services.meter.row import (
     AT,
     COLUMNS,
@@ -41,6 +42,20 @@ _TAIL = ("priced", "price_version", "unit_input", "unit_output", "unit_cached_in
          "cost_cached_input", "cost_output", "cost_total")  # fmt: skip
 assert COLUMNS[len(EVENT_COLUMNS) :] == (*_TAIL, "kafka_partition", "kafka_offset", "ingested_at", "row_version")
 _TOTAL = _TAIL.index("cost_total")
+
+
+def price_tail(p: Priced) -> tuple:
+    """A row's price columns (`_TAIL`), for a priced or a held (no price in force) event."""
+    unit, cost = p.unit, p.cost
+    if unit is None:
+        return (False, "", ZERO, ZERO, ZERO, cost.input, cost.cached_input, cost.output, cost.total)
+    return (True, unit.version, unit.input, unit.output, unit.cached_input, cost.input, cost.cached_input,
+            cost.output, cost.total)  # fmt: skip
+
+
+def priced_row(e: UsageEvent, p: Priced, partition: int, offset: int, now: datetime, version: int) -> tuple:
+    """The stored row of a validated event and its price (the re-pricing pass builds its rows this way)."""
+    return (*model_row(e), *price_tail(p), partition, offset, now, version)
 
 
 def _reason(err: Exception) -> str:
@@ -69,18 +84,48 @@ def decode_and_price(records: list[Any], book: PriceBook, future_tolerance_s: fl
 def _decode_and_price(
     records: list[Any], book: PriceBook, now: datetime | None = None, future_tolerance_s: float = FUTURE_TOLERANCE_S
 ) -> tuple[PricedBatch, list[DeadLetter]]:
-    batch = PricedBatch()
+    rows, taken, spans, dead = decode_rows(records, book, now, future_tolerance_s)
+    batch = PricedBatch(spans=spans)
+    if not rows:
+        return batch, dead
+    columns = [list(c) for c in zip(*rows, strict=True)]
+    try:
+        batch.table = table_of(columns, len(rows))
+    except ArrowEncodeError:
+        # Some row holds a value its column cannot (only an absurd catalog price gets here): find it, make it a
+        # dead letter with the reason, store the rest. Per row, so only on this rare path.
+        kept = []
+        for row, i in zip(rows, taken, strict=True):
+            try:
+                table_of([[v] for v in row], 1)
+                kept.append(row)
+            except ArrowEncodeError as err:
+                r = records[i]
+                dead.append(DeadLetter(f"unstorable event: a value exceeds its column ({err})"[:500], r.topic,
+                                       r.partition, r.offset, r.key, r.value))  # fmt: skip
+        columns = [list(c) for c in zip(*kept, strict=True)] if kept else [[] for _ in COLUMNS]
+        batch.table = table_of(columns, len(kept))
+        rows = kept
+    batch.unpriced = columns[PRICED].count(False)
+    return batch, dead
+
+
+def decode_rows(
+    records: list[Any], book: PriceBook, now: datetime | None = None, future_tolerance_s: float = FUTURE_TOLERANCE_S
+) -> tuple[list[tuple], list[int], dict[tuple[str, int], tuple[int, int]], list[DeadLetter]]:
+    """(rows as Python tuples in row.COLUMNS order, the record index of each, spans, dead letters)."""
     dead: list[DeadLetter] = []
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    taken: list[int] = []
     now = now or datetime.now(UTC)
     _, future = future_cutoff(now, future_tolerance_s)
     now_ms = int(now.timestamp() * 1000)
     v_priced, v_unpriced = row_version(True, now_ms), row_version(False, now_ms)
-    spans = batch.spans
     rows: list[tuple] = []
     tails: dict[tuple, tuple] = {}
     loads, validate, fast = orjson.loads, UsageEvent.model_validate_json, event_row
     append, JSONDecodeError = rows.append, orjson.JSONDecodeError
-    for r in records:
+    for n, r in enumerate(records):
         topic, partition, offset, value = r.topic, r.partition, r.offset, r.value
         span_key = (topic, partition)
         span = spans.get(span_key)
@@ -117,14 +162,7 @@ def _decode_and_price(
               f[_CACHED])  # fmt: skip
         tail = tails.get(pk)
         if tail is None:
-            p = price_of(pk[0], pk[1], when, pk[3], pk[4], pk[5], pk[6], book)
-            unit, cost = p.unit, p.cost
-            if unit is None:
-                tail = (False, "", ZERO, ZERO, ZERO, cost.input, cost.cached_input, cost.output, cost.total)
-            else:
-                tail = (True, unit.version, unit.input, unit.output, unit.cached_input, cost.input,
-                        cost.cached_input, cost.output, cost.total)  # fmt: skip
-            tails[pk] = tail
+            tail = tails[pk] = price_tail(price_of(pk[0], pk[1], when, pk[3], pk[4], pk[5], pk[6], book))
         if tail[_TOTAL] >= _COST_LIMIT:
             # Only an absurd catalog price gets here, but such a cost would fail the batch's insert on every
             # retry (Decimal(38, 18) holds < 10^20): a dead letter with the reason, never a stuck meter.
@@ -132,8 +170,5 @@ def _decode_and_price(
                                    "(Decimal(38, 18)); check the price", topic, partition, offset, r.key, value))  # fmt: skip
             continue
         append((*f, *tail, partition, offset, now, v_priced if tail[0] else v_unpriced))
-    if rows:
-        batch.columns = [list(c) for c in zip(*rows, strict=True)]
-        batch.rows = len(rows)
-        batch.unpriced = batch.columns[PRICED].count(False)
-    return batch, dead
+        taken.append(n)
+    return rows, taken, spans, dead

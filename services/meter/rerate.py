@@ -23,7 +23,7 @@ from schemas.events import UsageEvent
 from schemas.periods import bounds, checked_period
 from schemas.prices import PriceBook, price
 from services.meter import metrics
-from services.meter.batch import PricedBatch
+from services.meter.reference import priced_row
 from services.meter.row import COLUMNS, row_version
 
 log = structlog.get_logger("tollway.meter.rerate")
@@ -56,7 +56,7 @@ async def price_held(store: Store, book: PriceBook, limit: int = 50_000) -> tupl
         "AND event_id IN (SELECT event_id FROM {db}.usage_events WHERE NOT priced) LIMIT {n:UInt64}",
         {"n": limit},
     )
-    batch = PricedBatch()
+    priced: list[tuple] = []
     now = datetime.now(UTC)
     version = row_version(True, int(now.timestamp() * 1000))
     held = 0
@@ -66,13 +66,13 @@ async def price_held(store: Store, book: PriceBook, limit: int = 50_000) -> tupl
         if p.unit is None:
             held += 1
             continue
-        batch.add(e, p, row["kafka_partition"], row["kafka_offset"], now, version)
-    if batch.rows:
-        await store.insert_columns("usage_events", batch.columns, COLUMNS)
-        metrics.REPRICED.inc(batch.rows)
-        log.info("held_events_priced", rows=batch.rows, still_held=held)
+        priced.append(priced_row(e, p, row["kafka_partition"], row["kafka_offset"], now, version))
+    if priced:
+        await store.insert_rows("usage_events", priced, COLUMNS)
+        metrics.REPRICED.inc(len(priced))
+        log.info("held_events_priced", rows=len(priced), still_held=held)
     metrics.UNPRICED_HELD.set(held)
-    return batch.rows, held
+    return len(priced), held
 
 
 _RERATE_SQL = """
