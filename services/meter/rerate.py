@@ -22,6 +22,7 @@ from schemas.clickhouse import Store
 from schemas.events import UsageEvent
 from schemas.periods import bounds, checked_period
 from schemas.prices import PriceBook, price
+from schemas.usage_row import EVENT
 from services.meter import metrics
 from services.meter.reference import priced_row
 from services.meter.row import COLUMNS, row_version
@@ -34,13 +35,15 @@ ADJ_COLUMNS = (
     "delta_cached_input", "delta_output", "delta_total", "reason", "run_id", "created_at",
 )  # fmt: skip
 _EVENT_FIELDS = set(UsageEvent.model_fields)
+_NONE_STORED = {f.name: f.stored_none for f in EVENT if f.stored_none is not None}  # stored "" means None
 
 
 def _event(row: dict[str, Any]) -> UsageEvent:
     fields = {k: v for k, v in row.items() if k in _EVENT_FIELDS}
     fields["event_id"] = str(fields["event_id"])
-    fields["end_user"] = fields.get("end_user") or None
-    fields["error_code"] = fields.get("error_code") or None
+    for name, stored in _NONE_STORED.items():
+        if fields.get(name) == stored:
+            fields[name] = None
     fields["occurred_at"] = _utc(fields["occurred_at"])
     return UsageEvent.model_validate(fields)
 
