@@ -35,7 +35,7 @@ from schemas.prices import PriceBook
 from services.meter import metrics
 from services.meter.columnar import decode_and_price_columnar
 from services.meter.consumer import run_meter
-from services.meter.pricing import decode_and_price
+from services.meter.reference import decode_and_price
 from services.meter.settings import MeterSettings
 from tests.support.events import make_event
 from tests.support.meter_harness import create_topic

@@ -1,7 +1,7 @@
 """How far an event's occurred_at (the proxy's clock) may run ahead of the clock of whoever reads it.
 
 Beyond the tolerance an event is from the future: stored or counted, it would open a month no invoice has
-reached and roll every quota. The meter holds such events as dead letters (services/meter/pricing.py); any
+reached and roll every quota. The meter holds such events as dead letters (services/meter/reference.py); any
 other reader of the usage stream should apply this same rule.
 """
 

@@ -1,77 +1,63 @@
 """UsageEvent v1: one per proxied call, the idempotency unit from proxy to invoice.
 
 Field names are the contract: add fields, never repurpose. `event_id` is a UUIDv7 minted by the proxy.
+The fields themselves are listed once, in schemas/usage_row.py; the model is built from that table.
 """
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-SCHEMA_VERSION = 1
+from schemas.usage_row import EVENT, SCHEMA_VERSION, Status, UsageSource
+
+__all__ = ["DLQ_TOPIC", "SCHEMA_VERSION", "USAGE_TOPIC", "Status", "UsageEvent", "UsageSource", "utc_now"]
+
 USAGE_TOPIC = "tollway.usage.v1"
 DLQ_TOPIC = "tollway.usage.dlq"
 
-Status = Literal["ok", "error", "cached", "rejected"]
-UsageSource = Literal["provider", "estimated"]
 
-
-class UsageEvent(BaseModel):
+class _UsageEventBase(BaseModel):
     # extra="ignore": a newer proxy may add fields; an older meter must still accept the event.
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    schema_version: int = SCHEMA_VERSION
-    event_id: str = Field(min_length=32, max_length=36, description="UUIDv7, idempotency key end to end")
-    occurred_at: datetime = Field(description="UTC, millisecond precision")
-    request_id: str = Field(max_length=200)
-    team_id: str = Field(min_length=1, max_length=64)
-    key_id: str = Field(max_length=64)
-    end_user: str | None = Field(default=None, max_length=256)
-    metadata: dict[str, str] = Field(default_factory=dict)
-    endpoint: str = Field(max_length=64)
-    requested_model: str = Field(max_length=256)
-    served_model: str = Field(default="", max_length=256)
-    provider: str = Field(default="", max_length=128)
-    stream: bool = False
-    status: Status
-    http_status: int = Field(ge=0, le=999)
-    error_code: str | None = Field(default=None, max_length=128)
-    prompt_tokens: int = Field(default=0, ge=0)
-    completion_tokens: int = Field(default=0, ge=0)
-    cached_tokens: int = Field(default=0, ge=0)
-    latency_ms: float = Field(default=0.0, ge=0)
-    ttft_ms: float | None = Field(default=None, ge=0)
-    attempts: int = Field(default=0, ge=0)
-    fallback_used: bool = False
-    cache_hit: bool = False
-    client_disconnected: bool = False
-    proxy_instance: str = Field(default="", max_length=128)
-    proxy_seq: int = Field(default=0, ge=0)
-    usage_source: UsageSource = "provider"
-
-    @field_validator("occurred_at")
+    @field_validator("occurred_at", check_fields=False)
     @classmethod
     def _utc(cls, v: datetime) -> datetime:
         if v.tzinfo is None:
             raise ValueError("occurred_at must carry a timezone (UTC)")
         return v.astimezone(UTC)
 
-    @field_validator("event_id")
+    @field_validator("event_id", check_fields=False)
     @classmethod
     def _uuid(cls, v: str) -> str:
-        import uuid
-
         return str(uuid.UUID(v))
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json"))
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> UsageEvent:
+    def from_bytes(cls, raw: bytes) -> Any:
         return cls.model_validate(orjson.loads(raw))
+
+
+def _pydantic(f: Any) -> tuple[Any, Any]:
+    bounds = {k: getattr(f, k) for k in ("min_length", "max_length", "ge", "le") if getattr(f, k) is not None}
+    extra = {"description": f.meaning}
+    if f.factory is not None:
+        return f.py, Field(default_factory=f.factory, **bounds, **extra)
+    if f.required:
+        return f.py, Field(**bounds, **extra)
+    return f.py, Field(default=f.default, **bounds, **extra)
+
+
+UsageEvent = create_model(  # type: ignore[call-overload]
+    "UsageEvent", __base__=_UsageEventBase, __module__=__name__, **{f.name: _pydantic(f) for f in EVENT}
+)
 
 
 def utc_now() -> datetime:

@@ -1,5 +1,5 @@
 -- Dead letters, also kept in ClickHouse so reconciliation can count them per period, team and model.
--- dead_id = sha256 of the record's bytes (services/meter/pricing.py DeadLetter.dead_id), never its offset: a replay,
+-- dead_id = sha256 of the record's bytes (services/meter/dead_letters.py DeadLetter.dead_id), never its offset: a replay,
 -- a fresh broker or a re-feed of the same bytes is the same dead letter. (Until 2026-12 it also hashed topic,
 -- partition and offset; rows written then keep those ids.)
 -- team_id / model are best effort (whatever could be read from the bad record), '' when unknown.

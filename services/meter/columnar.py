@@ -1,11 +1,11 @@
 """Decode and price a whole batch in Arrow: one JSON parse for all records, checks and prices as column kernels.
 
-`pricing.decode_and_price` (per record: orjson, Python checks, Decimal) stays the reference and the fallback:
+`reference.decode_and_price` (per record: orjson, Python checks, Decimal) stays the reference and the fallback:
 a record takes this path only when the checks below prove that the reference would store exactly the same
 row, and every other record goes through the reference itself, so the outcome never depends on the path.
 
-- The records are joined by newlines and parsed by pyarrow with an explicit schema of the 28 v1 fields as
-  the proxy writes them and `unexpected_field_behavior="error"`: an extra field, a duplicate key, a value of
+- The records are joined by newlines and parsed by pyarrow with an explicit schema of every v1 field
+  (schemas/usage_row.py) as the proxy writes them and `unexpected_field_behavior="error"`: an extra field, a duplicate key, a value of
   another JSON type or a number its column cannot hold fails the parse of the whole part, which is then
   split in halves (a bounded number of times) so that the rest still takes this path.
 - `metadata` is parsed as an empty struct: any key in it fails the parse, so a parsed row's metadata is `{}`
@@ -15,7 +15,7 @@ row, and every other record goes through the reference itself, so the outcome ne
 - Rows line up with records: each record starts with `{` and ends with `}`, so it holds at least one JSON
   document (a `{` right after a `}` can only start a new one), and the parse must give exactly one row per
   record.
-- Each row is checked as `exact_fields` checks it: lengths in code points, the UUID pattern, enums, ranges,
+- Each row is checked as `row.event_row` checks it (from the same field table): lengths in code points, the UUID pattern, enums, ranges,
   nulls only where allowed, counts that fit their columns, valid UTF-8. NaN/Infinity (pyarrow parses them,
   orjson does not) and timestamps in any form but the proxy's `YYYY-MM-DDTHH:MM:SS[.ffffff]Z` from 1970 on
   go to the reference.
@@ -36,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import reduce
 from operator import attrgetter
-from typing import Any
+from typing import Any, get_origin
 
 import numpy as np
 import pyarrow as pa
@@ -45,31 +45,41 @@ import pyarrow.json as pj
 
 from schemas.clock import FUTURE_TOLERANCE_S, future_cutoff
 from schemas.prices import PriceBook
-from services.meter.encode import SCHEMA
-from services.meter.pricing import DeadLetter, PricedBatch, _decode_and_price, row_version
+from schemas.usage_row import EVENT, Field
+from services.meter.batch import PricedBatch
+from services.meter.dead_letters import DeadLetter
+from services.meter.reference import _decode_and_price
+from services.meter.row import SCHEMA, row_version
 
 _STR, _I64, _U64, _F64, _BOOL = pa.string(), pa.int64(), pa.uint64(), pa.float64(), pa.bool_()
-# What the proxy writes (UsageEvent.model_dump_json), field for field. Counts that are UInt64 columns are
-# parsed as uint64 (a negative count fails the block: rare, and the reference words the dead letter).
-SOURCE = pa.schema([
-    ("schema_version", _I64), ("event_id", _STR), ("occurred_at", _STR), ("request_id", _STR),
-    ("team_id", _STR), ("key_id", _STR), ("end_user", _STR), ("metadata", pa.struct([])), ("endpoint", _STR),
-    ("requested_model", _STR), ("served_model", _STR), ("provider", _STR), ("stream", _BOOL), ("status", _STR),
-    ("http_status", _I64), ("error_code", _STR), ("prompt_tokens", _U64), ("completion_tokens", _U64),
-    ("cached_tokens", _U64), ("latency_ms", _F64), ("ttft_ms", _F64), ("attempts", _I64),
-    ("fallback_used", _BOOL), ("cache_hit", _BOOL), ("client_disconnected", _BOOL), ("proxy_instance", _STR),
-    ("proxy_seq", _U64), ("usage_source", _STR),
-])  # fmt: skip
+
+
+def _source_type(f: Field) -> pa.DataType:
+    """How the field is parsed from the proxy's JSON. Counts that are UInt64 columns are parsed as uint64 (a
+    negative count fails the block: rare, and the reference words the dead letter)."""
+    t = f.base_type
+    if t is bool:
+        return _BOOL
+    if t is int:
+        return _U64 if f.clickhouse == "UInt64" else _I64
+    if t is float:
+        return _F64
+    if get_origin(t) is dict:
+        return pa.struct([])
+    return _STR  # strings, enums, the UUID and the timestamp
+
+
+# What the proxy writes (UsageEvent.model_dump_json), field for field. An event without some field (an older
+# proxy's) has nulls there and takes the reference path.
+SOURCE = pa.schema([(f.name, _source_type(f)) for f in EVENT])
 _PARSE = pj.ParseOptions(explicit_schema=SOURCE, unexpected_field_behavior="error")
 _STRING_FIELDS = [f.name for f in SOURCE if f.type == _STR]
 _EMPTY_META = b'"metadata":{}'
+_SPECIAL = ("schema_version", "event_id", "occurred_at")  # checked one by one in _contract
+# What pyarrow parsed as another type than the stored column (ints parsed as int64), cast after the checks.
+_CASTS = [f.name for f in EVENT if f.base_type is int and _source_type(f) != SCHEMA.field(f.name).type]
+_STORED_NONE = [(f.name, f.stored_none) for f in EVENT if f.stored_none is not None]
 
-# Contract bounds, as in pricing.exact_fields (schemas/events.py): (field, min, max) in code points.
-_BOUNDS = (("request_id", 0, 200), ("team_id", 1, 64), ("key_id", 0, 64), ("endpoint", 0, 64),
-           ("requested_model", 0, 256), ("served_model", 0, 256), ("provider", 0, 128), ("proxy_instance", 0, 128))  # fmt: skip
-_OPTIONAL = (("end_user", 256), ("error_code", 128))
-_NOT_NULL = ("prompt_tokens", "completion_tokens", "cached_tokens", "proxy_seq", "stream", "fallback_used",
-             "cache_hit", "client_disconnected", "metadata")  # fmt: skip
 _UUID = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 # The proxy's serialisation of a UTC datetime (pydantic): seconds, then either nothing or 6 digits, then Z.
 # Years before 1970 are left to the reference (flooring to milliseconds differs from truncating there).
@@ -78,8 +88,6 @@ _OCCURRED = (
     r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{6})?Z$"
 )
 _SECONDS = "%Y-%m-%dT%H:%M:%S"
-_STATUS = pa.array(["ok", "error", "cached", "rejected"])
-_SOURCES = pa.array(["provider", "estimated"])
 _FREE = pa.array(["cached", "rejected"])  # priced, at zero cost (schemas/prices.py price_of)
 
 _UNIT = pa.decimal128(38, 12)
@@ -96,9 +104,9 @@ _MAX_FAILED_PARSES = 12
 
 def decode_and_price_columnar(records: list[Any], book: PriceBook, future_tolerance_s: float = FUTURE_TOLERANCE_S
                               ) -> tuple[PricedBatch, list[DeadLetter]]:  # fmt: skip
-    """Same contract as `pricing.decode_and_price`: the same rows (in another order) and the same dead letters."""
+    """Same contract as `reference.decode_and_price`: the same rows (in another order) and the same dead letters."""
     enabled = gc.isenabled()
-    gc.disable()  # see pricing.decode_and_price
+    gc.disable()  # see reference.decode_and_price
     try:
         return _columnar(records, book, future_tolerance_s)
     finally:
@@ -125,10 +133,8 @@ def _columnar(records: list[Any], book: PriceBook, future_tolerance_s: float) ->
     slow.sort()  # the reference's dead letters come in record order
     batch, dead = _decode_and_price([records[i] for i in slow], book, now, future_tolerance_s)
     batch.spans = spans
-    if fast is not None and fast.num_rows:
-        batch.fast = fast
-        batch.rows += fast.num_rows
-        batch.unpriced += fast.num_rows - pc.sum(fast["priced"]).as_py()
+    if fast is not None:
+        batch.joined(fast)
     return batch, dead
 
 
@@ -236,7 +242,7 @@ def _parse_parts(
 
 
 def _contract(t: pa.Table) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
-    """(rows exact_fields would accept, occurred_at as UTC epoch ms)."""
+    """(rows row.event_row would accept, occurred_at as UTC epoch ms)."""
     at = t["occurred_at"]
     seconds = pc.utf8_slice_codeunits(at, 0, 19)
     parsed = pc.strptime(seconds, format=_SECONDS, unit="s", error_is_null=True)
@@ -250,21 +256,30 @@ def _contract(t: pa.Table) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
         pc.match_substring_regex(t["event_id"], _UUID),
         # strptime turns 02-30 into 03-02 where fromisoformat refuses it (the pattern bounds everything else).
         pc.equal(pc.day(parsed), pc.cast(pc.if_else(shaped, pc.utf8_slice_codeunits(at, 8, 10), "0"), _I64)),
-        pc.is_in(t["status"], value_set=_STATUS),
-        pc.is_in(t["usage_source"], value_set=_SOURCES),
-        pc.and_(pc.greater_equal(t["http_status"], 0), pc.less_equal(t["http_status"], 999)),
-        pc.and_(pc.greater_equal(t["attempts"], 0), pc.less_equal(t["attempts"], 2**16 - 1)),
-        pc.and_(pc.is_finite(t["latency_ms"]), pc.greater_equal(t["latency_ms"], 0)),
-        pc.or_kleene(pc.is_null(t["ttft_ms"]),
-                     pc.and_(pc.is_finite(t["ttft_ms"]), pc.greater_equal(t["ttft_ms"], 0))),
-        *(pc.is_valid(t[name]) for name in _NOT_NULL),
-    ]  # fmt: skip
-    for name, lo, hi in _BOUNDS:
-        conds.append(_length_within(t[name], lo, hi))
-    for name, hi in _OPTIONAL:
-        conds.append(pc.or_kleene(pc.is_null(t[name]), _length_within(t[name], 0, hi)))
+    ]
+    conds += [_field_ok(f, t[f.name]) for f in EVENT if f.name not in _SPECIAL]
     ok = pc.fill_null(reduce(pc.and_kleene, conds), False)
     return ok, ms
+
+
+def _field_ok(f: Field, col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The field's contract bounds (and its column's), as row.event_row checks them; null where absent."""
+    t = f.base_type
+    if f.choices is not None:
+        ok = pc.is_in(col, value_set=pa.array(f.choices))
+    elif t is str:
+        ok = _length_within(col, f.min_length or 0, f.max_length or 2**62)
+    elif t is int:
+        lo = max(f.ge if f.ge is not None else 0, 0)  # every integer column is unsigned
+        hi = min(x for x in (f.le, f.column_max, 2**64 - 1) if x is not None)
+        ok = pc.is_valid(col)
+        if col.type != _U64 or lo or hi < 2**64 - 1:
+            ok = pc.and_(pc.greater_equal(col, lo), pc.less_equal(col, hi))
+    elif t is float:
+        ok = pc.and_(pc.is_finite(col), pc.greater_equal(col, f.ge if f.ge is not None else float("-inf")))
+    else:  # flags, metadata: present
+        ok = pc.is_valid(col)
+    return pc.or_kleene(pc.is_null(col), ok) if f.nullable else ok
 
 
 def _length_within(col: pa.ChunkedArray, lo: int, hi: int) -> pa.ChunkedArray:
@@ -340,7 +355,7 @@ def _groups(model: pa.Array, provider: pa.Array, day: pa.Array, book: PriceBook)
 
 def _fast_rows(table: pa.Table, index: np.ndarray, partitions: np.ndarray, offsets: np.ndarray, book: PriceBook,
                now: datetime, horizon_ms: int) -> tuple[pa.Table, np.ndarray]:  # fmt: skip
-    """The priced rows for what passes every check, in encode.SCHEMA, and which record indices they are."""
+    """The priced rows for what passes every check, in row.SCHEMA, and which record indices they are."""
     ok, ms = _contract(table)
     ok = pc.and_(ok, pc.fill_null(pc.less_equal(ms, horizon_ms), False))  # from the future: the reference holds it
     t = table.filter(ok).combine_chunks()
@@ -392,20 +407,17 @@ def _fast_rows(table: pa.Table, index: np.ndarray, partitions: np.ndarray, offse
     n = t.num_rows
     columns = {
         **{name: t[name] for name in SOURCE.names},
+        **{name: pc.cast(t[name], SCHEMA.field(name).type) for name in _CASTS},
+        **{name: pc.fill_null(t[name], stored) for name, stored in _STORED_NONE},
         "occurred_at": pc.cast(ms, _TS),
-        "end_user": pc.fill_null(t["end_user"], ""),
-        "error_code": pc.fill_null(t["error_code"], ""),
         "metadata": pa.MapArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], _STR),
                                             pa.array([], _STR), type=SCHEMA.field("metadata").type),
-        "http_status": pc.cast(t["http_status"], pa.uint16()),
-        "attempts": pc.cast(t["attempts"], pa.uint16()),
-        "schema_version": pc.cast(t["schema_version"], pa.uint16()),
         "priced": priced, "price_version": version,
         "unit_input": units["in"], "unit_output": units["out"], "unit_cached_input": units["cached"],
         "cost_input": pc.cast(costs["in"], _COST), "cost_cached_input": pc.cast(costs["cached"], _COST),
         "cost_output": pc.cast(costs["out"], _COST), "cost_total": pc.cast(total, _COST),
         "kafka_partition": pa.array(partitions[index]), "kafka_offset": pa.array(offsets[index]),
-        "ingested_at": pa.nulls(n, _TS),  # stamped per insert attempt (encode.ArrowBatch.ipc)
+        "ingested_at": pa.nulls(n, _TS),  # stamped per insert attempt (encode.ipc)
         "row_version": pc.if_else(priced, pa.scalar(row_version(True, now_ms), _U64),
                                   pa.scalar(row_version(False, now_ms), _U64)),
     }  # fmt: skip

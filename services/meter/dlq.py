@@ -9,7 +9,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from schemas.events import DLQ_TOPIC
-from services.meter.pricing import DeadLetter
+from services.meter.dead_letters import DeadLetter
 
 log = structlog.get_logger("tollway.meter.dlq")
 

@@ -1,4 +1,4 @@
-"""Serialise a priced batch as one Arrow IPC stream, so ClickHouse parses it natively (`FORMAT ArrowStream`).
+"""A batch's rows as Arrow (row.SCHEMA), and one Arrow IPC stream per insert (`FORMAT ArrowStream`).
 
 clickhouse-connect's column insert converts every Python value in Python (~10 us a row for usage_events);
 pyarrow converts whole lists in C and ClickHouse reads Arrow without per-value work, which also runs off
@@ -6,9 +6,10 @@ the GIL on the ClickHouse thread. The stored values are exactly those of the col
 floored to milliseconds, and Decimals keep every digit (a value with more fractional digits than the column
 holds is truncated the way clickhouse-connect truncates it: `int(value * 10**scale)`).
 
-Anything pyarrow refuses (a count beyond its column type, an odd value from the pydantic path) raises
-`ArrowEncodeError`; the writer then falls back to the column insert, so the outcome never depends on the
-encoding.
+Both decode paths hand the writer this one form (batch.PricedBatch holds a pyarrow Table): the columnar
+path builds it in Arrow, the per-record reference converts its rows here once, at decode time. A row pyarrow
+refuses (a value its column cannot hold, e.g. a unit price beyond Decimal(38, 12)) raises `ArrowEncodeError`;
+the reference then makes that row a dead letter with the reason, so the insert itself never fails on a value.
 """
 
 from __future__ import annotations
@@ -20,30 +21,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from services.meter.pricing import COLUMNS, INGESTED_AT
+from services.meter.row import INGESTED_AT, SCHEMA, TYPES
 
 FORMAT = "ArrowStream"
 
 _TS = pa.timestamp("ms", tz="UTC")
-_TYPES: dict[str, pa.DataType] = {
-    "occurred_at": _TS, "metadata": pa.map_(pa.string(), pa.string()), "stream": pa.bool_(),
-    "http_status": pa.uint16(), "prompt_tokens": pa.uint64(), "completion_tokens": pa.uint64(),
-    "cached_tokens": pa.uint64(), "latency_ms": pa.float64(), "ttft_ms": pa.float64(), "attempts": pa.uint16(),
-    "fallback_used": pa.bool_(), "cache_hit": pa.bool_(), "client_disconnected": pa.bool_(),
-    "proxy_seq": pa.uint64(), "schema_version": pa.uint16(), "priced": pa.bool_(),
-    "unit_input": pa.decimal128(38, 12), "unit_output": pa.decimal128(38, 12),
-    "unit_cached_input": pa.decimal128(38, 12), "cost_input": pa.decimal128(38, 18),
-    "cost_cached_input": pa.decimal128(38, 18), "cost_output": pa.decimal128(38, 18),
-    "cost_total": pa.decimal128(38, 18), "kafka_partition": pa.uint32(), "kafka_offset": pa.uint64(),
-    "ingested_at": _TS, "row_version": pa.uint64(),
-}  # fmt: skip
-TYPES: tuple[pa.DataType, ...] = tuple(_TYPES.get(name, pa.string()) for name in COLUMNS)
-SCHEMA = pa.schema(list(zip(COLUMNS, TYPES, strict=True)))
 _WIDE = decimal.Context(prec=100)
 
 
 class ArrowEncodeError(ValueError):
-    """pyarrow would not take a value as the column insert would: use the column insert for this batch."""
+    """pyarrow would not take a value into its column."""
 
 
 def _decimal_array(col: Sequence[Any], t: pa.Decimal128Type) -> pa.Array:
@@ -57,40 +44,28 @@ def _decimal_array(col: Sequence[Any], t: pa.Decimal128Type) -> pa.Array:
                          for x in col], type=t)  # fmt: skip
 
 
-class ArrowBatch:
-    """Every column but `ingested_at` converted once; `ipc(now)` adds the per-attempt stamp and serialises.
+def table_of(columns: Sequence[Sequence[Any]], rows: int) -> pa.Table:
+    """Rows as Python columns (row.COLUMNS order) -> a Table in SCHEMA; `ingested_at` is left null (stamped
+    by each insert attempt, `ipc`)."""
+    arrays: list[pa.Array] = []
+    try:
+        for i, (col, t) in enumerate(zip(columns, TYPES, strict=True)):
+            if i == INGESTED_AT:
+                arrays.append(pa.nulls(rows, _TS))
+            elif pa.types.is_decimal(t):
+                arrays.append(_decimal_array(col, t))
+            else:
+                arrays.append(pa.array(col, type=t))
+    except (pa.ArrowException, TypeError, ValueError, OverflowError, decimal.DecimalException) as err:
+        raise ArrowEncodeError(f"{type(err).__name__}: {err}"[:300]) from err
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
-    `columns` (Python lists, `rows` of them) and `fast` (rows the columnar path already built in SCHEMA) go
-    out as record batches of one stream: ClickHouse reads them as one insert."""
 
-    __slots__ = ("_arrays", "_fast", "_rows")
-
-    def __init__(self, columns: Sequence[Sequence[Any]], rows: int, fast: pa.Table | None = None) -> None:
-        arrays: list[pa.Array | None] = []
-        if rows:
-            try:
-                for i, (col, t) in enumerate(zip(columns, TYPES, strict=True)):
-                    if i == INGESTED_AT:
-                        arrays.append(None)
-                    elif pa.types.is_decimal(t):
-                        arrays.append(_decimal_array(col, t))
-                    else:
-                        arrays.append(pa.array(col, type=t))
-            except (pa.ArrowException, TypeError, ValueError, OverflowError, decimal.DecimalException) as err:
-                raise ArrowEncodeError(f"{type(err).__name__}: {err}"[:300]) from err
-        self._arrays = arrays
-        self._rows = rows
-        self._fast = fast if fast is not None and fast.num_rows else None
-
-    def ipc(self, ingested_at: datetime) -> bytes:
-        stamp = pa.scalar(ingested_at, type=_TS)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, SCHEMA) as w:
-            if self._rows:
-                arrays = list(self._arrays)
-                arrays[INGESTED_AT] = pa.repeat(stamp, self._rows)
-                w.write_batch(pa.record_batch(arrays, schema=SCHEMA))
-            if self._fast is not None:
-                w.write_table(self._fast.set_column(INGESTED_AT, SCHEMA.field(INGESTED_AT),
-                                                    pa.repeat(stamp, self._fast.num_rows)))  # fmt: skip
-        return sink.getvalue().to_pybytes()
+def ipc(table: pa.Table, ingested_at: datetime) -> bytes:
+    """The table as one ArrowStream body, every row stamped with this attempt's `ingested_at`."""
+    stamped = table.set_column(INGESTED_AT, SCHEMA.field(INGESTED_AT), pa.repeat(pa.scalar(ingested_at, _TS),
+                                                                                   table.num_rows))  # fmt: skip
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, SCHEMA) as w:
+        w.write_table(stamped)
+    return sink.getvalue().to_pybytes()

@@ -22,8 +22,10 @@ from schemas.clickhouse import Store
 from schemas.events import UsageEvent
 from schemas.periods import bounds, checked_period
 from schemas.prices import PriceBook, price
+from schemas.usage_row import EVENT
 from services.meter import metrics
-from services.meter.pricing import COLUMNS, PricedBatch, row_version
+from services.meter.reference import priced_row
+from services.meter.row import COLUMNS, row_version
 
 log = structlog.get_logger("tollway.meter.rerate")
 
@@ -33,13 +35,15 @@ ADJ_COLUMNS = (
     "delta_cached_input", "delta_output", "delta_total", "reason", "run_id", "created_at",
 )  # fmt: skip
 _EVENT_FIELDS = set(UsageEvent.model_fields)
+_NONE_STORED = {f.name: f.stored_none for f in EVENT if f.stored_none is not None}  # stored "" means None
 
 
 def _event(row: dict[str, Any]) -> UsageEvent:
     fields = {k: v for k, v in row.items() if k in _EVENT_FIELDS}
     fields["event_id"] = str(fields["event_id"])
-    fields["end_user"] = fields.get("end_user") or None
-    fields["error_code"] = fields.get("error_code") or None
+    for name, stored in _NONE_STORED.items():
+        if fields.get(name) == stored:
+            fields[name] = None
     fields["occurred_at"] = _utc(fields["occurred_at"])
     return UsageEvent.model_validate(fields)
 
@@ -55,7 +59,7 @@ async def price_held(store: Store, book: PriceBook, limit: int = 50_000) -> tupl
         "AND event_id IN (SELECT event_id FROM {db}.usage_events WHERE NOT priced) LIMIT {n:UInt64}",
         {"n": limit},
     )
-    batch = PricedBatch()
+    priced: list[tuple] = []
     now = datetime.now(UTC)
     version = row_version(True, int(now.timestamp() * 1000))
     held = 0
@@ -65,13 +69,13 @@ async def price_held(store: Store, book: PriceBook, limit: int = 50_000) -> tupl
         if p.unit is None:
             held += 1
             continue
-        batch.add(e, p, row["kafka_partition"], row["kafka_offset"], now, version)
-    if batch.rows:
-        await store.insert_columns("usage_events", batch.columns, COLUMNS)
-        metrics.REPRICED.inc(batch.rows)
-        log.info("held_events_priced", rows=batch.rows, still_held=held)
+        priced.append(priced_row(e, p, row["kafka_partition"], row["kafka_offset"], now, version))
+    if priced:
+        await store.insert_rows("usage_events", priced, COLUMNS)
+        metrics.REPRICED.inc(len(priced))
+        log.info("held_events_priced", rows=len(priced), still_held=held)
     metrics.UNPRICED_HELD.set(held)
-    return batch.rows, held
+    return len(priced), held
 
 
 _RERATE_SQL = """

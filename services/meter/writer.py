@@ -12,9 +12,11 @@ import structlog
 
 from schemas.clickhouse import Store
 from services.meter import metrics
+from services.meter.batch import PricedBatch
+from services.meter.dead_letters import DEAD_COLUMNS, DeadLetter, dead_letter_rows
 from services.meter.encode import FORMAT as ARROW_FORMAT
-from services.meter.encode import ArrowBatch, ArrowEncodeError
-from services.meter.pricing import COLUMNS, DEAD_COLUMNS, INGESTED_AT, DeadLetter, PricedBatch, dead_letter_rows
+from services.meter.encode import ipc
+from services.meter.row import COLUMNS
 
 log = structlog.get_logger("tollway.meter.writer")
 TABLE = "usage_events"
@@ -55,26 +57,12 @@ class UsageWriter:
         if batch.rows == 0:
             return True
         token = batch.dedup_token()
-        columns: list | None = None
-        try:
-            # Converted once; each attempt only adds its ingested_at and serialises (cheap).
-            arrow: ArrowBatch | None = ArrowBatch(batch.columns, batch.column_rows, batch.fast)
-        except ArrowEncodeError as err:
-            arrow = None  # the column insert stores exactly what it always did
-            columns = batch.all_columns()
-            log.warning("arrow_encode_fallback", rows=batch.rows, error=str(err))
 
         async def attempt() -> None:
             # ingested_at is when this attempt ran: the rollup pass finds new rows by it, even after retries.
-            now = datetime.now(UTC)
             t0 = time.perf_counter()
-            if arrow is not None:
-                await self.store.insert_raw(TABLE, arrow.ipc(now), COLUMNS, ARROW_FORMAT, dedup_token=token,
-                                            settings=RAW_INSERT_SETTINGS)  # fmt: skip
-            else:
-                assert columns is not None
-                columns[INGESTED_AT] = [now] * batch.rows
-                await self.store.insert_columns(TABLE, columns, COLUMNS, dedup_token=token)
+            await self.store.insert_raw(TABLE, ipc(batch.table, datetime.now(UTC)), COLUMNS, ARROW_FORMAT,
+                                        dedup_token=token, settings=RAW_INSERT_SETTINGS)  # fmt: skip
             metrics.INSERT_SECONDS.observe(time.perf_counter() - t0)
             metrics.BATCH_ROWS.observe(batch.rows)
             log.debug("batch_written", rows=batch.rows, insert_ms=round((time.perf_counter() - t0) * 1000, 1),

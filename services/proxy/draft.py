@@ -45,12 +45,17 @@ class UsageDraft:
     proxy_instance: str = ""
     proxy_seq: int = 0
     usage_source: UsageSource = "provider"
+    reasoning_tokens: int = 0
+    cache_write_tokens: int = 0  # filled by the agent APIs (issue 15); chat completions report none
+    cache_write_1h_tokens: int = 0
+    service_tier: str = ""
 
     def take_usage(self, usage: TokenUsage, source: UsageSource) -> None:
         self.prompt_tokens = usage.prompt_tokens
         self.completion_tokens = usage.completion_tokens
         self.cached_tokens = usage.cached_tokens
+        self.reasoning_tokens = usage.reasoning_tokens
         self.usage_source = source
 
     def usage(self) -> TokenUsage:
-        return TokenUsage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        return TokenUsage(self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.reasoning_tokens)

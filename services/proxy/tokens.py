@@ -23,6 +23,7 @@ class TokenUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    reasoning_tokens: int = 0  # inside completion_tokens; reported, not priced differently (yet)
 
 
 def count(v: Any) -> int:
@@ -41,10 +42,20 @@ def reported_cached_tokens(usage: dict[str, Any]) -> Any:
     return usage.get("prompt_cache_hit_tokens", 0)
 
 
+def reported_reasoning_tokens(usage: dict[str, Any]) -> Any:
+    """Completion tokens spent reasoning, counted inside completion_tokens (raw, not yet checked): OpenAI
+    reports them as completion_tokens_details.reasoning_tokens."""
+    details = usage.get("completion_tokens_details")
+    return details.get("reasoning_tokens", 0) if isinstance(details, dict) else 0
+
+
 def usage_of(usage: dict[str, Any]) -> TokenUsage:
     """A provider's `usage` object (a chat.completion's, an embedding's, or a stream's final chunk)."""
     return TokenUsage(
-        count(usage.get("prompt_tokens")), count(usage.get("completion_tokens")), count(reported_cached_tokens(usage))
+        count(usage.get("prompt_tokens")),
+        count(usage.get("completion_tokens")),
+        count(reported_cached_tokens(usage)),
+        count(reported_reasoning_tokens(usage)),
     )
 
 

@@ -15,7 +15,7 @@ from schemas.clickhouse import Store
 from schemas.config import load_config
 from schemas.prices import PriceBook
 from services.billing.invoices import content_hash
-from services.meter.pricing import decode_and_price
+from services.meter.reference import decode_and_price
 from services.meter.writer import UsageWriter
 from tests.support.billing import ADMIN, FINANCE
 from tests.support.events import make_event

@@ -16,7 +16,7 @@ import yaml
 from schemas.clickhouse import Store
 from schemas.config import load_config
 from schemas.prices import PriceBook
-from services.meter.pricing import decode_and_price
+from services.meter.reference import decode_and_price
 from services.meter.rollups import refresh_all
 from services.meter.writer import UsageWriter
 from tests.support.events import make_event

@@ -12,8 +12,9 @@ import orjson
 
 from schemas.config import load_config, parse_config
 from schemas.prices import PriceBook
-from services.meter.encode import ArrowBatch, ArrowEncodeError
-from services.meter.pricing import COLUMNS, INGESTED_AT, decode_and_price
+from services.meter.encode import ipc, table_of
+from services.meter.reference import decode_and_price, decode_rows
+from services.meter.row import COLUMNS, INGESTED_AT
 from services.meter.writer import TABLE, UsageWriter
 from tests.support.events import make_event
 
@@ -63,17 +64,18 @@ async def read_back(store, team: str) -> list[tuple]:
 
 
 async def insert_both_ways(store, values: list[bytes], team: str, book: PriceBook) -> tuple[list, list]:
-    batch, dead = decode_and_price(records(values), book)
-    assert not dead and batch.rows == len(values)
-    # The previous path: clickhouse-connect's column insert, into a twin team id.
-    old_cols = [list(c) for c in batch.columns]
-    old_cols[COLUMNS.index("team_id")] = [f"{team}-old"] * batch.rows
-    old_cols[INGESTED_AT] = [INGESTED] * batch.rows
+    rows, _, _, dead = decode_rows(records(values), book)
+    assert not dead and len(rows) == len(values)
+    n = len(rows)
+    # The reference's Python values through clickhouse-connect's column insert, into a twin team id.
+    old_cols = [list(c) for c in zip(*rows, strict=True)]
+    old_cols[COLUMNS.index("team_id")] = [f"{team}-old"] * n
+    old_cols[INGESTED_AT] = [INGESTED] * n
     await store.insert_columns(TABLE, old_cols, COLUMNS)
-    # The new path, with the same ingested_at.
-    new_cols = [list(c) for c in batch.columns]
-    new_cols[COLUMNS.index("team_id")] = [f"{team}-new"] * batch.rows
-    await store.insert_raw(TABLE, ArrowBatch(new_cols, batch.rows).ipc(INGESTED), COLUMNS, "ArrowStream")
+    # The same values as the meter's batch form (encode.table_of) and its Arrow insert, with the same ingested_at.
+    new_cols = [list(c) for c in zip(*rows, strict=True)]
+    new_cols[COLUMNS.index("team_id")] = [f"{team}-new"] * n
+    await store.insert_raw(TABLE, ipc(table_of(new_cols, n), INGESTED), COLUMNS, "ArrowStream")
     old, new = await read_back(store, f"{team}-old"), await read_back(store, f"{team}-new")
     team_at = COLUMNS.index("team_id")
     strip = lambda rows: [r[:team_at] + r[team_at + 1 :] for r in rows]  # noqa: E731
@@ -122,17 +124,25 @@ async def test_prices_with_more_digits_than_the_column_are_truncated_the_same_wa
     assert new[0][cost_output] == Decimal("0.000006666666666666")  # 2 * 3.3333333333333 / 1e6, truncated
 
 
-async def test_values_pyarrow_refuses_fall_back_to_the_column_insert(store, unique, monkeypatch):
+async def test_a_value_no_column_holds_is_a_dead_letter_and_the_rest_is_stored(store, unique):
+    # A unit price of 10^26 does not fit Decimal(38, 12); with no tokens its cost is 0, so only the Arrow
+    # conversion finds it. (Before the one batch form, the writer fell back to a column insert here.)
+    raw = CONFIG.model_dump(mode="json")
+    model = next(iter(raw["models"]))
+    for p in raw["models"][model]["prices"]:
+        p.update(input=str(10**26))
+    for r in raw["models"][model].get("routes", []):
+        r["prices"] = None
+    book = PriceBook(parse_config(raw))
     team = f"team_{unique}"
-    batch, _ = decode_and_price(records([make_event(team).to_bytes()]), PriceBook(CONFIG))
-
-    def refuse(*a, **kw):
-        raise ArrowEncodeError("refused")
-
-    monkeypatch.setattr("services.meter.writer.ArrowBatch", refuse)
-    assert await UsageWriter(store).insert(batch, asyncio.Event())  # written the previous way
-    rows = await store.query("SELECT count() FROM {db}.usage_events WHERE team_id = {t:String}", {"t": team})
-    assert rows[0][0] == 1
+    bad = make_event(team, requested_model=model, served_model=model, prompt_tokens=0, completion_tokens=0)
+    good = make_event(team, requested_model="no-such-model", served_model="no-such-model")
+    batch, dead = decode_and_price(records([good.to_bytes(), bad.to_bytes()]), book)
+    assert batch.rows == 1 and [d.offset for d in dead] == [1] and "exceeds its column" in dead[0].reason
+    assert batch.spans == {("t", 3): (0, 1)}
+    assert await UsageWriter(store).insert(batch, asyncio.Event())
+    rows = await store.query("SELECT event_id FROM {db}.usage_events WHERE team_id = {t:String}", {"t": team})
+    assert [str(r[0]) for r in rows] == [good.event_id]
 
 
 def test_counts_beyond_their_column_are_dead_letters_not_a_stuck_batch():
@@ -149,9 +159,8 @@ def test_counts_beyond_their_column_are_dead_letters_not_a_stuck_batch():
 async def test_a_retried_arrow_insert_with_the_same_token_is_dropped(store, unique):
     team = f"team_{unique}"
     batch, _ = decode_and_price(records([make_event(team).to_bytes() for _ in range(50)]), PriceBook(CONFIG))
-    body = ArrowBatch(batch.columns, batch.rows)
     for _ in range(3):
-        await store.insert_raw(TABLE, body.ipc(datetime.now(UTC)), COLUMNS, "ArrowStream",
+        await store.insert_raw(TABLE, ipc(batch.table, datetime.now(UTC)), COLUMNS, "ArrowStream",
                                dedup_token=batch.dedup_token())  # fmt: skip
     rows = await store.query("SELECT count() FROM {db}.usage_events WHERE team_id = {t:String}", {"t": team})
     assert rows[0][0] == 50  # raw rows, not FINAL: the retries never reached the table

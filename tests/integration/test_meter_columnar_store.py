@@ -14,8 +14,8 @@ import pytest
 from schemas.config import load_config
 from schemas.prices import PriceBook
 from services.meter.columnar import decode_and_price_columnar
-from services.meter.encode import ArrowEncodeError
-from services.meter.pricing import COLUMNS, decode_and_price
+from services.meter.reference import decode_and_price
+from services.meter.row import COLUMNS
 from services.meter.writer import TABLE, UsageWriter
 from tests.integration.test_meter_arrow_exact import edge_values
 from tests.support.events import make_event
@@ -68,7 +68,7 @@ async def write_both(store, twin, values: list[bytes | None]) -> tuple[list[tupl
     recs = records(values)
     ref, ref_dead = decode_and_price(recs, BOOK)
     got, got_dead = decode_and_price_columnar(recs, BOOK)
-    assert got_dead == ref_dead and got.fast is not None and got.column_rows > 0  # a real mix
+    assert got_dead == ref_dead and got.columnar_rows > 0 and got.reference_rows > 0  # a real mix
     assert await UsageWriter(twin).insert(ref, asyncio.Event())
     assert await UsageWriter(store).insert(got, asyncio.Event())
     return await stored(twin), await stored(store)
@@ -78,18 +78,3 @@ async def test_columnar_rows_are_stored_exactly_as_the_reference_rows(store, twi
     expected, actual = await write_both(store, twin, mixed_values(f"team_{unique}"))
     assert len(actual) == len(expected) > 300
     assert actual == expected
-
-
-async def test_the_column_insert_fallback_stores_the_columnar_rows_the_same(store, twin, unique, monkeypatch):
-    values = mixed_values(f"team_{unique}")
-    recs = records(values)
-    ref, _ = decode_and_price(recs, BOOK)
-    got, _ = decode_and_price_columnar(recs, BOOK)
-    assert await UsageWriter(twin).insert(ref, asyncio.Event())
-
-    def refuse(*a, **kw):
-        raise ArrowEncodeError("refused")
-
-    monkeypatch.setattr("services.meter.writer.ArrowBatch", refuse)
-    assert await UsageWriter(store).insert(got, asyncio.Event())
-    assert await stored(store) == await stored(twin)

@@ -14,7 +14,7 @@ from schemas.clickhouse import Store
 from schemas.config import GatewayConfig, Price, load_config
 from schemas.events import UsageEvent
 from schemas.prices import PriceBook
-from services.meter.pricing import decode_and_price
+from services.meter.reference import decode_and_price
 from services.meter.writer import UsageWriter
 from tests.support.events import make_event
 

@@ -10,8 +10,9 @@ import pytest
 from schemas.config import load_config
 from schemas.prices import PriceBook
 from services.meter.columnar import decode_and_price_columnar
+from services.meter.dead_letters import DeadLetter
 from services.meter.dlq import encode_dead_letter
-from services.meter.pricing import DeadLetter, decode_and_price
+from services.meter.reference import decode_and_price
 from tests.support.events import make_event
 
 BOOK = PriceBook(load_config("tollway.yaml"))

@@ -27,3 +27,19 @@ def test_no_cache_report_is_zero_and_garbage_never_crashes():
     assert provider_usage({"usage": {"prompt_tokens": 5, "completion_tokens": 1}}).cached_tokens == 0
     assert provider_usage({"usage": {"prompt_tokens": 5, "prompt_cache_hit_tokens": "lots"}}).cached_tokens == 0
     assert streamed({"prompt_tokens": 5, "prompt_cache_hit_tokens": -3}) == 0
+
+
+# OpenAI: reasoning tokens are counted inside completion_tokens, reported in completion_tokens_details.
+REASONING = {"prompt_tokens": 40, "completion_tokens": 300, "completion_tokens_details": {"reasoning_tokens": 256}}
+
+
+def test_reasoning_tokens_are_read_in_responses_and_streams():
+    assert provider_usage({"usage": REASONING}) == TokenUsage(40, 300, 0, reasoning_tokens=256)
+    assert usage_of(REASONING).reasoning_tokens == 256  # a stream's final usage chunk
+
+
+@pytest.mark.parametrize("details", [None, {}, {"reasoning_tokens": None}, {"reasoning_tokens": "many"}, [1],
+                                     {"reasoning_tokens": -1}])  # fmt: skip
+def test_no_or_garbage_reasoning_report_is_zero(details):
+    usage = {"prompt_tokens": 5, "completion_tokens": 1, "completion_tokens_details": details}
+    assert usage_of(usage).reasoning_tokens == 0
