@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -62,3 +63,10 @@ def test_an_unhashable_status_is_a_dead_letter_not_a_crash():
             for i, field in enumerate(("status", "usage_source"))]  # fmt: skip
     batch, dead = decode_and_price(recs, PriceBook(load_config("tollway.yaml")))
     assert batch.rows == 0 and len(dead) == 2
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_a_latency_pydantic_refuses_never_takes_the_fast_path(value):
+    """Hypothesis found `latency_ms: inf` accepted here while pydantic refuses it (JSON has no infinity)."""
+    d = {**BASE, "latency_ms": value}
+    assert pydantic_accepts(d) is None and event_row(d) is None
