@@ -35,26 +35,18 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from schemas.clickhouse import Store
-from schemas.clock import future_cutoff
+from schemas.clock import future_cutoff, utc
 from schemas.config import GatewayConfig, Limits
 from schemas.control import KeyState, QuotaSignal, monthly_limits
 from schemas.events import USAGE_TOPIC, UsageEvent
+from schemas.periods import bounds, period_of
 from schemas.prices import PriceBook, price
+from schemas.quota import has_monthly_limit, quota_tokens
 from services.billing import ledger, metrics
 from services.billing.accounts import Accounts
 from services.billing.alerts import Alerts
 from services.billing.control import ControlPublisher
-from services.billing.periods import bounds, period_of
-from services.billing.quota import (
-    BILLABLE,
-    Entity,
-    QuotaBook,
-    Usage,
-    crossed_thresholds,
-    exhausted_by,
-    has_monthly_limit,
-    near_limit,
-)
+from services.billing.quota import Entity, QuotaBook, Usage, crossed_thresholds, exhausted_by, near_limit
 from services.billing.settings import BillingSettings
 
 log = structlog.get_logger("tollway.billing.quota")
@@ -89,7 +81,7 @@ async def ingested_between(store: Store, period: str, after: datetime,
         parameters={"start": start, "end": end, "after": after, "until": until},
     )
     progress = max((r[1] for r in rows), default=None)
-    return {r[0] for r in rows}, None if progress is None else progress.replace(tzinfo=UTC)
+    return {r[0] for r in rows}, None if progress is None else utc(progress)
 
 
 class QuotaService:
@@ -323,7 +315,7 @@ class QuotaService:
                 self._acknowledge(entities, e.event_id, gated)  # in billing's total: a proxy may forget it
                 continue
             priced = price(e, self.book_)
-            tokens = e.prompt_tokens + e.completion_tokens if e.status in BILLABLE else 0
+            tokens = quota_tokens(e.status, e.prompt_tokens, e.completion_tokens)
             if not self.book.add(e.event_id, e.team_id, e.key_id, tokens, priced.cost.total, e.occurred_at,
                                  counted_at):  # fmt: skip
                 metrics.QUOTA_EVENTS.labels(outcome="duplicate").inc()
