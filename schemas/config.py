@@ -10,7 +10,7 @@ import re
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,14 +24,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Upper bounds for every limit and money field (API bodies, the config file, stored rows). A limit must
+# survive every hop it takes: orjson encodes at most 64-bit ints, JavaScript (the dashboard, SDKs) counts
+# exactly only up to 2^53 - 1, and ClickHouse keeps USD as Decimal. Beyond these there is no real plan:
+# 2^53 requests a minute is "unlimited", and that is spelled by leaving the limit out.
+MAX_COUNT = 2**53 - 1
+MAX_USD = Decimal(1_000_000_000)  # USD per month (budgets, plan fees)
+USD_PLACES = 6  # micro-dollars: finer than any price per token the catalog carries
+
+
+def _count() -> Any:
+    return Field(default=None, ge=1, le=MAX_COUNT)
+
+
+def _usd() -> Any:
+    return Field(default=None, ge=0, le=MAX_USD, decimal_places=USD_PLACES)
+
+
 class Limits(_Strict):
     """Any subset; None means 'no limit at this level'."""
 
-    rpm: int | None = Field(default=None, ge=1)
-    rpd: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    tokens_per_month: int | None = Field(default=None, ge=1)
-    budget_usd_per_month: Decimal | None = Field(default=None, ge=0)
+    rpm: int | None = _count()
+    rpd: int | None = _count()
+    tpm: int | None = _count()
+    tokens_per_month: int | None = _count()
+    budget_usd_per_month: Decimal | None = _usd()
+
+    @field_validator("rpm", "rpd", "tpm", "tokens_per_month", mode="before")
+    @classmethod
+    def _no_bool(cls, v: object) -> object:
+        # pydantic reads true as 1: a limit of "true requests a minute" is a mistake, not a number.
+        if isinstance(v, bool):
+            raise ValueError("must be an integer, not a boolean")
+        return v
 
     def overlay(self, other: Limits | None) -> Limits:
         """`other`'s set fields win: a key's own limits override its plan's."""
@@ -41,7 +66,7 @@ class Limits(_Strict):
 
 
 class Plan(Limits):
-    fee_usd_per_month: Decimal = Field(default=Decimal(0), ge=0)
+    fee_usd_per_month: Decimal = Field(default=Decimal(0), ge=0, le=MAX_USD, decimal_places=USD_PLACES)
     models: list[str] | None = Field(default=None, description="public names or aliases a key may use; None = all")
 
 
@@ -129,6 +154,8 @@ class ModelConfig(_Strict):
     )
     retry: RetryConfig | None = Field(default=None, description="overrides the gateway's retry policy")
     cache_ttl_s: float | None = Field(default=None, ge=0, description="overrides cache.ttl_s; 0 = never cache")
+    max_output_tokens: int | None = Field(default=None, ge=1, le=10_000_000,
+                                          description="the model's output cap: a larger max_tokens is a 400")  # fmt: skip
 
     @field_validator("prices")
     @classmethod

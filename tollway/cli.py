@@ -7,8 +7,12 @@ import asyncio
 import sys
 from collections.abc import Callable
 
+from pydantic import ValidationError
+
 from schemas.settings import CommonSettings
+from services.proxy.spool import SpoolSettings
 from tollway.logs import configure_logging
+from tollway.servers import ServerSettings, StartupError, bind
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +52,34 @@ def main(argv: list[str] | None = None) -> int:
         from tollway import keys_cli
 
         return keys_cli.run(args)
+    try:
+        return _serve(args)
+    except ValidationError as err:
+        print(f"tollway: {settings_error(err)}", file=sys.stderr)
+    except StartupError as err:
+        print(f"tollway: {err}", file=sys.stderr)
+    return 2
+
+
+def settings_error(err: ValidationError) -> str:
+    """A pydantic-settings failure as one line naming the environment variables (no traceback, no input dump)."""
+    parts = []
+    for e in err.errors():
+        name = "TOLLWAY_" + "_".join(str(p) for p in e["loc"]).upper()
+        if err.title == "ServerSettings":
+            name = name.replace("TOLLWAY_", "TOLLWAY_HTTP_", 1)
+        parts.append(f"{name}: {e['msg']}")
+    return "bad setting " + "; ".join(parts)
+
+
+def _serve(args: argparse.Namespace) -> int:
     common = CommonSettings()
+    # fail fast, before any broker or engine starts: these are otherwise read only when a server is made
+    ServerSettings()
+    if args.command in ("up", "proxy"):
+        SpoolSettings()
+    for name, host, port in _addresses(args):
+        bind(host, port, name).close()  # a taken port fails here, in one line, before a broker or engine starts
     configure_logging(common.log_level, common.log_format)
     from tollway import runtime
 
@@ -65,6 +96,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _addresses(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    from services.billing.settings import BillingSettings
+    from services.mock_upstream.settings import MockSettings
+    from services.proxy.settings import ProxySettings
+
+    wanted = {"up": ["proxy", "billing"] + (["mock-upstream"] if getattr(args, "demo", False) else []),
+              "proxy": ["proxy"], "billing": ["billing"], "mock-upstream": ["mock-upstream"]}.get(args.command, [])  # fmt: skip
+    out = []
+    for name in wanted:
+        if name == "proxy":
+            p = ProxySettings()
+            out.append((name, p.proxy_host, p.proxy_port))
+        elif name == "billing":
+            b = BillingSettings()
+            out.append((name, b.billing_host, b.billing_port))
+        else:
+            m = MockSettings()
+            out.append((name, m.mock_host, m.mock_port))
+    return [a for a in out if a[2] != 0]
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

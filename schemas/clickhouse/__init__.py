@@ -117,12 +117,19 @@ class Store:
             applied.append(version)
         return applied
 
-    async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
-        result = await self._run(self._client.query, sql.replace("{db}", self.db), parameters=parameters)
+    async def query(
+        self, sql: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+    ) -> list[tuple]:
+        """`settings`: per-query ClickHouse settings (e.g. max_execution_time for report reads)."""
+        result = await self._run(self._client.query, sql.replace("{db}", self.db), parameters=parameters,
+                                 settings=settings)  # fmt: skip
         return result.result_rows
 
-    async def query_dicts(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        result = await self._run(self._client.query, sql.replace("{db}", self.db), parameters=parameters)
+    async def query_dicts(
+        self, sql: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        result = await self._run(self._client.query, sql.replace("{db}", self.db), parameters=parameters,
+                                 settings=settings)  # fmt: skip
         names = result.column_names
         return [dict(zip(names, row, strict=True)) for row in result.result_rows]
 

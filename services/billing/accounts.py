@@ -7,16 +7,18 @@ and reads use FINAL, so the latest write of an entity wins. Only the SHA-256 of 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime
 
 import structlog
+from pydantic import ValidationError
 
 from schemas.clickhouse import Store
 from schemas.config import GatewayConfig, Limits
 from schemas.control import KeyState, TeamState
 from schemas.keys import display_prefix, hash_key, new_id, new_secret
-from services.billing import plan_history
+from services.billing import metrics, plan_history
 from services.billing.errors import Conflict, InvalidRequest, KeyNotFound, TeamNotFound, UnknownPlan
 
 log = structlog.get_logger("tollway.billing")
@@ -52,6 +54,33 @@ def _limits_json(limits: Limits) -> str:
     return limits.model_dump_json(exclude_none=True)
 
 
+def stored_limits(raw: str | None, table: str, entity_id: str) -> Limits:
+    """A stored row's limits, field by field: a field billing cannot use (out of today's bounds, written
+    before they existed) is logged, counted and left out, so the plan's limit applies to it. A start never
+    dies on one bad row, and no field silently becomes "unlimited" beyond what the plan says."""
+    try:
+        data = json.loads(raw or "{}")  # stdlib json: reads ints of any size, so the bad field can be named
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        _unusable(table, entity_id, "limits", "not a JSON object")
+        return Limits()
+    kept: dict[str, object] = {}
+    for name, value in data.items():
+        try:
+            Limits.model_validate({name: value})
+        except ValidationError as err:
+            _unusable(table, entity_id, f"limits.{name}", err.errors()[0].get("msg", "invalid"))
+            continue
+        kept[name] = value
+    return Limits.model_validate(kept)
+
+
+def _unusable(table: str, entity_id: str, field: str, why: str) -> None:
+    metrics.STORED_UNUSABLE.labels(table=table, field=field.split(".")[0]).inc()
+    log.error("stored_row_unusable", table=table, id=entity_id, field=field, reason=why)
+
+
 class Accounts:
     """Teams by id, keys by id and by hash. Writes persist first, then change memory."""
 
@@ -73,27 +102,33 @@ class Accounts:
         self._keys.clear()
         self._by_hash.clear()
         for row in teams:
-            team = TeamState(
-                team_id=row["team_id"],
-                name=row["name"],
-                plan=row["plan"],
-                limits=Limits.model_validate_json(row["limits"] or "{}"),
-            )
-            self._remember_team(team, as_utc(row["created_at"]), row["version"])
+            try:
+                team = TeamState(
+                    team_id=row["team_id"],
+                    name=row["name"],
+                    plan=row["plan"],
+                    limits=stored_limits(row["limits"], "teams", row["team_id"]),
+                )
+                self._remember_team(team, as_utc(row["created_at"]), row["version"])
+            except (ValidationError, ValueError, TypeError, KeyError) as err:
+                _unusable("teams", str(row.get("team_id")), "row", str(err)[:200])
         for row in keys:
-            key = KeyState(
-                key_id=row["key_id"],
-                key_hash=row["key_hash"],
-                prefix=row["prefix"],
-                team_id=row["team_id"],
-                name=row["name"],
-                plan=row["plan"],
-                limits=Limits.model_validate_json(row["limits"] or "{}"),
-                metadata=dict(row["metadata"] or {}),
-                expires_at=as_utc(row["expires_at"]) if row["expires_at"] is not None else None,
-                revoked=bool(row["revoked"]),
-            )
-            self._remember_key(key, as_utc(row["created_at"]), row["version"])
+            try:
+                key = KeyState(
+                    key_id=row["key_id"],
+                    key_hash=row["key_hash"],
+                    prefix=row["prefix"],
+                    team_id=row["team_id"],
+                    name=row["name"],
+                    plan=row["plan"],
+                    limits=stored_limits(row["limits"], "api_keys", row["key_id"]),
+                    metadata=dict(row["metadata"] or {}),
+                    expires_at=as_utc(row["expires_at"]) if row["expires_at"] is not None else None,
+                    revoked=bool(row["revoked"]),
+                )
+                self._remember_key(key, as_utc(row["created_at"]), row["version"])
+            except (ValidationError, ValueError, TypeError, KeyError) as err:
+                _unusable("api_keys", str(row.get("key_id")), "row", str(err)[:200])
         log.info("accounts_loaded", teams=len(self._teams), keys=len(self._keys))
 
     # -- reads -------------------------------------------------------------------------------------

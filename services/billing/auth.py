@@ -45,19 +45,25 @@ def _same(token: str, expected: str | None) -> bool:
     return hmac.compare_digest(token.encode(), expected.encode())
 
 
-def resolve(token: str | None, settings: BillingSettings, accounts: Accounts) -> Caller:
-    if token is None:
-        metrics.AUTH_FAILURES.labels(reason="missing").inc()
-        raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+def identify(token: str, settings: BillingSettings, accounts: Accounts) -> Caller | None:
+    """The caller a token stands for, or None; counts nothing (admission peeks before the route decides)."""
     if _same(token, settings.admin_token):
         return Caller(role="admin")
     if _same(token, settings.finance_token):
         return Caller(role="finance")
     key = accounts.authenticate(token)
-    if key is None:
+    return None if key is None else Caller(role="team", team_id=key.team_id, key_id=key.key_id)
+
+
+def resolve(token: str | None, settings: BillingSettings, accounts: Accounts) -> Caller:
+    if token is None:
+        metrics.AUTH_FAILURES.labels(reason="missing").inc()
+        raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+    caller = identify(token, settings, accounts)
+    if caller is None:
         metrics.AUTH_FAILURES.labels(reason="invalid").inc()
         raise InvalidApiKey("invalid API key (unknown, revoked or expired)")
-    return Caller(role="team", team_id=key.team_id, key_id=key.key_id)
+    return caller
 
 
 def require_admin(caller: Caller) -> Caller:

@@ -63,10 +63,20 @@ class Conflict(GatewayError):
     code = "conflict"
 
 
-class ControlUnavailable(GatewayError):
-    status = 503
-    type = "api_error"
-    code = "control_unavailable"
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def error_body(message: str, type_: str, code: str) -> dict[str, dict[str, str]]:
@@ -77,10 +87,16 @@ def _response(status: int, message: str, type_: str, code: str, headers: dict[st
     return JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)
 
 
+def response_for(exc: GatewayError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, InvalidApiKey) else None
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    return _response(exc.status, exc.message, exc.type, exc.code, headers)
+
+
 async def _gateway_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, GatewayError)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, InvalidApiKey) else None
-    return _response(exc.status, exc.message, exc.type, exc.code, headers)
+    return response_for(exc)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -90,7 +106,11 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     for e in exc.errors():
         loc = ".".join(str(p) for p in e.get("loc", ()))
         parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid")))
-    return _response(400, "; ".join(parts) or "invalid request", "invalid_request_error", "invalid_request_error")
+    # A body that parsed but holds a value out of bounds is 422; bad JSON and bad query parameters are 400.
+    errors = exc.errors()
+    in_body = bool(errors) and all(tuple(e.get("loc", ()))[:1] == ("body",) for e in errors)
+    status = 422 if in_body and not any(e.get("type") == "json_invalid" for e in errors) else 400
+    return _response(status, "; ".join(parts) or "invalid request", "invalid_request_error", "invalid_request_error")
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

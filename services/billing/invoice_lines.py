@@ -10,7 +10,9 @@ amount = round(tokens x unit / 1M).
 
 Plan fee. The fee runs from the team's creation (nothing before it) and follows its plan history: one line
 per span of one plan, amount = round(monthly fee x seconds of the span / seconds of the month), exact
-Decimal before that one rounding; spans are bounded to the whole second.
+Decimal before that one rounding; spans are bounded to the whole second. `quantity` keeps its meaning of
+months (1 for a whole month, as before proration existed; else the span's fraction of the month to 6 places,
+for reading); the exact basis is `seconds` of `month_seconds`.
 
 Adjustments. Once a period is closed (finalized, or older than a finalized one), later changes to it are
 billed on the next open invoice. Per item, with B = everything billed so far for it (its usage line and
@@ -35,7 +37,7 @@ import hashlib
 import io
 from collections import defaultdict
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 import orjson
@@ -83,6 +85,11 @@ def usage_lines(items: Items) -> list[dict[str, Any]]:
     return lines
 
 
+def month_fraction(seconds: int, month: int) -> Decimal:
+    """A span's share of its month, for display only: amounts are computed from the seconds."""
+    return (Decimal(seconds) / month).quantize(Decimal("0.000001"), rounding=ROUND_HALF_EVEN)
+
+
 def plan_fee_lines(period: str, spans: list[PlanSpan], fees: dict[str, Decimal]) -> list[dict[str, Any]]:
     start, end = bounds(period)
     month = int((end - start).total_seconds())
@@ -98,7 +105,8 @@ def plan_fee_lines(period: str, spans: list[PlanSpan], fees: dict[str, Decimal])
         lines.append({
             "type": "plan_fee", "plan": s.plan,
             "description": f"plan {s.plan}: monthly fee" + ("" if whole else f", {iso(s.start)} to {iso(s.end)}"),
-            "from": iso(s.start), "to": iso(s.end), "quantity": s.seconds, "unit": "seconds", "month_seconds": month,
+            "from": iso(s.start), "to": iso(s.end), "quantity": 1 if whole else plain(month_fraction(s.seconds, month)),
+            "unit": "month", "seconds": s.seconds, "month_seconds": month,
             "unit_price_usd": usd(fee), "exact_amount_usd": plain(exact), "amount_usd": usd(cents(exact)),
         })  # fmt: skip
     return lines

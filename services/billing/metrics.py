@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 ADMIN_WRITES = Counter("tollway_billing_admin_writes_total", "Admin writes applied, by operation", ["operation"])
 CONTROL_MESSAGES = Counter(
     "tollway_billing_control_messages_total", "Control messages acknowledged by the broker, by kind", ["kind"]
+)
+CONTROL_OUTBOX = Gauge("tollway_billing_control_outbox", "Control messages queued and not yet acknowledged")
+CONTROL_PUBLISH_FAILURES = Counter(
+    "tollway_billing_control_publish_failures_total", "Control outbox send attempts that failed (then retried)"
+)
+CONTROL_UNENCODABLE = Counter(
+    "tollway_billing_control_unencodable_total", "Control messages left out because they cannot be encoded", ["kind"]
+)
+STORED_UNUSABLE = Counter(
+    "tollway_billing_stored_unusable_total",
+    "Stored account rows or fields billing could not use at start (logged, skipped), by table and field",
+    ["table", "field"],
+)
+API_REFUSED = Counter(
+    "tollway_billing_api_refused_total",
+    "Requests refused before the handler ran, by reason (body_too_large, unauthenticated_body, rate_limited)",
+    ["reason"],
 )
 AUTH_FAILURES = Counter(
     "tollway_billing_auth_failures_total", "Requests refused by billing auth, by reason", ["reason"]

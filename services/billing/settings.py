@@ -37,3 +37,17 @@ class BillingSettings(CommonSettings):
     future_tolerance_s: float = Field(default=FUTURE_TOLERANCE_S, ge=0)
     # Invoices: a month can be finalized this long after it ended (late events: spool replay, meter lag).
     invoice_grace_s: float = Field(default=3600.0, ge=0)
+    # Billing API limits (docs/operations.md states the budget). Bodies: capped before they are read, and
+    # read only for a known caller. Requests: one token bucket per team (all its keys) and one per service
+    # token. Reports: a bounded number in flight per caller, and ClickHouse limits on every report query.
+    api_max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    api_team_rate_per_s: float = Field(default=20.0, gt=0)
+    api_team_burst: int = Field(default=100, ge=1)
+    api_staff_rate_per_s: float = Field(default=100.0, gt=0)
+    api_staff_burst: int = Field(default=500, ge=1)
+    api_reports_in_flight: int = Field(default=2, ge=1)
+    report_max_execution_s: float = Field(default=5.0, gt=0)
+    report_max_memory_bytes: int = Field(default=1_073_741_824, ge=1_048_576)
+    report_max_threads: int = Field(default=1, ge=1)
+    # How long an admin write waits for the broker's ack before it answers 202 (the outbox keeps trying).
+    control_publish_wait_s: float = Field(default=2.0, gt=0)

@@ -70,7 +70,8 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
         st.quota = QuotaGate(config)  # monthly quotas: billing's signals + local counting + reservations
         st.quota.follow(st.view)
         st.stop = asyncio.Event()
-        st.plain = Http1Pool(settings.upstream_max_connections)  # the hot hop: plain (non-streamed) calls
+        # the hot hop: plain (non-streamed) calls
+        st.plain = Http1Pool(settings.upstream_max_connections, max_body_bytes=settings.upstream_max_body_bytes)
         st.upstream = upstream.open_session(settings.upstream_max_connections)  # streamed calls (aiohttp)
         st.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))  # health probes only
         st.limiter = RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter()

@@ -50,6 +50,12 @@ class QuotaExceeded(GatewayError):
     status, type, code = 429, "insufficient_quota", "insufficient_quota"
 
 
+class UsageUnrecordable(GatewayError):
+    """The usage spool is (nearly) full: a call that could not be billed is not made."""
+
+    status, type, code = 503, "api_error", "usage_unrecordable"
+
+
 class UpstreamError(GatewayError):
     status, type, code = 502, "api_error", "upstream_error"
 

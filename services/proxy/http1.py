@@ -34,6 +34,13 @@ class UpstreamProtocolError(ConnectionError):
     """The provider's answer was not HTTP/1.1 we can read."""
 
 
+class UpstreamTooLarge(UpstreamProtocolError):
+    """The provider's answer (as sent, or decompressed) is larger than the pool's `max_body_bytes`."""
+
+
+DEFAULT_MAX_BODY = 128 * 1024 * 1024  # the largest embeddings answer (2,048 x 3,072 floats as JSON) is ~80 MB
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """Where one (provider, path) goes, with the request head up to the content length, built once."""
@@ -66,11 +73,13 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_decoder",
         "_framed",
+        "_size",
         "closed",
         "done",
         "idle_since",
         "keep_alive",
         "key",
+        "max_body",
         "parser",
         "parts",
         "retry_after",
@@ -79,8 +88,9 @@ class Connection(asyncio.Protocol):
         "waiter",
     )  # fmt: skip
 
-    def __init__(self, key: tuple[str, int, bool]) -> None:
+    def __init__(self, key: tuple[str, int, bool], max_body: int = DEFAULT_MAX_BODY) -> None:
         self.key = key
+        self.max_body = max_body
         self.transport: asyncio.Transport | None = None
         self.parser = HttpResponseParser(self)
         self.waiter: asyncio.Future[None] | None = None
@@ -91,6 +101,7 @@ class Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.parts: list[bytes] = []
+        self._size = 0
         self.retry_after: str | None = None
         self.keep_alive = True
         self.done = False
@@ -143,6 +154,13 @@ class Connection(asyncio.Protocol):
         self.status = self.parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        if self._size > self.max_body:
+            # httptools ignores a callback's exception: fail the waiter and drop the connection instead
+            self.parts.clear()
+            self._fail(UpstreamTooLarge(f"answer larger than {self.max_body} bytes"))
+            self.close()
+            return
         self.parts.append(body)
 
     def on_message_complete(self) -> None:
@@ -172,12 +190,20 @@ class Connection(asyncio.Protocol):
             return raw
         if self._decoder in ("gzip", "x-gzip", "deflate"):
             try:
-                return zlib.decompress(raw, wbits=47)  # 47: gzip or zlib header, detected
+                return self._inflate(raw, 47)  # 47: gzip or zlib header, detected
             except zlib.error:
                 if self._decoder == "deflate":
-                    return zlib.decompress(raw, wbits=-15)  # some servers send raw deflate
+                    return self._inflate(raw, -15)  # some servers send raw deflate
                 raise
         raise UpstreamProtocolError(f"provider answered with content-encoding {self._decoder!r}")
+
+    def _inflate(self, raw: bytes, wbits: int) -> bytes:
+        """Decompressed, but never past `max_body` (a 32 KB gzip can expand to gigabytes)."""
+        d = zlib.decompressobj(wbits=wbits)
+        out = d.decompress(raw, self.max_body + 1)
+        if len(out) > self.max_body or d.unconsumed_tail:
+            raise UpstreamTooLarge(f"answer larger than {self.max_body} bytes once decompressed")
+        return out
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -189,8 +215,9 @@ class Http1Pool:
     """Keep-alive connections per (host, port, tls), most recently used first, at most `max_connections` open."""
 
     def __init__(self, max_connections: int = 512, keepalive_s: float = 30.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:  # fmt: skip
+                 ssl_context: ssl.SSLContext | None = None, max_body_bytes: int = DEFAULT_MAX_BODY) -> None:  # fmt: skip
         self.max_connections = max_connections
+        self.max_body_bytes = max_body_bytes
         self.keepalive_s = keepalive_s
         self._idle: dict[tuple[str, int, bool], list[Connection]] = {}
         self._open = 0
@@ -258,7 +285,7 @@ class Http1Pool:
         try:
             _, conn = await asyncio.wait_for(
                 asyncio.get_running_loop().create_connection(
-                    lambda: Connection(key), host, port, ssl=self._ssl if tls else None,
+                    lambda: Connection(key, self.max_body_bytes), host, port, ssl=self._ssl if tls else None,
                     server_hostname=host if tls else None,
                 ),
                 timeout=connect_timeout_s,

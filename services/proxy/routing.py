@@ -28,6 +28,7 @@ class ModelRoute:
     targets: tuple[Target, ...]
     cache_ttl_s: float | None = None
     retry: RetryConfig | None = None
+    max_output_tokens: int | None = None
 
 
 class Router:
@@ -44,7 +45,7 @@ class Router:
                     headers["authorization"] = f"Bearer {key}"
                 targets.append(Target(r.provider, p.base_url, r.model or name, headers, p.timeout_s,
                                       p.connect_timeout_s, r.weight, r.priority, i))  # fmt: skip
-            route = ModelRoute(name, m.kind, tuple(targets), m.cache_ttl_s, m.retry)
+            route = ModelRoute(name, m.kind, tuple(targets), m.cache_ttl_s, m.retry, m.max_output_tokens)
             self._routes[name] = route
             self._aliases[name] = tuple(m.aliases)
             for alias in m.aliases:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+from pydantic import Field
+
 from schemas.settings import CommonSettings
 
 
@@ -13,6 +15,9 @@ class ProxySettings(CommonSettings):
     proxy_instance: str | None = None  # None -> "<hostname>:<port>"; names this replica's event sequence
     max_body_bytes: int = 4 * 1024 * 1024
     upstream_max_connections: int = 512
+    # a provider's answer (decompressed too) or a whole stream; the largest embeddings answer is ~80 MB
+    upstream_max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024)
+    upstream_max_sse_line_bytes: int = Field(1024 * 1024, ge=1024)  # one line of a streamed answer
     event_linger_ms: int = 10
     event_queue_max: int = 100_000
     redis_url: str | None = None  # set -> rate limits shared by every replica through Redis; unset -> in memory

@@ -13,6 +13,12 @@ Acknowledged segments are kept `spool_retain_s` before deletion so that a fresh 
 bundled one, after a restart or a kill -9 of `tollway up`) can be refilled with recent events: ClickHouse
 dedups by event_id, so a replay is always safe. The spool is bounded: acknowledged segments go first;
 unsent events beyond `spool_max_bytes` are refused (counted, logged), with a loud warning well before.
+
+Spool-full policy (`spool_full_policy`): by default (`refuse`) the proxy stops taking new calls once the unsent
+backlog reaches `spool_refuse_ratio` of the bound (503 usage_unrecordable: a call that cannot be billed is not
+made); the rest of the bound is room for the events of calls already in flight. Readiness fails earlier, at
+`spool_degraded_ratio`, so a load balancer moves traffic away first. `serve_unbilled` keeps serving and
+drops the events that no longer fit (counted): availability over billing, the operator's explicit choice.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import structlog
 from prometheus_client import Counter, Gauge
@@ -60,6 +67,8 @@ class SpoolSettings(BaseSettings):
     spool_retain_s: float = 900.0
     spool_warn_ratio: float = 0.8
     spool_degraded_ratio: float = 0.9
+    spool_refuse_ratio: float = 0.95
+    spool_full_policy: Literal["refuse", "serve_unbilled"] = "refuse"
 
 
 class Spool:
@@ -202,6 +211,11 @@ class Spool:
     @property
     def degraded(self) -> bool:
         return self.fill_ratio >= self.s.spool_degraded_ratio
+
+    @property
+    def accepting(self) -> bool:
+        """Whether a new call may start: its event will fit (see the spool-full policy above)."""
+        return self.s.spool_full_policy == "serve_unbilled" or self.fill_ratio < self.s.spool_refuse_ratio
 
     def stats(self) -> dict[str, float | int]:
         return {"pending_events": self.pending_events, "pending_bytes": self.pending_bytes,

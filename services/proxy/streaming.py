@@ -36,6 +36,7 @@ class StreamOutcome:
     ttft_ms: float | None = None
     content_chars: int = 0
     served_model: str | None = None
+    too_large: bool = False  # broken because a line or the whole stream passed its bound
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,18 +69,27 @@ def _sse(payload: bytes) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
+class StreamTooLarge(Exception):
+    """An SSE line, or the whole stream, past its bound: the provider is broken or hostile."""
+
+
+MAX_LINE = 1024 * 1024
+MAX_STREAM = 128 * 1024 * 1024
+
+
 class StreamRelay:
     """One upstream SSE stream relayed to one client; `finish` runs exactly once however it ends."""
 
     def __init__(self, resp: aiohttp.ClientResponse, started: float, client_wants_usage: bool,
-                 on_end: Callable[[StreamOutcome], None], assembler: CompletionAssembler | None = None) -> None:  # fmt: skip
+                 on_end: Callable[[StreamOutcome], None], assembler: CompletionAssembler | None = None,
+                 max_line: int = MAX_LINE, max_stream: int = MAX_STREAM) -> None:  # fmt: skip
         self.resp = resp
         self.started = started
         self.client_wants_usage = client_wants_usage
         self.on_end = on_end
         self.assembler = assembler
         self.out = StreamOutcome()
-        self._lines = _lines(resp.content)
+        self._lines = _lines(resp.content, max_line, max_stream)
         self._first: bytes | None = None
         self._finished = False
 
@@ -91,6 +101,9 @@ class StreamRelay:
                 if line.startswith(b"data:"):
                     self._first = line[5:].strip()
                     return
+        except StreamTooLarge as err:
+            self.resp.close()
+            raise UpstreamError(f"upstream stream too large: {err}", code="upstream_response_too_large") from err
         except TRANSPORT_ERRORS as err:
             self.resp.close()
             failure: GatewayError = UpstreamUnavailable(
@@ -155,6 +168,10 @@ class StreamRelay:
         except TRANSPORT_ERRORS:
             out.upstream_broken = True
             yield _sse(error_body("The upstream provider's stream broke.", "api_error", "upstream_stream_broken"))
+        except StreamTooLarge:
+            out.upstream_broken = out.too_large = True
+            yield _sse(error_body("The upstream provider's stream exceeded the gateway's bounds.", "api_error",
+                                  "upstream_response_too_large"))  # fmt: skip
 
     def finish(self, client_gone: bool) -> None:
         if self._finished:
@@ -168,15 +185,24 @@ class StreamRelay:
         self.resp.close()
 
 
-async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The body line by line (no terminator), as chunks arrive; no cap on a line's length."""
+async def _lines(content: aiohttp.StreamReader, max_line: int, max_stream: int) -> AsyncIterator[bytes]:
+    """The body line by line (no terminator), as chunks arrive (decompressed by aiohttp); a line longer than
+    `max_line` or a stream past `max_stream` bytes raises StreamTooLarge instead of growing without end."""
     rest = b""
+    total = 0
     async for chunk in content.iter_any():
+        total += len(chunk)
+        if total > max_stream:
+            raise StreamTooLarge(f"stream longer than {max_stream} bytes")
         if rest:
             chunk = rest + chunk
         *lines, rest = chunk.split(b"\n")
         for line in lines:
+            if len(line) > max_line:
+                raise StreamTooLarge(f"SSE line longer than {max_line} bytes")
             yield line[:-1] if line.endswith(b"\r") else line
+        if len(rest) > max_line:
+            raise StreamTooLarge(f"SSE line longer than {max_line} bytes")
     if rest:
         yield rest
 

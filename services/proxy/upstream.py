@@ -10,18 +10,23 @@ the hot path (health probes, CLI, tests).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import aiohttp
 import orjson
+import structlog
 from yarl import URL
 
 from services.proxy.errors import GatewayError, RateLimited, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from services.proxy.http1 import Endpoint, Http1Pool, endpoint
+from services.proxy.http1 import Endpoint, Http1Pool, UpstreamTooLarge, endpoint
 from services.proxy.retry import parse_retry_after, retryable
 from services.proxy.routing import Target
+
+log = structlog.get_logger("tollway.proxy.upstream")
+ERROR_BODY_MAX = 64 * 1024  # what is read of a streamed call's error answer
 
 
 @dataclass(slots=True)
@@ -58,15 +63,35 @@ def _stream_timeout(t: Target, budget_s: float | None) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=min(t.connect_timeout_s, read), sock_read=read)
 
 
-def upstream_failure(status: int, body: bytes, data: Any, retry_after: str | None = None) -> GatewayError:
-    """A provider's non-2xx answer as a gateway error, keeping its message when it has one."""
-    err = _failure(status, data)
+def upstream_failure(status: int, body: bytes, data: Any, retry_after: str | None = None,
+                     provider: str = "") -> GatewayError:  # fmt: skip
+    """A provider's non-2xx answer as a gateway error. The tenant gets a message of ours: a provider's text can
+    carry the operator's key (a 401 echoes a masked fragment of it) or its account details. What the provider
+    said goes to the log, scrubbed of anything key-like."""
+    detail = _provider_message(data)
+    log.warning("upstream_error", provider=provider, status=status, detail=scrub(detail) if detail else None)
+    err = _failure(status, detail)
     err.upstream_status = status
     err.retryable = retryable(status)
     err.retry_after_s = parse_retry_after(retry_after)
     if err.retry_after_s is not None and err.status in (429, 503):
         err.headers["retry-after"] = str(max(1, math.ceil(err.retry_after_s)))
     return err
+
+
+def too_large(target: Target, err: BaseException) -> GatewayError:
+    """An answer past the size bounds: not retried (the same call would get the same answer)."""
+    log.warning("upstream_answer_too_large", provider=target.provider, error=str(err)[:200])
+    return UpstreamError(f"provider '{target.provider}' sent an answer larger than the gateway accepts.",
+                         code="upstream_response_too_large")  # fmt: skip
+
+
+# key-like tokens a provider may echo: sk-..., Bearer ..., masked keys (sk-ab****cd), long opaque strings
+_SECRETISH = re.compile(r"(?i)\b(?:bearer\s+\S+|sk-\S+|\S*\*{3,}\S*|(?=[A-Za-z0-9_\-]*\d)[A-Za-z0-9_\-]{24,})")
+
+
+def scrub(text: str) -> str:
+    return _SECRETISH.sub("[redacted]", text)[:500]
 
 
 def transport_failure(target: Target, err: BaseException) -> GatewayError:
@@ -85,25 +110,32 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 PLAIN_ERRORS = (OSError, TimeoutError)
 
 
-def _failure(status: int, data: Any) -> GatewayError:
-    message = f"upstream returned HTTP {status}"
+def _provider_message(data: Any) -> str:
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        message = str(data["error"].get("message") or message)[:1000]
+        return str(data["error"].get("message") or "")[:2000]
+    return ""
+
+
+def _failure(status: int, detail: str) -> GatewayError:
     if status == 429:
-        return RateLimited(f"upstream rate limit: {message}", code="upstream_rate_limited")
+        return RateLimited("The provider is rate limiting this model; retry shortly.", code="upstream_rate_limited")
     if status in (503, 529):
-        return UpstreamUnavailable(message)
+        return UpstreamUnavailable(f"The provider is unavailable (HTTP {status}).")
     if status in (504, 408):
-        return UpstreamTimeout(message)
+        return UpstreamTimeout(f"The provider timed out (HTTP {status}).")
     if status in (401, 403, 404):
         # the provider refused the gateway's own credentials or model mapping: the operator's problem, and
         # passing a 401 through would tell the client its (valid) Tollway key is wrong
-        return UpstreamError(f"provider rejected the request (HTTP {status}): {message}", code="upstream_rejected")
+        return UpstreamError(f"The provider rejected the gateway's request (HTTP {status}); the operator needs to "
+                             "check the provider configuration.", code="upstream_rejected")  # fmt: skip
     if 400 <= status < 500:
-        err = GatewayError(message)
+        # the request itself is what the provider refused (context too long, bad parameter): the caller needs
+        # the reason, so it is passed on, scrubbed of key-like tokens
+        why = f": {scrub(detail)}" if detail else "."
+        err = GatewayError(f"The provider rejected the request (HTTP {status}){why}")
         err.status, err.type, err.code = status, "invalid_request_error", "upstream_rejected"
         return err
-    return UpstreamError(message)
+    return UpstreamError(f"The provider failed (HTTP {status}).")
 
 
 def _json(raw: bytes) -> Any:
@@ -130,6 +162,8 @@ async def post_json(pool: Http1Pool, target: Target, path: str, body: bytes,
     timeout = target.timeout_s if budget_s is None else max(min(target.timeout_s, budget_s), 0.001)
     try:
         status, raw, retry_after = await pool.post(_endpoint(target, path), body, timeout, target.connect_timeout_s)
+    except UpstreamTooLarge as err:
+        raise too_large(target, err) from err
     except PLAIN_ERRORS as err:
         raise transport_failure(target, err) from err
     return UpstreamReply(status, raw, _json(raw), retry_after)
@@ -145,10 +179,10 @@ async def open_stream(session: aiohttp.ClientSession, target: Target, path: str,
         raise transport_failure(target, err) from err
     if resp.status >= 400:
         try:
-            raw = await resp.read()
+            raw = await resp.content.read(ERROR_BODY_MAX)
         except TRANSPORT_ERRORS:
             raw = b""
         finally:
-            resp.release()
-        raise upstream_failure(resp.status, raw, _json(raw), resp.headers.get("retry-after"))
+            resp.close()  # not release: the rest of an oversized error body is not worth reading
+        raise upstream_failure(resp.status, raw, _json(raw), resp.headers.get("retry-after"), target.provider)
     return resp

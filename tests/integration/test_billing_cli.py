@@ -89,7 +89,8 @@ async def test_keys_list_and_revoke(billing_url, capsys, unique):
     assert created["key"] not in out
 
     code, out, _ = await cli(capsys, "keys", "revoke", created["key_id"])
-    assert code == 0 and json.loads(out) == {"key_id": created["key_id"], "revoked": True}
+    assert code == 0
+    assert json.loads(out) == {"key_id": created["key_id"], "revoked": True, "published": True, "will_retry": False}
     _, out, _ = await cli(capsys, "keys", "list")
     assert [k["revoked"] for k in json.loads(out) if k["key_id"] == created["key_id"]] == [True]
 

@@ -141,7 +141,8 @@ async def test_no_plan_fee_before_the_team_existed_and_the_first_month_is_prorat
     (fee,) = lines_of(await invoice(billing, tid, period), "plan_fee")
     seconds = int((end - created).total_seconds())
     month = int((end - start).total_seconds())
-    assert (fee["plan"], fee["quantity"], fee["unit"], fee["month_seconds"]) == ("team", seconds, "seconds", month)
+    assert (fee["plan"], fee["seconds"], fee["unit"], fee["month_seconds"]) == ("team", seconds, "month", month)
+    assert Decimal(fee["quantity"]) == (Decimal(seconds) / month).quantize(Decimal("0.000001"))
     assert fee["amount_usd"] == str(r2(FEE_TEAM * seconds / month))
 
 
@@ -160,7 +161,7 @@ async def test_a_plan_change_mid_month_prorates_the_fee_by_seconds(billing, stor
     fees = lines_of(await invoice(billing, tid, period), "plan_fee")
     # enterprise's fee is 0: only the two "team" spans are billed, each rounded once.
     spans = [s for s in (int((to_enterprise - created).total_seconds()), int((end - back).total_seconds())) if s]
-    assert [(f["plan"], f["quantity"]) for f in fees] == [("team", s) for s in spans]
+    assert [(f["plan"], f["seconds"]) for f in fees] == [("team", s) for s in spans]
     assert [f["amount_usd"] for f in fees] == [str(r2(FEE_TEAM * s / month)) for s in spans]
     # A key's plan changes are kept too (they set its limits; the fee follows the team's plan).
     key = (await billing.post("/v1/admin/keys", json={"team_id": tid, "plan": "free"}, headers=ADMIN)).json()

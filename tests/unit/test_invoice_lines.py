@@ -77,7 +77,12 @@ def test_plan_fee_is_prorated_by_seconds_and_rounded_once_per_span():
     (line,) = plan_fee_lines("2026-11", [PlanSpan("team", start, end)], {"team": Decimal("49")})
     seconds = int((end - start).total_seconds())
     exact = Decimal(49) * seconds / NOV_SECONDS
-    assert (line["quantity"], line["month_seconds"], line["unit"]) == (seconds, NOV_SECONDS, "seconds")
+    assert (line["seconds"], line["month_seconds"], line["unit"]) == (seconds, NOV_SECONDS, "month")
+    assert line["quantity"] == str((Decimal(seconds) / NOV_SECONDS).quantize(Decimal("0.000001")))
+    (whole,) = plan_fee_lines(
+        "2026-11", [PlanSpan("team", datetime(2026, 11, 1, tzinfo=UTC), end)], {"team": Decimal("49")}
+    )
+    assert (whole["quantity"], whole["unit"], whole["amount_usd"]) == (1, "month", "49.00")
     assert line["amount_usd"] == str(exact.quantize(Decimal("0.01"), ROUND_HALF_EVEN))
     assert plan_fee_lines("2026-11", [PlanSpan("enterprise", start, end)], {"enterprise": Decimal(0)}) == []
 

@@ -1,16 +1,19 @@
 """Admin API: create teams and keys, list them, revoke keys. Each write persists, then publishes.
 
-A key's secret appears in exactly one place: the response to the request that created it.
+A key's secret appears in exactly one place: the response to the request that created it. Every write
+answers `published` (the proxies have it) and `will_retry`: a change saved while the broker is away is
+answered 202 and stays in the control outbox until the broker takes it.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from schemas.config import Limits
 from schemas.control import KeyState, TeamState
@@ -18,16 +21,30 @@ from services.billing import metrics
 from services.billing.accounts import Accounts
 from services.billing.auth import Caller, admin_caller, staff_caller
 from services.billing.control import ControlMsg, ControlPublisher
-from services.billing.errors import ControlUnavailable
 
 log = structlog.get_logger("tollway.billing")
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+# Bidirectional overrides and isolates reorder what a staff view shows (a name could pose as another).
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _printable(value: str) -> str:
+    """Names land in staff views, logs and CSV invoices: no control characters (Unicode Cc: C0, DEL, C1),
+    line or paragraph separators, surrogates or bidirectional controls."""
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or ch in _BIDI:
+            raise ValueError(f"must not contain control characters (found U+{ord(ch):04X})")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_printable)]
 
 
 class CreateTeam(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     plan: str | None = Field(default=None, max_length=100)
     limits: Limits | None = None
 
@@ -36,7 +53,7 @@ class CreateKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     team_id: str = Field(min_length=1, max_length=64)
-    name: str | None = Field(default=None, max_length=200)
+    name: Name | None = None
     plan: str | None = Field(default=None, max_length=100)
     expires_at: datetime | None = None
     limits: Limits | None = None
@@ -71,25 +88,22 @@ def _accounts(request: Request) -> Accounts:
     return request.app.state.accounts
 
 
-async def _publish(request: Request, msg: ControlMsg) -> None:
+async def _publish(request: Request, response: Response, msg: ControlMsg) -> dict[str, bool]:
+    """The change is durable already; say whether the proxies have it. If not, it stays in the outbox."""
     publisher: ControlPublisher = request.app.state.publisher
-    try:
-        await publisher.publish(msg)
-    except Exception as e:
-        # The change is already durable; the next billing start republishes the full state.
-        log.error("control_publish_failed", kind=msg.kind, error=type(e).__name__)
-        raise ControlUnavailable(
-            "the change is saved but could not be published to the proxies yet; "
-            "it will be published when billing next starts"
-        ) from None
+    published = await publisher.publish(msg)
+    if not published:
+        response.status_code = 202
+        log.warning("control_publish_deferred", kind=msg.kind, pending=publisher.pending)
+    return {"published": published, "will_retry": not published}
 
 
 @router.post("/teams", status_code=201)
-async def create_team(body: CreateTeam, request: Request, _: Caller = Depends(admin_caller)) -> dict[str, Any]:
+async def create_team(body: CreateTeam, request: Request, response: Response,
+                      _: Caller = Depends(admin_caller)) -> dict[str, Any]:  # fmt: skip
     team = await _accounts(request).create_team(body.name, plan=body.plan, limits=body.limits)
     metrics.ADMIN_WRITES.labels(operation="create_team").inc()
-    await _publish(request, team)
-    return team_view(team)
+    return {**team_view(team), **await _publish(request, response, team)}
 
 
 @router.get("/teams")
@@ -99,7 +113,8 @@ async def list_teams(request: Request, name: str | None = None, _: Caller = Depe
 
 
 @router.post("/keys", status_code=201)
-async def create_key(body: CreateKey, request: Request, _: Caller = Depends(admin_caller)) -> dict[str, Any]:
+async def create_key(body: CreateKey, request: Request, response: Response,
+                     _: Caller = Depends(admin_caller)) -> dict[str, Any]:  # fmt: skip
     secret, key = await _accounts(request).create_key(
         body.team_id,
         name=body.name,
@@ -109,10 +124,9 @@ async def create_key(body: CreateKey, request: Request, _: Caller = Depends(admi
         metadata=body.metadata,
     )
     metrics.ADMIN_WRITES.labels(operation="create_key").inc()
-    await _publish(request, key)
     view = key_view(key)
     del view["revoked"]
-    return {"key": secret, **view}
+    return {"key": secret, **view, **await _publish(request, response, key)}
 
 
 @router.get("/keys")
@@ -127,11 +141,11 @@ async def list_keys(request: Request, team: str | None = None, _: Caller = Depen
 
 
 @router.delete("/keys/{key_id}")
-async def revoke_key(key_id: str, request: Request, _: Caller = Depends(admin_caller)) -> dict[str, Any]:
+async def revoke_key(key_id: str, request: Request, response: Response,
+                     _: Caller = Depends(admin_caller)) -> dict[str, Any]:  # fmt: skip
     key = await _accounts(request).revoke_key(key_id)
     metrics.ADMIN_WRITES.labels(operation="revoke_key").inc()
-    await _publish(request, key)
-    return {"key_id": key.key_id, "revoked": True}
+    return {"key_id": key.key_id, "revoked": True, **await _publish(request, response, key)}
 
 
 class UpdateTeam(BaseModel):
@@ -144,7 +158,7 @@ class UpdateTeam(BaseModel):
 class UpdateKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, max_length=200)
+    name: Name | None = None
     plan: str | None = Field(default=None, max_length=100)
     expires_at: datetime | None = None
     limits: Limits | None = None
@@ -153,23 +167,23 @@ class UpdateKey(BaseModel):
 
 @router.patch("/teams/{team_id}")
 async def update_team(
-    team_id: str, body: UpdateTeam, request: Request, _: Caller = Depends(admin_caller)
+    team_id: str, body: UpdateTeam, request: Request, response: Response, _: Caller = Depends(admin_caller)
 ) -> dict[str, Any]:
     """Change a team's plan or limits; a raised limit restores an exhausted team right away."""
     team = await _accounts(request).update_team(team_id, plan=body.plan, limits=body.limits)
     metrics.ADMIN_WRITES.labels(operation="update_team").inc()
-    await _publish(request, team)
+    published = await _publish(request, response, team)
     await request.app.state.quota.on_account_change(("team", team.team_id))
-    return team_view(team)
+    return {**team_view(team), **published}
 
 
 @router.patch("/keys/{key_id}")
 async def update_key(
-    key_id: str, body: UpdateKey, request: Request, _: Caller = Depends(admin_caller)
+    key_id: str, body: UpdateKey, request: Request, response: Response, _: Caller = Depends(admin_caller)
 ) -> dict[str, Any]:
     key = await _accounts(request).update_key(key_id, plan=body.plan, limits=body.limits, expires_at=body.expires_at,
                                               metadata=body.metadata, name=body.name)  # fmt: skip
     metrics.ADMIN_WRITES.labels(operation="update_key").inc()
-    await _publish(request, key)
+    published = await _publish(request, response, key)
     await request.app.state.quota.on_account_change(("key", key.key_id))
-    return key_view(key)
+    return {**key_view(key), **published}
