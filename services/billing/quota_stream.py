@@ -42,6 +42,7 @@ from schemas.events import USAGE_TOPIC, UsageEvent
 from schemas.periods import bounds, period_of
 from schemas.prices import PriceBook, price
 from schemas.quota import has_monthly_limit, quota_tokens
+from schemas.reconnect import partitions_of, reconnecting
 from services.billing import ledger, metrics
 from services.billing.accounts import Accounts
 from services.billing.alerts import Alerts
@@ -213,15 +214,7 @@ class QuotaService:
 
     async def run(self, stop: asyncio.Event) -> None:
         converging = asyncio.create_task(self._converge_loop(stop), name="billing-quota-converge")
-        while not stop.is_set():
-            try:
-                await self._consume(stop)
-            except Exception as err:  # broker trouble: keep the totals, reconnect
-                log.warning("quota_loop_error", error=str(err)[:300])
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=1.0)
-                except TimeoutError:
-                    pass
+        await reconnecting(lambda: self._consume(stop), stop, log, "quota_loop_error")  # the totals stay
         self._converge_due.set()
         await converging
         if self._alert_tasks:
@@ -239,11 +232,8 @@ class QuotaService:
         )
         await consumer.start()
         try:
-            parts = consumer.partitions_for_topic(USAGE_TOPIC)
-            while not parts and not stop.is_set():
-                await consumer._client.force_metadata_update()  # the topic may be brand new
-                parts = consumer.partitions_for_topic(USAGE_TOPIC)
-            consumer.assign([TopicPartition(USAGE_TOPIC, p) for p in sorted(parts or ())])
+            parts = await partitions_of(consumer, USAGE_TOPIC, stop)
+            consumer.assign([TopicPartition(USAGE_TOPIC, p) for p in sorted(parts)])
             self.ready.set()
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=50, max_records=5000)

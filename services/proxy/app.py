@@ -68,7 +68,8 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
         st.router = Router(config)
         st.view = KeyView()
         st.quota = QuotaGate(config)  # monthly quotas: billing's signals + local counting + reservations
-        st.quota.follow(st.view)
+        # One reader of the control topic, folded by the key view, then the quota gate.
+        st.control = ControlListener(bootstrap, st.view.apply, st.quota.on_control)
         st.stop = asyncio.Event()
         # the hot hop: plain (non-streamed) calls
         st.plain = Http1Pool(settings.upstream_max_connections, max_body_bytes=settings.upstream_max_body_bytes)
@@ -84,7 +85,6 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
                                   settings.event_linger_ms, settings.event_queue_max,
                                   replay_retained=replay_spool)  # fmt: skip
         await st.emitter.start()
-        st.control = ControlListener(bootstrap, st.view)
         control_task = asyncio.create_task(st.control.run(st.stop), name="control-listener")
         st.handler = ProxyHandler(st)
         log.info("proxy_started", instance=instance, models=len(config.models))

@@ -131,16 +131,6 @@ class QuotaGate:
 
     # -- control topic ------------------------------------------------------------------------------
 
-    def follow(self, view: Any) -> None:
-        """Fold every control message the view applies into the gate too (one reader, two consumers)."""
-        inner = view.apply
-
-        def apply(msg: Any) -> None:
-            inner(msg)
-            self.on_control(msg)
-
-        view.apply = apply
-
     def on_control(self, msg: Any) -> None:
         if isinstance(msg, TeamState):
             self.teams[msg.team_id] = msg
