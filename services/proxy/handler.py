@@ -13,6 +13,7 @@ import uuid_utils
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from schemas.billed import billed_model
 from schemas.control import KeyState, TeamState
 from schemas.events import utc_now
 from services.proxy import metrics
@@ -306,7 +307,7 @@ class ProxyHandler:
             metrics.EVENTS.labels("not_recorded_spool_full").inc()
         elif "team_id" in ev:  # only calls that got past auth are events
             self.s.emitter.emit(ev)  # (the queue-depth gauge is the sender's to update, once per round)
-        model = ev.get("served_model") or ev.get("requested_model") or "unknown"
+        model = billed_model(ev.get("served_model"), ev.get("requested_model") or "") or "unknown"
         metrics.requests_by(call.endpoint, model if route else "unknown", ev.get("provider", ""), ev["status"]).inc()
         metrics.latency_by(call.endpoint).observe(ev["latency_ms"] / 1000)
 
