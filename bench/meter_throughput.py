@@ -27,26 +27,39 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import uuid_utils
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.clickhouse import Store
 from schemas.config import load_config
+from schemas.events import UsageEvent, utc_now
 from schemas.prices import PriceBook
 from services.meter import metrics
 from services.meter.columnar import decode_and_price_columnar
 from services.meter.consumer import run_meter
 from services.meter.reference import decode_and_price
 from services.meter.settings import MeterSettings
-from tests.support.events import make_event
-from tests.support.meter_harness import create_topic
 from tollway.broker import BundledBroker
+from tollway.topics import create_missing
 
 TOPIC = "bench.usage"
 
 
+def usage_event(i: int) -> bytes:
+    """The i-th call of the load: an ordinary successful chat call by one of 50 teams and 200 keys."""
+    return UsageEvent(event_id=str(uuid_utils.uuid7()), occurred_at=utc_now(), request_id="req_bench",
+                      team_id=f"team-{i % 50}", key_id=f"k{i % 200}", endpoint="chat.completions",
+                      requested_model="gpt-4.1", served_model="gpt-4.1", provider="openai", status="ok",
+                      http_status=200, prompt_tokens=100 + i % 900, completion_tokens=i % 500, attempts=1,
+                      proxy_instance="bench", proxy_seq=i + 1).to_bytes()  # fmt: skip
+
+
+async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    await create_missing(bootstrap, {topic: partitions})
+
+
 async def fill(bootstrap: str, n: int, topic: str = TOPIC) -> list[bytes]:
-    values = [make_event(f"team-{i % 50}", key_id=f"k{i % 200}", prompt_tokens=100 + i % 900,
-                         completion_tokens=i % 500, proxy_seq=i + 1).to_bytes() for i in range(n)]  # fmt: skip
+    values = [usage_event(i) for i in range(n)]
     p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, compression_type="lz4",
                          max_batch_size=1024 * 1024)  # fmt: skip
     await p.start()

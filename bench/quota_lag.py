@@ -25,16 +25,30 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas.clickhouse import Store
+from schemas.config import GatewayConfig, parse_config
 from services.billing.app import create_app as billing_app
 from services.billing.settings import BillingSettings
+from services.mock_upstream.app import create_app as mock_app
+from services.mock_upstream.settings import MockSettings
 from services.proxy.app import create_app as proxy_app
 from services.proxy.settings import ProxySettings
-from tests.support.stack import gateway_config, mock_upstream
 from tollway.broker import BundledBroker
 from tollway.logs import configure_logging
+from tollway.servers import serving
 from tollway.topics import ensure_topics
 
 ADMIN = {"Authorization": "Bearer bench-admin"}
+
+
+def gateway_config(upstream_url: str) -> GatewayConfig:
+    """gpt-4.1 at its list price, served by the mock upstream; no plan limit but the keys' own."""
+    return parse_config({
+        "providers": {"mock": {"base_url": upstream_url, "timeout_s": 5}},
+        "models": {"gpt-4.1": {"routes": [{"provider": "mock"}], "prices": [
+            {"effective_from": "2025-04-14", "input": "2.00", "output": "8.00", "cached_input": "0.50"}]}},
+        "plans": {"default": {}},
+        "default_plan": "default",
+    })  # fmt: skip
 
 
 def chat(max_tokens: int) -> dict:
@@ -65,8 +79,8 @@ async def main(trials: int, bursts: int) -> None:
     await store.open()
     await store.migrate()
     try:
-        async with mock_upstream() as upstream:
-            config = gateway_config(upstream)
+        async with serving(mock_app(MockSettings()), "mock-upstream") as upstream:
+            config = gateway_config(f"{upstream}/v1")
             billing = billing_app(BillingSettings(admin_token="bench-admin", quota_update_interval_ms=20), config,
                                   store, bootstrap)  # fmt: skip
             apps = [proxy_app(ProxySettings(data_dir=tmp / n, proxy_instance=n), config, bootstrap) for n in "ab"]

@@ -57,8 +57,8 @@ async def _measure(calls: int, profile: bool) -> float:
         app = create_app(ProxySettings(data_dir=Path(tmp), proxy_instance="bench"), config, "127.0.0.1:1")
         async with app.router.lifespan_context(app):
             secret = new_secret()
-            app.state.proxy.view.apply(TeamState(team_id="t1", name="t1", plan="bench"))
-            app.state.proxy.view.apply(KeyState(key_id="k1", key_hash=hash_key(secret), prefix=display_prefix(secret),
+            app.state.proxy.control.apply(TeamState(team_id="t1", name="t1", plan="bench"))
+            app.state.proxy.control.apply(KeyState(key_id="k1", key_hash=hash_key(secret), prefix=display_prefix(secret),
                                           team_id="t1"))  # fmt: skip
             body = orjson.dumps(chat_body("bench-instant"))
             headers = [(b"host", b"proxy"), (b"content-type", b"application/json"),

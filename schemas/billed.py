@@ -8,6 +8,7 @@ from __future__ import annotations
 BILLED_MODEL_SQL = "if(served_model = '', requested_model, served_model)"
 # Cache hits ('cached') and rejections cost nothing; an upstream error that consumed tokens is billed.
 BILLABLE_STATUSES = ("ok", "error")
+BILLABLE_STATUSES_SQL = ", ".join(f"'{s}'" for s in BILLABLE_STATUSES)  # for `status IN (...)`
 
 
 def billed_model(served_model: str | None, requested_model: str) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 
+from schemas.billed import BILLABLE_STATUSES, billed_model
 from schemas.config import GatewayConfig, Price
 from schemas.events import UsageEvent
 
@@ -113,7 +114,7 @@ def cost_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int, unit
 
 def price(event: UsageEvent, book: PriceBook) -> Priced:
     """Cost of one event. Cache hits and rejections cost nothing but are still priced (version kept)."""
-    return price_of(event.served_model or event.requested_model, event.provider, event.occurred_at, event.status,
+    return price_of(billed_model(event.served_model, event.requested_model), event.provider, event.occurred_at, event.status,
                     event.prompt_tokens, event.completion_tokens, event.cached_tokens, book)  # fmt: skip
 
 
@@ -129,6 +130,6 @@ def price_of(model: str, provider: str, occurred_at: datetime, status: str, prom
         # A call with no tokens (rejected, failed before upstream) needs no price to be exact.
         return Priced(unit=None, cost=_ZERO_COST) if prompt_tokens or completion_tokens else Priced(
             unit=_NO_PRICE_NEEDED, cost=_ZERO_COST)  # fmt: skip
-    if status in ("cached", "rejected"):
+    if status not in BILLABLE_STATUSES:  # a cache hit or a rejection
         return Priced(unit=unit, cost=_ZERO_COST)
     return Priced(unit=unit, cost=cost_of(prompt_tokens, completion_tokens, cached_tokens, unit))

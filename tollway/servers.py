@@ -8,7 +8,7 @@ import contextlib
 import importlib.util
 import resource
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import uvicorn
@@ -143,3 +143,14 @@ async def start_server(server: QuietServer, name: str, timeout_s: float = 30.0) 
 async def stop_server(server: QuietServer, task: asyncio.Task[None]) -> None:
     server.should_exit = True
     await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, name: str, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """`app` on a real uvicorn server (a free port by default) for the block; yields its base URL."""
+    server = make_server(app, host, port)
+    task = await start_server(server, name)
+    try:
+        yield f"http://{host}:{bound_port(server)}"
+    finally:
+        await stop_server(server, task)

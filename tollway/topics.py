@@ -18,14 +18,17 @@ def topic_plan(usage_partitions: int) -> dict[str, int]:
 
 
 async def ensure_topics(bootstrap: str, usage_partitions: int = 4) -> None:
+    await create_missing(bootstrap, topic_plan(usage_partitions))
+
+
+async def create_missing(bootstrap: str, plan: dict[str, int]) -> None:
+    """Create each topic of `plan` (name -> partitions) that does not exist yet."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(name, num_partitions=n, replication_factor=1)
-            for name, n in topic_plan(usage_partitions).items()
-            if name not in existing
+            NewTopic(name, num_partitions=n, replication_factor=1) for name, n in plan.items() if name not in existing
         ]
         if wanted:
             try:

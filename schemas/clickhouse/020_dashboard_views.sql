@@ -17,7 +17,7 @@ FROM {db}.api_keys FINAL;
 -- (a hit is billed zero but keeps its unit prices, so the saving is exact).
 CREATE VIEW IF NOT EXISTS {db}.cache_savings_hourly AS
 SELECT toStartOfHour(occurred_at) AS hour, team_id, key_id,
-       if(served_model = '', requested_model, served_model) AS model,
+       {billed_model} AS model,
        count() AS cache_hits,
        sum(prompt_tokens) AS hit_prompt_tokens,
        sum(completion_tokens) AS hit_completion_tokens,

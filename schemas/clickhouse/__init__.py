@@ -17,16 +17,26 @@ from urllib.parse import urlparse
 
 import clickhouse_connect
 
+from schemas.billed import BILLED_MODEL_SQL
+
 MIGRATIONS_TABLE = "schema_migrations"
 
 
+# Rules the SQL files share with the code, written once (schemas/billed.py) and named in the files as
+# `{name}`; `{db}` is the database, filled in when a statement runs.
+SQL_RULES = {"{billed_model}": BILLED_MODEL_SQL}
+
+
 def migrations() -> list[tuple[int, str, str]]:
-    """(number, name, sql) for every `NNN_name.sql` shipped in this package, in order."""
+    """(number, name, sql) for every `NNN_name.sql` shipped in this package, in order, rules filled in."""
     out = []
     for f in resources.files(__name__).iterdir():
         m = re.match(r"^(\d{3})_(\w+)\.sql$", f.name)
         if m:
-            out.append((int(m.group(1)), m.group(2), f.read_text()))
+            sql = f.read_text()
+            for name, rule in SQL_RULES.items():
+                sql = sql.replace(name, rule)
+            out.append((int(m.group(1)), m.group(2), sql))
     return sorted(out)
 
 

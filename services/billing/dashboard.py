@@ -23,11 +23,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from schemas.clickhouse import Store
+from schemas.clock import iso
 from schemas.config import GatewayConfig
+from schemas.money import plain
+from schemas.periods import period_of
 from services.billing import ledger
 from services.billing.auth import Caller, current_caller, team_scope
 from services.billing.errors import InvalidRequest
-from services.billing.usage import money, parse_range
+from services.billing.usage import parse_range
 
 router = APIRouter(tags=["dashboard"])
 
@@ -101,12 +104,8 @@ def build_queries(team_id: str | None, granularity: str) -> dict[str, str]:
 def _metrics(row: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {f: int(row.get(f) or 0) for f in _INT_FIELDS}
     out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
-    out["cost_usd"] = money(Decimal(row.get("cost_usd") or 0))
+    out["cost_usd"] = plain(Decimal(row.get("cost_usd") or 0))
     return out
-
-
-def _iso(t: datetime) -> str:
-    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def bucket_starts(start: datetime, end: datetime, granularity: str) -> list[datetime]:
@@ -141,10 +140,10 @@ def shape(rows: dict[str, list[dict[str, Any]]], names: dict[str, str], keys: di
     totals = _metrics(rows["totals"][0] if rows["totals"] else {})
     totals["cache_hit_rate"] = round(totals["cache_hits"] / totals["requests"], 4) if totals["requests"] else 0.0
     savings = rows["savings"][0]["savings_usd"] if rows["savings"] else 0
-    totals["cache_savings_usd"] = money(Decimal(savings or 0))
-    found = {_iso(r["t"].replace(tzinfo=UTC) if r["t"].tzinfo is None else r["t"]): _metrics(r) for r in rows["series"]}
+    totals["cache_savings_usd"] = plain(Decimal(savings or 0))
+    found = {iso(r["t"]): _metrics(r) for r in rows["series"]}
     # Every bucket of the range, empty ones as zeros, so a chart's time axis is the range asked for.
-    series = [{"t": t, **found.pop(t, _metrics({}))} for t in (_iso(b) for b in buckets)]
+    series = [{"t": t, **found.pop(t, _metrics({}))} for t in (iso(b) for b in buckets)]
     series += [{"t": t, **m} for t, m in sorted(found.items())]  # outside the grid: never silently dropped
     series.sort(key=lambda p: p["t"])
     by_team = [{"team_id": r["team_id"], "name": names.get(r["team_id"], r["team_id"]), **_metrics(r)}
@@ -207,11 +206,11 @@ async def get_dashboard_data(
         "role": caller.role,
         "team_id": team_id,
         "teams": [{"team_id": t.team_id, "name": t.name} for t in visible],
-        "from": _iso(lo),
-        "to": _iso(hi),
+        "from": iso(lo),
+        "to": iso(hi),
         "granularity": granularity,
-        "period": now.strftime("%Y-%m"),
-        "generated_at": _iso(now),
+        "period": period_of(now),
+        "generated_at": iso(now),
         "query_ms": round((time.perf_counter() - began) * 1000, 1),
         **body,
     }

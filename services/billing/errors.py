@@ -8,6 +8,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from schemas.errors import error_json
+
 log = structlog.get_logger("tollway.billing")
 
 
@@ -79,12 +81,8 @@ class RateLimited(GatewayError):
         self.retry_after_s = retry_after_s
 
 
-def error_body(message: str, type_: str, code: str) -> dict[str, dict[str, str]]:
-    return {"error": {"message": message, "type": type_, "code": code}}
-
-
 def _response(status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, code), status_code=status, headers=headers)
+    return JSONResponse(error_json(message, type_, code), status_code=status, headers=headers)
 
 
 def response_for(exc: GatewayError) -> JSONResponse:

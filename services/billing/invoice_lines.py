@@ -36,36 +36,25 @@ import csv
 import hashlib
 import io
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 import orjson
 
+from schemas.clock import iso
+from schemas.money import cents, plain, usd
+from schemas.periods import bounds
 from schemas.prices import MILLION
 from services.billing.ledger import LedgerLine
-from services.billing.periods import bounds, iso
 from services.billing.plan_history import PlanSpan
 
-CENT = Decimal("0.01")
 ZERO = Decimal(0)
 ROUNDING_RULE = "each line: exact Decimal amount rounded once to 0.01 USD (ROUND_HALF_EVEN); totals = sums of lines"
 ItemKey = tuple[str, str, str, Decimal]  # model, price_version, component, unit price per 1M
 Items = dict[ItemKey, tuple[int, int]]  # -> (quantity, requests)
 Billed = dict[ItemKey, tuple[int, Decimal]]  # -> (quantity, amount)
 NUMBER_PREFIX = {"invoice": "TW", "credit_note": "CN"}
-
-
-def round_line(exact: Decimal) -> Decimal:
-    return exact.quantize(CENT, rounding=ROUND_HALF_EVEN)
-
-
-def usd(value: Decimal) -> str:
-    return str(value.quantize(CENT, rounding=ROUND_HALF_EVEN))
-
-
-def plain(value: Decimal) -> str:
-    return format(value.normalize(), "f") if value else "0"
 
 
 def items_of(lines: list[LedgerLine]) -> Items:
@@ -91,7 +80,7 @@ def usage_lines(items: Items) -> list[dict[str, Any]]:
             "type": "usage", "model": model, "price_version": version, "component": comp,
             "description": f"{model} {comp.replace('_', ' ')} tokens", "requests": requests,
             "quantity": qty, "unit": "tokens", "unit_price_usd_per_1m": plain(unit),
-            "exact_amount_usd": plain(exact), "amount_usd": usd(round_line(exact)),
+            "exact_amount_usd": plain(exact), "amount_usd": usd(cents(exact)),
         })  # fmt: skip
     return lines
 
@@ -118,7 +107,7 @@ def plan_fee_lines(period: str, spans: list[PlanSpan], fees: dict[str, Decimal])
             "description": f"plan {s.plan}: monthly fee" + ("" if whole else f", {iso(s.start)} to {iso(s.end)}"),
             "from": iso(s.start), "to": iso(s.end), "quantity": 1 if whole else plain(month_fraction(s.seconds, month)),
             "unit": "month", "seconds": s.seconds, "month_seconds": month,
-            "unit_price_usd": usd(fee), "exact_amount_usd": plain(exact), "amount_usd": usd(round_line(exact)),
+            "unit_price_usd": usd(fee), "exact_amount_usd": plain(exact), "amount_usd": usd(cents(exact)),
         })  # fmt: skip
     return lines
 
@@ -156,9 +145,9 @@ def adjustment_lines(period: str, invoice: dict[str, Any] | None, now: Items, kn
         t, k = now.get(key, (0, 0))[0], known.get(key, (0, 0))[0]
         b_qty, b_amount = billed.get(key, (0, ZERO))
         late, rerate = t - k, k - b_qty
-        late_usd = round_line(_exact(late, unit))
-        rerate_usd = round_line(_exact(rerate, unit))
-        rounding_usd = round_line(_exact(t, unit)) - b_amount - late_usd - rerate_usd
+        late_usd = cents(_exact(late, unit))
+        rerate_usd = cents(_exact(rerate, unit))
+        rounding_usd = cents(_exact(t, unit)) - b_amount - late_usd - rerate_usd
         for reason, qty, amount in (("late usage", late, late_usd), ("re-rating", rerate, rerate_usd),
                                     ("rounding", 0, rounding_usd)):  # fmt: skip
             if qty == 0 and amount == 0:
@@ -207,7 +196,7 @@ def assemble(team_id: str, team_name: str, plan: str | None, period: str, usage:
         "period_start": iso(start), "period_end": iso(end), "currency": "USD", "lines": lines,
         "usage_usd": usd(usage_total), "plan_fee_usd": usd(fee_total), "subtotal_usd": usd(usage_total + fee_total),
         "adjustments_usd": usd(adj_total), "total_usd": usd(total),
-        "rounding": ROUNDING_RULE, "unpriced_events": unpriced, "generated_at": iso(now.astimezone(UTC)),
+        "rounding": ROUNDING_RULE, "unpriced_events": unpriced, "generated_at": iso(now),
         "finalized_at": None, "content_hash": None,
     }  # fmt: skip
     if kind == "credit_note":

@@ -28,8 +28,10 @@ from typing import Any
 import structlog
 
 from schemas.clickhouse import Store
+from schemas.clock import iso
 from schemas.config import GatewayConfig
 from schemas.control import TeamState
+from schemas.periods import bounds, next_period, period_of
 from services.billing import ledger, metrics, plan_history
 from services.billing.errors import Conflict, InvalidRequest, NotFound
 from services.billing.invoice_documents import Documents, document_id
@@ -45,7 +47,6 @@ from services.billing.invoice_lines import (
     to_csv,
     usage_lines,
 )
-from services.billing.periods import bounds, iso, next_period, period_of
 
 __all__ = ["Invoices", "PeriodOpen", "PeriodOutOfOrder", "content_hash", "not_found", "to_csv"]
 

@@ -9,7 +9,7 @@ the tokens at the effective unit prices.
 
 Rules stated once (the first two in `schemas/billed.py`, so the meter's rollups can share them; re-exported
 here) and imported everywhere else:
-  * billed model (`BILLED_MODEL_SQL`): `if(served_model = '', requested_model, served_model)`;
+  * billed model (`BILLED_MODEL_SQL`): the served model, or the requested one when none served;
   * billable (`BILLABLE_STATUSES`): status ok or error (a cache hit and a rejection are billed zero);
     a billable row that is not priced is *unpriced*: counted, billed zero until `tollway rerate` prices it;
   * components: `input` = prompt tokens minus provider-cached ones, `cached_input` = min(cached, prompt),
@@ -53,14 +53,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 
-from schemas.billed import BILLABLE_STATUSES, BILLED_MODEL_SQL
+from schemas.billed import BILLABLE_STATUSES, BILLABLE_STATUSES_SQL, BILLED_MODEL_SQL
 from schemas.clickhouse import Store
+from schemas.clock import utc
 from schemas.config import GatewayConfig
 from schemas.periods import bounds
 from schemas.prices import MILLION
+from schemas.quota import QUOTA_TOKENS_SQL
 
 __all__ = ["BILLABLE_STATUSES", "BILLED_MODEL_SQL", "COMPONENTS", "UNKNOWN_MODEL", "LedgerGroup", "LedgerLine",
            "MonthToDate", "TeamMonth", "effective_sql", "groups", "groups_by_team", "month_to_date", "report_model",
@@ -70,7 +72,6 @@ COMPONENTS = ("input", "cached_input", "output")
 UNKNOWN_MODEL = "(unknown)"
 ZERO = Decimal(0)
 
-_STATUSES_SQL = ", ".join(f"'{s}'" for s in BILLABLE_STATUSES)
 _RANGE = "occurred_at >= {start:DateTime64(6, 'UTC')} AND occurred_at < {end:DateTime64(6, 'UTC')}"
 
 _EFFECTIVE_SQL = """(
@@ -105,7 +106,7 @@ def effective_sql(team: bool = False, ingested_before: bool = False) -> str:
         " AND ingested_at <= {ingested_before:DateTime64(6, 'UTC')}" if ingested_before else ""
     )
     # An unmatched LEFT JOIN row has default values (n = 0, delta = 0), not NULLs (join_use_nulls is off).
-    return _EFFECTIVE_SQL.format(statuses=_STATUSES_SQL, model=BILLED_MODEL_SQL, range=_RANGE,
+    return _EFFECTIVE_SQL.format(statuses=BILLABLE_STATUSES_SQL, model=BILLED_MODEL_SQL, range=_RANGE,
                                  events_where=events_where, team_where=team_where)  # fmt: skip
 
 
@@ -204,7 +205,7 @@ async def groups(store: Store, start: datetime, end: datetime, team_id: str | No
     if ingested_before is not None:
         params["ingested_before"] = ingested_before
     rows = await store.query_dicts(_GROUPS_SQL.format(effective=eff), parameters=params)
-    unpriced = await store.query(_UNPRICED_SQL.format(effective=eff, statuses=_STATUSES_SQL), parameters=params)
+    unpriced = await store.query(_UNPRICED_SQL.format(effective=eff, statuses=BILLABLE_STATUSES_SQL), parameters=params)
     out = [
         LedgerGroup(r["model"], r["price_version"], Decimal(r["unit_input"]), Decimal(r["unit_output"]),
                     Decimal(r["unit_cached_input"]), int(r["requests"]), int(r["input_qty"]), int(r["cached_qty"]),
@@ -227,7 +228,7 @@ ORDER BY team_id, model, price_version, unit_input, unit_output, unit_cached_inp
 async def groups_by_team(store: Store, start: datetime, end: datetime,
                          team_id: str | None = None) -> dict[str, tuple[list[LedgerGroup], int]]:  # fmt: skip
     """`groups` for every team with usage in [start, end): {team_id: (groups, unpriced)}."""
-    sql = _TEAM_GROUPS_SQL.format(effective=effective_sql(team=team_id is not None), statuses=_STATUSES_SQL)
+    sql = _TEAM_GROUPS_SQL.format(effective=effective_sql(team=team_id is not None), statuses=BILLABLE_STATUSES_SQL)
     out: dict[str, tuple[list[LedgerGroup], int]] = {}
     for r in await store.query_dicts(sql, parameters=_params(start, end, team_id)):
         gs, unpriced = out.get(r["team_id"], ([], 0))
@@ -249,7 +250,7 @@ async def team_month(store: Store, team_id: str, period: str, ingested_before: d
 
 
 _MTD_SQL = """
-SELECT team_id, key_id, sumIf(prompt_tokens + completion_tokens, status IN ({statuses})) AS tokens,
+SELECT team_id, key_id, sum({quota_tokens}) AS tokens,
        sumIf(cost_usd, billable) AS usd, max(occurred_at) AS last_at,
        countIf(status IN ({statuses}) AND NOT priced) AS unpriced
 FROM {effective} AS x
@@ -264,11 +265,15 @@ async def month_to_date(store: Store, period: str, ingested_before: datetime | N
     params: dict[str, object] = {"start": start, "end": end}
     if ingested_before is not None:
         params["ingested_before"] = ingested_before
-    sql = _MTD_SQL.format(statuses=_STATUSES_SQL, effective=effective_sql(ingested_before=ingested_before is not None))
+    sql = _MTD_SQL.format(
+        statuses=BILLABLE_STATUSES_SQL,
+        quota_tokens=QUOTA_TOKENS_SQL,
+        effective=effective_sql(ingested_before=ingested_before is not None),
+    )
     rows = await store.query_dicts(sql, parameters=params)
     return [
         MonthToDate(r["team_id"], r["key_id"], int(r["tokens"]), Decimal(r["usd"]),
-                    r["last_at"].replace(tzinfo=UTC) if r["last_at"] is not None else None, int(r["unpriced"]))
+                    None if r["last_at"] is None else utc(r["last_at"]), int(r["unpriced"]))
         for r in rows
     ]  # fmt: skip
 

@@ -1,8 +1,7 @@
 """Month-to-date quota arithmetic (pure): per-entity totals, dedup by event_id, limit states, alert
 thresholds and the self-service view. The loop that feeds it lives in `quota_stream.py`.
 
-Tokens that count against `tokens_per_month` are prompt + completion tokens of calls that reached a
-provider (status ok or error); cache hits and rejections count nothing. Spend is the priced cost (Decimal).
+What counts against a limit and when it is reached: schemas/quota.py (the proxies gate on the same rule).
 """
 
 from __future__ import annotations
@@ -14,13 +13,15 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
+from schemas.clock import iso
 from schemas.config import Limits
-from services.billing.periods import bounds, iso
+from schemas.money import plain
+from schemas.periods import bounds
+from schemas.quota import limit_reached
 
 Scope = Literal["team", "key"]
 Entity = tuple[Scope, str]
 ZERO = Decimal(0)
-BILLABLE = ("ok", "error")
 
 
 @dataclass(slots=True)
@@ -133,16 +134,8 @@ def _amounts(u: Usage) -> tuple[int, Decimal]:
 
 
 def exhausted_by(usage: Usage, limits: Limits) -> str | None:
-    """The limit a usage has reached, or None. Reaching a limit exactly exhausts it (nothing is left)."""
-    if limits.tokens_per_month is not None and usage.tokens >= limits.tokens_per_month:
-        return "tokens_per_month"
-    if limits.budget_usd_per_month is not None and usage.usd >= limits.budget_usd_per_month:
-        return "budget_usd_per_month"
-    return None
-
-
-def has_monthly_limit(limits: Limits) -> bool:
-    return limits.tokens_per_month is not None or limits.budget_usd_per_month is not None
+    """The limit a usage has reached, or None (the rule: schemas/quota.py)."""
+    return limit_reached(limits, usage.tokens, usage.usd)
 
 
 def near_limit(usage: Usage, limits: Limits, ratio: float) -> bool:
@@ -206,7 +199,7 @@ def quota_view(entity: Entity, usage: Usage, limits: Limits, period: str, now: d
         projections.append(_exhaustion(now, reset, Decimal(left), tok_rate))
     if limits.budget_usd_per_month is not None:
         left_usd = max(ZERO, limits.budget_usd_per_month - usage.usd)
-        remaining["usd"] = _money(left_usd)
+        remaining["usd"] = plain(left_usd)
         projections.append(_exhaustion(now, reset, left_usd, usd_rate))
     found = [p for p in projections if p is not None]
     projected = min(found) if found else None
@@ -217,19 +210,13 @@ def quota_view(entity: Entity, usage: Usage, limits: Limits, period: str, now: d
         "id": entity[1],
         "limits": {
             "tokens_per_month": limits.tokens_per_month,
-            "budget_usd_per_month": None
-            if limits.budget_usd_per_month is None
-            else _money(limits.budget_usd_per_month),
+            "budget_usd_per_month": None if limits.budget_usd_per_month is None else plain(limits.budget_usd_per_month),
         },
-        "used": {"tokens": usage.tokens, "usd": _money(usage.usd)},
+        "used": {"tokens": usage.tokens, "usd": plain(usage.usd)},
         "remaining": remaining,
         "state": state,
         "reason": reason,
         "reset_at": iso(reset),
-        "burn_rate": {"tokens_per_hour": int(tok_rate), "usd_per_hour": _money(usd_rate.quantize(Decimal("0.000001")))},
+        "burn_rate": {"tokens_per_hour": int(tok_rate), "usd_per_hour": plain(usd_rate.quantize(Decimal("0.000001")))},
         "projected_exhaustion_at": iso(projected) if projected is not None and projected < reset else None,
     }
-
-
-def _money(value: Decimal) -> str:
-    return format(value.normalize(), "f") if value else "0"

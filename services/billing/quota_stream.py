@@ -35,26 +35,19 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from schemas.clickhouse import Store
-from schemas.clock import future_cutoff
+from schemas.clock import future_cutoff, utc
 from schemas.config import GatewayConfig, Limits
 from schemas.control import KeyState, QuotaSignal, monthly_limits
 from schemas.events import USAGE_TOPIC, UsageEvent
+from schemas.periods import bounds, period_of
 from schemas.prices import PriceBook, price
+from schemas.quota import has_monthly_limit, quota_tokens
+from schemas.reconnect import partitions_of, reconnecting
 from services.billing import ledger, metrics
 from services.billing.accounts import Accounts
 from services.billing.alerts import Alerts
 from services.billing.control import ControlPublisher
-from services.billing.periods import bounds, period_of
-from services.billing.quota import (
-    BILLABLE,
-    Entity,
-    QuotaBook,
-    Usage,
-    crossed_thresholds,
-    exhausted_by,
-    has_monthly_limit,
-    near_limit,
-)
+from services.billing.quota import Entity, QuotaBook, Usage, crossed_thresholds, exhausted_by, near_limit
 from services.billing.settings import BillingSettings
 
 log = structlog.get_logger("tollway.billing.quota")
@@ -89,7 +82,7 @@ async def ingested_between(store: Store, period: str, after: datetime,
         parameters={"start": start, "end": end, "after": after, "until": until},
     )
     progress = max((r[1] for r in rows), default=None)
-    return {r[0] for r in rows}, None if progress is None else progress.replace(tzinfo=UTC)
+    return {r[0] for r in rows}, None if progress is None else utc(progress)
 
 
 class QuotaService:
@@ -221,15 +214,7 @@ class QuotaService:
 
     async def run(self, stop: asyncio.Event) -> None:
         converging = asyncio.create_task(self._converge_loop(stop), name="billing-quota-converge")
-        while not stop.is_set():
-            try:
-                await self._consume(stop)
-            except Exception as err:  # broker trouble: keep the totals, reconnect
-                log.warning("quota_loop_error", error=str(err)[:300])
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=1.0)
-                except TimeoutError:
-                    pass
+        await reconnecting(lambda: self._consume(stop), stop, log, "quota_loop_error")  # the totals stay
         self._converge_due.set()
         await converging
         if self._alert_tasks:
@@ -247,11 +232,8 @@ class QuotaService:
         )
         await consumer.start()
         try:
-            parts = consumer.partitions_for_topic(USAGE_TOPIC)
-            while not parts and not stop.is_set():
-                await consumer._client.force_metadata_update()  # the topic may be brand new
-                parts = consumer.partitions_for_topic(USAGE_TOPIC)
-            consumer.assign([TopicPartition(USAGE_TOPIC, p) for p in sorted(parts or ())])
+            parts = await partitions_of(consumer, USAGE_TOPIC, stop)
+            consumer.assign([TopicPartition(USAGE_TOPIC, p) for p in sorted(parts)])
             self.ready.set()
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=50, max_records=5000)
@@ -323,7 +305,7 @@ class QuotaService:
                 self._acknowledge(entities, e.event_id, gated)  # in billing's total: a proxy may forget it
                 continue
             priced = price(e, self.book_)
-            tokens = e.prompt_tokens + e.completion_tokens if e.status in BILLABLE else 0
+            tokens = quota_tokens(e.status, e.prompt_tokens, e.completion_tokens)
             if not self.book.add(e.event_id, e.team_id, e.key_id, tokens, priced.cost.total, e.occurred_at,
                                  counted_at):  # fmt: skip
                 metrics.QUOTA_EVENTS.labels(outcome="duplicate").inc()

@@ -28,17 +28,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Any
 
 from schemas.clickhouse import Store
 from schemas.control import TeamState
+from schemas.money import cents, plain
 from schemas.periods import bounds, checked_period, next_period
 from services.billing import ledger
 from services.billing.invoice_documents import Documents
 from services.billing.invoices import Invoices
 
-CENT = Decimal("0.01")
 ZERO = Decimal(0)
 _RANGE = "occurred_at >= {start:DateTime64(6, 'UTC')} AND occurred_at < {end:DateTime64(6, 'UTC')}"
 _DEAD_RANGE = "dead_at >= {start:DateTime64(6, 'UTC')} AND dead_at < {end:DateTime64(6, 'UTC')}"
@@ -112,13 +112,7 @@ MAX_HOLES = 20
 
 
 def money(v: Decimal | None) -> str | None:
-    if v is None:
-        return None
-    return format(v.normalize(), "f") if v else "0"
-
-
-def cents(v: Decimal) -> Decimal:
-    return v.quantize(CENT, rounding=ROUND_HALF_EVEN)
+    return None if v is None else plain(v)
 
 
 def _adjusts(line: dict[str, Any]) -> tuple[str | None, str | None]:

@@ -31,18 +31,19 @@ import csv
 import io
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Any
 
 from schemas.billed import billed_model
 from schemas.clickhouse import Store
+from schemas.clock import iso
 from schemas.config import GatewayConfig, Price
+from schemas.money import CENT, cents, plain, usd
+from schemas.periods import bounds, period_of
 from schemas.prices import MILLION, PriceBook, UnitPrice
 from services.billing import ledger
-from services.billing.periods import bounds, iso, period_of
 
 ZERO = Decimal(0)
-CENT = Decimal("0.01")
 MIN_ANNUALISE_DAYS = 7
 ROUNDING_RULE = ("each model row: exact Decimal figures rounded once to 0.01 USD (ROUND_HALF_EVEN), savings = "
                  "rounded baseline - rounded actual; totals = sums of the rounded rows")  # fmt: skip
@@ -79,16 +80,8 @@ def _at(unit: UnitPrice | Price, inp: int, cached: int, out: int) -> Decimal:
     return (Decimal(inp) * unit.input + Decimal(cached) * cached_price + Decimal(out) * unit.output) / MILLION
 
 
-def money(v: Decimal) -> str:
-    return str(v.quantize(CENT, rounding=ROUND_HALF_EVEN))
-
-
 def _pct(part: Decimal, whole: Decimal) -> str:
-    return str((part * 100 / whole).quantize(CENT, rounding=ROUND_HALF_EVEN)) if whole else "0.00"
-
-
-def cents(v: Decimal) -> Decimal:
-    return v.quantize(CENT, rounding=ROUND_HALF_EVEN)
+    return str(cents(part * 100 / whole)) if whole else "0.00"  # to the hundredth, as money is
 
 
 def _annualised(savings: Decimal, covered_days: Decimal) -> tuple[str | None, str]:
@@ -96,7 +89,7 @@ def _annualised(savings: Decimal, covered_days: Decimal) -> tuple[str | None, st
     if covered_days < MIN_ANNUALISE_DAYS:
         return None, (f"not annualised: {shown} days of data, under the {MIN_ANNUALISE_DAYS}-day minimum "
                       "(a few hours or days of traffic do not predict a year)")  # fmt: skip
-    return money(savings / covered_days * Decimal(365)), f"savings per day over {shown} days x 365"
+    return usd(savings / covered_days * Decimal(365)), f"savings per day over {shown} days x 365"
 
 
 def compute(rows: list[RoiRow], config: GatewayConfig, team_id: str, period: str, now: datetime) -> dict[str, Any]:
@@ -135,10 +128,10 @@ def compute(rows: list[RoiRow], config: GatewayConfig, team_id: str, period: str
         models.append({
             "model": name, "requests": m["requests"], "cache_hits": m["cache_hits"],
             "prompt_tokens": m["prompt_tokens"], "cached_tokens": m["cached_tokens"],
-            "completion_tokens": m["completion_tokens"], "actual_cost_usd": money(actual_r),
-            "baseline_cost_usd": money(baseline_r), "savings_usd": money(savings_r),
-            "savings_pct": _pct(m["baseline"] - m["actual"], m["baseline"]), "cache_savings_usd": money(cache_r),
-            "routing_savings_usd": money(routing_r), "model_choice_savings_usd": money(savings_r - cache_r - routing_r),
+            "completion_tokens": m["completion_tokens"], "actual_cost_usd": usd(actual_r),
+            "baseline_cost_usd": usd(baseline_r), "savings_usd": usd(savings_r),
+            "savings_pct": _pct(m["baseline"] - m["actual"], m["baseline"]), "cache_savings_usd": usd(cache_r),
+            "routing_savings_usd": usd(routing_r), "model_choice_savings_usd": usd(savings_r - cache_r - routing_r),
         })  # fmt: skip
 
     def total(field: str) -> Decimal:
@@ -153,22 +146,17 @@ def compute(rows: list[RoiRow], config: GatewayConfig, team_id: str, period: str
     return {
         "object": "roi_report", "team_id": team_id, "period": period, "period_start": iso(start),
         "period_end": iso(end), "currency": "USD", "partial_period": current,
-        "actual_cost_usd": money(total("actual_cost_usd")), "baseline_cost_usd": money(total("baseline_cost_usd")),
-        "savings_usd": money(savings), "savings_pct": _pct(exact["baseline"] - exact["actual"], exact["baseline"]),
-        "savings_breakdown_usd": {"cache": money(total("cache_savings_usd")),
-                                  "routing": money(total("routing_savings_usd")),
-                                  "model_choice": money(total("model_choice_savings_usd"))},
-        "actual_cost_exact_usd": ledger_money(exact["actual"]), "baseline_cost_exact_usd": ledger_money(exact["baseline"]),
+        "actual_cost_usd": usd(total("actual_cost_usd")), "baseline_cost_usd": usd(total("baseline_cost_usd")),
+        "savings_usd": usd(savings), "savings_pct": _pct(exact["baseline"] - exact["actual"], exact["baseline"]),
+        "savings_breakdown_usd": {"cache": usd(total("cache_savings_usd")),
+                                  "routing": usd(total("routing_savings_usd")),
+                                  "model_choice": usd(total("model_choice_savings_usd"))},
+        "actual_cost_exact_usd": plain(exact["actual"]), "baseline_cost_exact_usd": plain(exact["baseline"]),
         "annualised_savings_usd": annual, "annualised_basis": basis, "rounding": ROUNDING_RULE,
         "models": models,
         "method": "baseline = tokens at the requested model's baseline price in force that day (its own price "
                   "when it has none)",
     }  # fmt: skip
-
-
-def ledger_money(v: Decimal) -> str:
-    """Exact, plain notation: Decimal('1.500000000000000000') -> '1.5'."""
-    return format(v.normalize(), "f") if v else "0"
 
 
 async def roi_report(store: Store, config: GatewayConfig, team_id: str, period: str) -> dict[str, Any]:

@@ -26,7 +26,9 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from schemas.clickhouse import Store
+from schemas.clock import iso, utc
 from schemas.config import GatewayConfig
+from schemas.money import plain
 from services.billing import ledger, metrics
 from services.billing.errors import InvalidRequest
 
@@ -83,7 +85,7 @@ def parse_instant(value: str, field: str, *, end: bool = False) -> datetime:
         raise InvalidRequest(
             f"{field}: expected an ISO date (YYYY-MM-DD) or datetime (YYYY-MM-DDTHH:MM:SSZ), got {value[:40]!r}"
         ) from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    return utc(parsed)
 
 
 def month_start(now: datetime) -> datetime:
@@ -126,11 +128,6 @@ def _metrics(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def money(value: Decimal) -> str:
-    """Plain decimal notation without trailing zeros: Decimal('1.500000000000000000') -> '1.5'."""
-    return format(value.normalize(), "f") if value else "0"
-
-
 PUBLIC_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost_usd",
                  "unpriced_requests", "adjustments_usd", "billed_requests", "billed_input_tokens",
                  "billed_cached_input_tokens", "billed_output_tokens", "cache_hits", "cache_hit_prompt_tokens",
@@ -138,15 +135,11 @@ PUBLIC_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_token
 
 
 def _public(m: dict[str, Any]) -> dict[str, Any]:
-    return {name: money(m[name]) if name in MONEY_FIELDS else m[name] for name in PUBLIC_FIELDS}
+    return {name: plain(m[name]) if name in MONEY_FIELDS else m[name] for name in PUBLIC_FIELDS}
 
 
 def _zero() -> dict[str, Any]:
     return {name: 0 for name in (*INT_FIELDS, "total_tokens")} | {name: Decimal(0) for name in MONEY_FIELDS}
-
-
-def _iso(t: datetime) -> str:
-    return t.isoformat().replace("+00:00", "Z")
 
 
 def shape_report(
@@ -175,8 +168,8 @@ def shape_report(
     groups = [{GROUPS[group_by][0]: label, **_public(m)} for label, m in sorted(merged.items())] if group_by else []
     return {
         "team_id": team_id,
-        "from": _iso(start),
-        "to": _iso(end),
+        "from": iso(start),
+        "to": iso(end),
         "group_by": group_by,
         "totals": _public(totals),
         "groups": groups,

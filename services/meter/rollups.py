@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from schemas.billed import BILLED_MODEL_SQL
 from schemas.clickhouse import Store
 from services.meter import metrics
 
@@ -33,7 +34,7 @@ SELECT e.hour, e.team_id, e.key_id, e.model, e.requests, e.errors, e.cache_hits,
        toUnixTimestamp64Milli(now64(3))
 FROM (
     SELECT toStartOfHour(occurred_at) AS hour, team_id, key_id,
-           if(served_model = '', requested_model, served_model) AS model,
+           {BILLED_MODEL_SQL} AS model,
            count() AS requests, countIf(status = 'error') AS errors, countIf(cache_hit) AS cache_hits,
            countIf(NOT priced) AS unpriced, sum(prompt_tokens) AS prompt_tokens,
            sum(completion_tokens) AS completion_tokens, sum(cached_tokens) AS cached_tokens,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import orjson
 from starlette.responses import Response
 
+from schemas.errors import error_json
+
 
 class GatewayError(Exception):
     status = 500
@@ -69,7 +71,7 @@ class UpstreamTimeout(GatewayError):
 
 
 def error_body(message: str, type_: str, code: str) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+    return orjson.dumps(error_json(message, type_, code))
 
 
 def error_response(err: GatewayError, request_id: str | None = None) -> Response:

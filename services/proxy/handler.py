@@ -13,6 +13,7 @@ import uuid_utils
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from schemas.billed import billed_model
 from schemas.control import KeyState, TeamState
 from schemas.events import utc_now
 from services.proxy import metrics
@@ -261,7 +262,7 @@ class ProxyHandler:
             metrics.EVENTS.labels("not_recorded_spool_full").inc()
         elif d.team_id is not None:  # only calls that got past auth are events
             self.s.emitter.emit(d)  # (the queue-depth gauge is the sender's to update, once per round)
-        model = d.served_model or d.requested_model or "unknown"
+        model = billed_model(d.served_model, d.requested_model) or "unknown"
         metrics.requests_by(call.endpoint, model if route else "unknown", d.provider, d.status).inc()
         metrics.latency_by(call.endpoint).observe(d.latency_ms / 1000)
 

@@ -30,9 +30,12 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
+from schemas.billed import billed_model
 from schemas.config import GatewayConfig, Limits
 from schemas.control import KeyState, QuotaSignal, Snapshot, TeamState, monthly_limits
+from schemas.periods import period_of
 from schemas.prices import MILLION, PriceBook, cost_of
+from schemas.quota import has_monthly_limit, limit_reached, quota_tokens
 from services.proxy.draft import UsageDraft
 from services.proxy.errors import QuotaExceeded
 from services.proxy.tokens import worst_case_tokens
@@ -55,10 +58,6 @@ SIGNAL_LAG = Histogram(
     "From the end of the call that crossed a monthly limit to billing's exhausted signal reaching this proxy",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-
-
-def period_of(t: datetime) -> str:
-    return f"{t.year:04d}-{t.month:02d}"
 
 
 def seconds_to_reset(now: datetime) -> int:
@@ -132,16 +131,6 @@ class QuotaGate:
 
     # -- control topic ------------------------------------------------------------------------------
 
-    def follow(self, view: Any) -> None:
-        """Fold every control message the view applies into the gate too (one reader, two consumers)."""
-        inner = view.apply
-
-        def apply(msg: Any) -> None:
-            inner(msg)
-            self.on_control(msg)
-
-        view.apply = apply
-
     def on_control(self, msg: Any) -> None:
         if isinstance(msg, TeamState):
             self.teams[msg.team_id] = msg
@@ -209,9 +198,7 @@ class QuotaGate:
         scoped = [(("key", key.key_id), key_limits)]
         if team_limits is not None:
             scoped.append((("team", key.team_id), team_limits))
-        scoped = [
-            (e, lim) for e, lim in scoped if lim.tokens_per_month is not None or lim.budget_usd_per_month is not None
-        ]
+        scoped = [(e, lim) for e, lim in scoped if has_monthly_limit(lim)]
         if not scoped:
             return
         now = self.clock()
@@ -222,12 +209,8 @@ class QuotaGate:
             source = None
             if st.exhausted is not None and st.exhausted.period == period:
                 source = "signal"
-            else:
-                tokens, usd = st.used(period)
-                if (lim.tokens_per_month is not None and tokens >= lim.tokens_per_month) or (
-                    lim.budget_usd_per_month is not None and usd >= lim.budget_usd_per_month
-                ):
-                    source = "local"
+            elif limit_reached(lim, *st.used(period)):
+                source = "local"
             if source is not None:
                 self._reject(entity, st, source, now)
         tokens, usd = self.worst_case(body)
@@ -263,11 +246,10 @@ class QuotaGate:
         r = self.reservations.pop(event.event_id, None)
         if r is None:
             return
-        billable = event.status in ("ok", "error")
-        tokens = event.prompt_tokens + event.completion_tokens if billable else 0
+        tokens = quota_tokens(event.status, event.prompt_tokens, event.completion_tokens)
         usd = ZERO
         if tokens:
-            model = event.served_model or event.requested_model
+            model = billed_model(event.served_model, event.requested_model)
             unit = self.prices.at(model, event.provider, datetime.now(UTC))
             if unit is not None:
                 usd = cost_of(event.prompt_tokens, event.completion_tokens, event.cached_tokens, unit).total
@@ -286,10 +268,7 @@ class QuotaGate:
                 lim = self._limit_of(entity)
                 used_t, used_u = st.used(period)
                 used_t, used_u = used_t - st.reserved_tokens, used_u - st.reserved_usd  # actual usage only
-                if lim is not None and (
-                    (lim.tokens_per_month is not None and used_t >= lim.tokens_per_month)
-                    or (lim.budget_usd_per_month is not None and used_u >= lim.budget_usd_per_month)
-                ):
+                if lim is not None and limit_reached(lim, used_t, used_u):
                     st.crossed_at, st.first_429_seen = now, False
 
     def _limit_of(self, entity: Entity) -> Limits | None:

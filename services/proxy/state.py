@@ -65,7 +65,6 @@ async def open_proxy_state(settings: ProxySettings, config: GatewayConfig, boots
         router = Router(config)
         view = KeyView()
         quota = QuotaGate(config)
-        quota.follow(view)
         instance = settings.instance()
         seq_name = instance.replace("/", "_").replace(":", "_") + ".seq"
         emitter = UsageEmitter(bootstrap, instance, settings.data_dir / "proxy" / seq_name,
@@ -76,7 +75,8 @@ async def open_proxy_state(settings: ProxySettings, config: GatewayConfig, boots
         stop = asyncio.Event()
         stack.callback(stop.set)
         health = Health(router, config)
-        control = ControlListener(bootstrap, view)
+        # One reader of the control topic, folded by the key view, then the quota gate.
+        control = ControlListener(bootstrap, view.apply, quota.on_control)
         tasks.append(asyncio.create_task(health.probe_loop(http, router, stop), name="health-probes"))
         tasks.append(asyncio.create_task(control.run(stop), name="control-listener"))
         cache = ResponseCache(config.cache.max_entries, config.cache.max_bytes, config.cache.max_entry_bytes)

@@ -49,7 +49,7 @@ async def proxy_view(bootstrap: str) -> AsyncIterator[KeyView]:
     """The proxy's own key view, fed by its own control listener (as a proxy replica runs it)."""
     view = KeyView()
     stop = asyncio.Event()
-    listener = ControlListener(bootstrap, view)
+    listener = ControlListener(bootstrap, view.apply)
     task = asyncio.create_task(listener.run(stop))
     try:
         yield view

@@ -22,9 +22,9 @@ from schemas.clickhouse import Store
 from schemas.config import load_config, parse_config
 from schemas.control import ALERTS_TOPIC, CONTROL_TOPIC, QuotaSignal, decode
 from schemas.events import USAGE_TOPIC
+from schemas.periods import bounds, period_of
 from schemas.prices import PriceBook
 from services.billing import ledger
-from services.billing.periods import bounds, period_of
 from services.meter.rerate import price_held, rerate_period
 from services.proxy.app import create_app as proxy_app
 from services.proxy.settings import ProxySettings

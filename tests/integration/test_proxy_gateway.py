@@ -57,10 +57,10 @@ class Gateway:
         secret = new_secret()
         team = team or f"team_{uuid.uuid4().hex[:8]}"
         if team_limits is not None:
-            self.app.state.proxy.view.apply(TeamState(team_id=team, name=team, limits=team_limits))
+            self.app.state.proxy.control.apply(TeamState(team_id=team, name=team, limits=team_limits))
         state = KeyState(key_id=f"key_{uuid.uuid4().hex[:12]}", key_hash=hash_key(secret), prefix="tw-x",
                          team_id=team, plan=plan, limits=limits or Limits())  # fmt: skip
-        self.app.state.proxy.view.apply(state)
+        self.app.state.proxy.control.apply(state)
         return secret, state
 
     async def chat(self, secret: str, body: dict[str, Any] | None = None, **headers: str) -> httpx.Response:

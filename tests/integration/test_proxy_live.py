@@ -194,7 +194,7 @@ async def test_two_replicas_share_key_and_team_limits_through_redis(bootstrap, t
         async with served_gateway(bootstrap, tmp_path / "a", cfg, redis_url=redis_url) as a, \
                 served_gateway(bootstrap, tmp_path / "b", cfg, redis_url=redis_url) as b:  # fmt: skip
             secret, key = a.key(limits=Limits(rpm=3))
-            b.app.state.proxy.view.apply(key)
+            b.app.state.proxy.control.apply(key)
             statuses = [(await gw.chat(secret)).status_code for gw in (a, b, a, b, a)]
             assert statuses == [200, 200, 200, 429, 429]
             r = await b.chat(secret)
@@ -203,8 +203,8 @@ async def test_two_replicas_share_key_and_team_limits_through_redis(bootstrap, t
             team = f"team_{uuid.uuid4().hex[:8]}"
             k1, s1 = a.key(team, team_limits=Limits(tpm=600))
             k2, s2 = b.key(team, team_limits=Limits(tpm=600))
-            a.app.state.proxy.view.apply(s2)
-            b.app.state.proxy.view.apply(s1)
+            a.app.state.proxy.control.apply(s2)
+            b.app.state.proxy.control.apply(s1)
             assert (await a.chat(k1, {**CHAT, "max_tokens": 500})).status_code == 200
             # the reservation of 500 was settled to ~30 actual tokens, shared: the other replica sees room
             await eventually(

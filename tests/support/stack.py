@@ -16,18 +16,14 @@ from schemas.control import CONTROL_TOPIC, KeyState, encode, message_key
 from schemas.keys import display_prefix, hash_key, new_id, new_secret
 from services.mock_upstream.app import create_app as mock_app
 from services.mock_upstream.settings import MockSettings
-from tollway.servers import bound_port, make_server, start_server, stop_server
+from tollway.servers import serving
 
 
 @contextlib.asynccontextmanager
 async def mock_upstream(**settings: object) -> AsyncIterator[str]:
     """A real uvicorn mock upstream on a free port; yields its /v1 base URL."""
-    srv = make_server(mock_app(MockSettings(**settings)), "127.0.0.1", 0)
-    task = await start_server(srv, "mock-upstream")
-    try:
-        yield f"http://127.0.0.1:{bound_port(srv)}/v1"
-    finally:
-        await stop_server(srv, task)
+    async with serving(mock_app(MockSettings(**settings)), "mock-upstream") as url:
+        yield f"{url}/v1"
 
 
 def gateway_config(upstream_url: str) -> GatewayConfig:

@@ -144,3 +144,13 @@ async def test_request_path_harness_answers_and_restores_the_upstream_hop() -> N
     per_call = await request_path.measure(30)
     assert 0 < per_call < 0.1  # seconds of CPU per call; it raises if any call was not a 200
     assert handler.post_json is real
+
+
+def test_bench_fixtures_of_their_own_are_valid_contract_objects() -> None:
+    from bench import meter_throughput, quota_lag
+    from schemas.events import UsageEvent
+
+    e = UsageEvent.model_validate_json(meter_throughput.usage_event(7))
+    assert (e.team_id, e.key_id, e.prompt_tokens, e.completion_tokens, e.proxy_seq) == ("team-7", "k7", 107, 7, 8)
+    config = quota_lag.gateway_config("http://127.0.0.1:1/v1")
+    assert config.resolve("gpt-4.1") == "gpt-4.1" and config.plans["default"].tokens_per_month is None

@@ -7,10 +7,10 @@ from decimal import Decimal
 
 import pytest
 
+from schemas.money import plain
 from services.billing.errors import InvalidRequest
 from services.billing.usage import (
     build_query,
-    money,
     parse_group_by,
     parse_instant,
     parse_range,
@@ -124,10 +124,10 @@ def test_report_totals_are_the_exact_sum_of_groups():
 
 
 def test_money_is_plain_decimal_notation():
-    assert money(Decimal("0E-18")) == "0"
-    assert money(Decimal("1.500000000000000000")) == "1.5"
-    assert money(Decimal("100.000000000000000000")) == "100"
-    assert money(Decimal("0.000000000000000001")) == "0.000000000000000001"
+    assert plain(Decimal("0E-18")) == "0"
+    assert plain(Decimal("1.500000000000000000")) == "1.5"
+    assert plain(Decimal("100.000000000000000000")) == "100"
+    assert plain(Decimal("0.000000000000000001")) == "0.000000000000000001"
 
 
 def test_models_the_config_does_not_know_merge_into_one_group():

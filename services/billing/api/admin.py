@@ -15,6 +15,7 @@ import structlog
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from schemas.clock import iso
 from schemas.config import Limits
 from schemas.control import KeyState, TeamState
 from services.billing import metrics
@@ -78,7 +79,7 @@ def key_view(key: KeyState) -> dict[str, Any]:
         "name": key.name,
         "plan": key.plan,
         "limits": key.limits.model_dump(mode="json", exclude_none=True),
-        "expires_at": key.expires_at.isoformat().replace("+00:00", "Z") if key.expires_at else None,
+        "expires_at": iso(key.expires_at) if key.expires_at else None,
         "metadata": key.metadata,
         "revoked": key.revoked,
     }
