@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from schemas.billed import billed_model
 from schemas.clickhouse import Store
 from schemas.events import UsageEvent
 from schemas.periods import bounds, checked_period
@@ -151,7 +152,7 @@ async def rerate_period(store: Store, book: PriceBook, period: str) -> RerateRes
         # share an id only if they are the same correction, so a collapse can never drop a different one.
         ident = "|".join([str(r["event_id"]), str(seq), version, p.unit.version,
                           *(format(x.normalize(), "f") for x in (*new_units, *d))])  # fmt: skip
-        model = r["served_model"] or r["requested_model"]
+        model = billed_model(r["served_model"], r["requested_model"])
         out.append([hashlib.sha256(ident.encode()).hexdigest(), r["event_id"], seq, r["occurred_at"], r["team_id"],
                     r["key_id"], model, r["provider"], version, p.unit.version, *new_units, *d, sum(d),
                     f"rerate {period}", result.run_id, now])  # fmt: skip
