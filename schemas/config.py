@@ -85,8 +85,33 @@ class Price(_Strict):
         return Decimal(str(v)) if isinstance(v, float) else v
 
 
+# The wire API a provider speaks, and the proxy endpoints each serves natively (one fact, one place: the
+# config loader, the router and the docs all read this table). `openai_compatible` is a provider's OpenAI-shaped
+# chat layer (Gemini, DeepSeek, Anthropic's compatibility endpoint): chat and embeddings, no Responses API.
+ProviderApi = Literal["openai", "openai_compatible", "anthropic"]
+Endpoint = Literal["chat.completions", "embeddings", "responses", "messages"]
+ENDPOINT_KIND: dict[str, str] = {  # the model kind an endpoint serves
+    "chat.completions": "chat",
+    "embeddings": "embedding",
+    "responses": "chat",
+    "messages": "chat",
+}
+SERVED_BY: dict[str, frozenset[str]] = {  # endpoint -> the provider APIs that serve it natively
+    "chat.completions": frozenset({"openai", "openai_compatible"}),
+    "embeddings": frozenset({"openai", "openai_compatible"}),
+    "responses": frozenset({"openai"}),
+    "messages": frozenset({"anthropic"}),
+}
+
+
+def endpoints_of(api: str, kind: str) -> tuple[str, ...]:
+    """The endpoints a provider of this API serves for a model of this kind, in ENDPOINT_KIND's order."""
+    return tuple(e for e, k in ENDPOINT_KIND.items() if k == kind and api in SERVED_BY[e])
+
+
 class Provider(_Strict):
     base_url: str
+    api: ProviderApi = Field(default="openai", description="the wire API it speaks (see SERVED_BY)")
     api_key_env: str | None = None
     timeout_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -145,6 +170,10 @@ class CacheConfig(_Strict):
 
 class ModelConfig(_Strict):
     kind: Literal["chat", "embedding"] = "chat"
+    endpoints: list[Endpoint] | None = Field(
+        default=None,
+        description="the proxy endpoints that serve it; default: every endpoint one of its routes speaks natively",
+    )
     aliases: list[str] = Field(default_factory=list)
     routes: list[Route] = Field(min_length=1)
     prices: list[Price] = Field(default_factory=list)
@@ -208,6 +237,7 @@ class GatewayConfig(_Strict):
             for i, r in enumerate(m.routes):
                 if r.provider not in self.providers:
                     raise ValueError(f"models.{name}.routes.{i}.provider: unknown provider {r.provider!r}")
+            self._check_endpoints(name, m)
             for alias in m.aliases:
                 if alias in seen:
                     raise ValueError(f"models.{name}.aliases: {alias!r} already names {seen[alias]!r}")
@@ -217,6 +247,36 @@ class GatewayConfig(_Strict):
                 if model not in seen:
                     raise ValueError(f"plans.{plan_name}.models: unknown model {model!r}")
         return self
+
+    def _check_endpoints(self, name: str, m: ModelConfig) -> None:
+        """Every route serves at least one of the model's endpoints, and every endpoint has a route: a route
+        no endpoint can use is a config error naming it, never a request that fails at run time."""
+        for e in m.endpoints or ():
+            if ENDPOINT_KIND[e] != m.kind:
+                raise ValueError(f"models.{name}.endpoints: {e} does not serve {m.kind} models")
+        wanted = set(m.endpoints) if m.endpoints is not None else set(ENDPOINT_KIND)
+        covered: set[str] = set()
+        for i, r in enumerate(m.routes):
+            api = self.providers[r.provider].api
+            serves = set(endpoints_of(api, m.kind)) & wanted
+            if not serves:
+                want = ", ".join(sorted(e for e in wanted if ENDPOINT_KIND[e] == m.kind))
+                raise ValueError(f"models.{name}.routes.{i}: provider {r.provider!r} speaks the {api} API, "
+                                 f"which cannot serve {want} for a {m.kind} model")  # fmt: skip
+            covered |= serves
+        for e in m.endpoints or ():
+            if e not in covered:
+                raise ValueError(f"models.{name}.endpoints: no route's provider speaks an API that serves {e}")
+
+    def model_endpoints(self, name: str) -> tuple[str, ...]:
+        """The endpoints that serve a model: declared, or every endpoint one of its routes serves natively."""
+        m = self.models[name]
+        served = {e for r in m.routes for e in endpoints_of(self.providers[r.provider].api, m.kind)}
+        wanted = set(m.endpoints) if m.endpoints is not None else served
+        return tuple(e for e in ENDPOINT_KIND if e in wanted and e in served)
+
+    def route_serves(self, route: Route, endpoint: str) -> bool:
+        return self.providers[route.provider].api in SERVED_BY[endpoint]
 
     def resolve(self, requested: str) -> str | None:
         """Public model name for a requested name or alias; None when unknown."""

@@ -174,6 +174,15 @@ EVENT: tuple[Field, ...] = (
         default="",
         max_length=64,
     ),
+    # Added 2026-12 (issue 15): server-side tool calls the provider bills per request. Migration 033.
+    Field(
+        "web_search_requests",
+        int,
+        "UInt32",
+        "server-side web searches the provider ran for the call (Anthropic server_tool_use.web_search_requests, "
+        "OpenAI web_search_call items)",
+        **_COUNT,
+    ),
 )
 
 # What the meter stores beside the event: price, origin and write bookkeeping.

@@ -49,13 +49,18 @@ class UsageDraft:
     cache_write_tokens: int = 0  # filled by the agent APIs (issue 15); chat completions report none
     cache_write_1h_tokens: int = 0
     service_tier: str = ""
+    web_search_requests: int = 0
 
     def take_usage(self, usage: TokenUsage, source: UsageSource) -> None:
         self.prompt_tokens = usage.prompt_tokens
         self.completion_tokens = usage.completion_tokens
         self.cached_tokens = usage.cached_tokens
         self.reasoning_tokens = usage.reasoning_tokens
+        self.cache_write_tokens = usage.cache_write_tokens
+        self.cache_write_1h_tokens = usage.cache_write_1h_tokens
+        self.web_search_requests = usage.web_search_requests
         self.usage_source = source
 
     def usage(self) -> TokenUsage:
-        return TokenUsage(self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.reasoning_tokens)
+        return TokenUsage(self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.reasoning_tokens,
+                          self.cache_write_tokens, self.cache_write_1h_tokens, self.web_search_requests)  # fmt: skip

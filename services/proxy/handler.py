@@ -298,7 +298,7 @@ class ProxyHandler:
             (validate_chat if kind == "chat" else validate_embeddings)(body)
             policy = self.policy(key)
             await self.admit(call, key, policy, body)
-            route = self.s.router.resolve(body.get("model"), kind, policy.models)
+            route = self.s.router.resolve(body.get("model"), endpoint, policy.models)
             d.served_model = route.name
             check_output_cap(body, route)
             stream = kind == "chat" and body.get("stream") is True

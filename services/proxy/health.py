@@ -52,7 +52,12 @@ class Health:
         self.cfg = config.health
         self.rng = rng or random.Random()
         self.by_model: dict[str, tuple[RouteState, ...]] = {
-            name: tuple(RouteState(name, t, self.cfg) for t in route.targets) for name, route in router.routes.items()
+            name: tuple(RouteState(name, t, self.cfg) for t in targets) for name, targets in router.targets.items()
+        }
+        # per endpoint, the same RouteState objects: a breaker opened by chat calls also spares /v1/responses
+        self.by_route: dict[tuple[str, str], tuple[RouteState, ...]] = {
+            key: tuple(self.by_model[route.name][t.index] for t in route.targets)
+            for key, route in router.routes.items()
         }
         self.probes = {name: p for name, p in config.providers.items() if p.health_check_interval_s}
         self.probe_results: dict[str, dict[str, Any]] = {}
@@ -60,7 +65,7 @@ class Health:
     def plan(self, route: ModelRoute, now: float | None = None) -> list[RouteState]:
         """Routes to try, in order; routes with an open breaker or cooling down are left out."""
         now = time.monotonic() if now is None else now
-        states = self.by_model[route.name]
+        states = self.by_route[(route.name, route.endpoint)]
         if len(states) == 1:
             return [states[0]] if states[0].available(now) else []
         cands = [balancer.Candidate(i, s.target.priority, s.target.weight, s.ewma_s)
@@ -69,7 +74,9 @@ class Health:
 
     def retry_in(self, route: ModelRoute, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now
-        return min(max(s.breaker.retry_in(now), s.cool_until - now, 0.0) for s in self.by_model[route.name])
+        return min(
+            max(s.breaker.retry_in(now), s.cool_until - now, 0.0) for s in self.by_route[(route.name, route.endpoint)]
+        )
 
     def begin(self, s: RouteState) -> bool:
         """Claim the route for one call; False when a half-open breaker's single probe slot is taken."""

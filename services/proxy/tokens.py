@@ -18,12 +18,17 @@ _MAX_COUNT = 2**62  # beyond any real call; a larger "count" is a provider's gar
 
 @dataclass(slots=True)
 class TokenUsage:
-    """A call's token counts, as the usage event carries them (cached_tokens is inside prompt_tokens)."""
+    """A call's usage in every dimension the event carries. prompt_tokens counts all input: cached_tokens (cache
+    reads) and cache_write_tokens / cache_write_1h_tokens (cache writes) are inside it, whatever the provider's
+    own shape (Anthropic reports input_tokens without them: the parser adds them in)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    reasoning_tokens: int = 0  # inside completion_tokens; reported, not priced differently (yet)
+    reasoning_tokens: int = 0  # inside completion_tokens; kept for reporting
+    cache_write_tokens: int = 0  # 5-minute TTL writes
+    cache_write_1h_tokens: int = 0
+    web_search_requests: int = 0  # server-side tool calls billed per request
 
 
 def count(v: Any) -> int:

@@ -75,7 +75,7 @@ def test_shipped_models_state_their_providers_output_caps():
     router = Router(config)
     for name, m in config.models.items():
         assert (m.max_output_tokens is None) == (m.kind == "embedding"), name
-    route = router.resolve("deepseek-chat", "chat")  # an alias of deepseek-v3.2 (8K output)
+    route = router.resolve("deepseek-chat", "chat.completions")  # an alias of deepseek-v3.2 (8K output)
     check_output_cap({"max_tokens": 8192}, route)
     with pytest.raises(InvalidRequest, match="8192"):
         check_output_cap({"max_completion_tokens": 8193}, route)
