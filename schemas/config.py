@@ -168,6 +168,12 @@ class CacheConfig(_Strict):
     max_bytes: int = Field(default=256 * 1024 * 1024, ge=1, description="all entries together")
 
 
+# How the routes of one priority tier are ordered (services/proxy/balancer.py): `weighted` samples by weight,
+# biased towards the faster route (latency EWMA); `cheapest` by the book's price for the request's expected
+# tokens; `fastest` by the latency EWMA. Fallback tiers, breakers, cool-downs and retries work the same in all.
+Routing = Literal["weighted", "cheapest", "fastest"]
+
+
 class ModelConfig(_Strict):
     kind: Literal["chat", "embedding"] = "chat"
     endpoints: list[Endpoint] | None = Field(
@@ -185,6 +191,10 @@ class ModelConfig(_Strict):
     cache_ttl_s: float | None = Field(default=None, ge=0, description="overrides cache.ttl_s; 0 = never cache")
     max_output_tokens: int | None = Field(default=None, ge=1, le=10_000_000,
                                           description="the model's output cap: a larger max_tokens is a 400")  # fmt: skip
+    routing: Routing = Field(default="weighted", description="how routes of one priority tier are ordered")
+    typical_output_tokens: int = Field(default=256, ge=0, le=10_000_000,
+                                       description="`cheapest`: the output a request without max_tokens is "
+                                                   "expected to produce")  # fmt: skip
 
     @field_validator("prices")
     @classmethod

@@ -183,6 +183,35 @@ EVENT: tuple[Field, ...] = (
         "OpenAI web_search_call items)",
         **_COUNT,
     ),
+    # Added 2026-12 (issue 16): what the proxy told the caller the call cost (services/proxy/cost.py), beside the
+    # meter's truth, and why its route was chosen. Migration 035. The quote is the exact decimal text sent in
+    # x-tollway-cost-usd / usage.cost, kept as text: '' means nothing was told (unpriced, failed, a stream
+    # without include_usage); the ledger reads it with toDecimal128 (services/billing/usage.py).
+    Field(
+        "quoted_cost_usd",
+        str,
+        "String",
+        "the provisional USD cost told to the caller, exact decimal text ('' none told)",
+        default="",
+        max_length=64,
+    ),
+    Field(
+        "quoted_price_version",
+        str,
+        "LowCardinality(String)",
+        "the price version behind quoted_cost_usd ('' none)",
+        default="",
+        max_length=256,
+    ),
+    Field(
+        "route_reason",
+        str,
+        "LowCardinality(String)",
+        "why the answering route was chosen: weighted | cheapest | fastest | fallback | only_route | cache ('' "
+        "no route)",
+        default="",
+        max_length=32,
+    ),
 )
 
 # What the meter stores beside the event: price, origin and write bookkeeping.

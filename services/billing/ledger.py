@@ -31,7 +31,8 @@ Public API (stable: add, don't change):
       occurred_at, ingested_at, team_id, key_id, model, requested_model, served_model, provider, status,
       priced, billable, cache_hit, prompt_tokens, completion_tokens, cached_tokens, input_tokens,
       cached_input_tokens, output_tokens, price_version, unit_input, unit_output, unit_cached_input,
-      stored_cost, adjustments_usd, adjustment_count, cost_usd. `billable` = billable status AND priced.
+      stored_cost, adjustments_usd, adjustment_count, cost_usd, quoted_cost_usd (what the proxy told the
+      caller, exact text, '' none). `billable` = billable status AND priced.
   LedgerLine(model, price_version, component, unit_usd_per_1m, quantity, requests)  .exact_usd
   LedgerGroup(model, price_version, unit_input, unit_output, unit_cached_input, requests,
               input_tokens, cached_tokens, output_tokens)  .lines()  .exact_usd
@@ -85,10 +86,12 @@ SELECT e.event_id AS event_id, e.occurred_at AS occurred_at, e.ingested_at AS in
        if(a.n > 0, a.pv, e.price_version) AS price_version, if(a.n > 0, a.ui, e.unit_input) AS unit_input,
        if(a.n > 0, a.uo, e.unit_output) AS unit_output, if(a.n > 0, a.uc, e.unit_cached_input) AS unit_cached_input,
        e.cost_total AS stored_cost, a.delta AS adjustments_usd, a.n AS adjustment_count,
-       e.cost_total + a.delta AS cost_usd
+       e.cost_total + a.delta AS cost_usd,
+       e.quoted_cost_usd AS quoted_cost_usd
 FROM (SELECT event_id, occurred_at, ingested_at, team_id, key_id, {model} AS model, requested_model, served_model,
              provider, status, priced, cache_hit, prompt_tokens, completion_tokens, cached_tokens, price_version,
-             unit_input, unit_output, unit_cached_input, cost_total
+             unit_input, unit_output, unit_cached_input, cost_total,
+             quoted_cost_usd
       FROM {{db}}.usage_events FINAL WHERE {range}{events_where}) AS e
 LEFT JOIN (
     SELECT event_id, count() AS n, argMax(price_version, seq) AS pv, argMax(unit_input, seq) AS ui,

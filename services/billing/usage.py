@@ -14,7 +14,10 @@ Fields per group and in totals:
       the calls and tokens cost_usd prices (status ok/error, priced), so tokens x unit price == cost_usd;
   cache_hits, cache_hit_prompt_tokens, cache_hit_completion_tokens: answered from the gateway cache,
       billed zero;
-  unpriced_requests: calls stored without a price (billed zero until `tollway rerate` prices them).
+  unpriced_requests: calls stored without a price (billed zero until `tollway rerate` prices them);
+  quoted_requests, quoted_usd: the calls the proxy told a provisional cost (x-tollway-cost-usd, usage.cost) and
+      the sum of what it told; quote_differences: those whose billed amount (cost_usd's share, 0 when not
+      billable) is not exactly what they were told (a price changed before metering, a re-rate since).
 group_by=model labels a model the config does not know (a rejected call's made-up name) as `(unknown)`.
 """
 
@@ -54,11 +57,17 @@ METRICS_SQL = """
     sumIf(x.output_tokens, x.billable) AS billed_output_tokens,
     countIf(x.cache_hit) AS cache_hits,
     sumIf(x.prompt_tokens, x.cache_hit) AS cache_hit_prompt_tokens,
-    sumIf(x.completion_tokens, x.cache_hit) AS cache_hit_completion_tokens"""
+    sumIf(x.completion_tokens, x.cache_hit) AS cache_hit_completion_tokens,
+    countIf(x.quoted_cost_usd != '') AS quoted_requests,
+    sumIf(toDecimal128OrZero(x.quoted_cost_usd, 18), x.quoted_cost_usd != '') AS quoted_usd,
+    countIf(x.quoted_cost_usd != ''
+            AND toDecimal128OrZero(x.quoted_cost_usd, 18) != if(x.billable, x.cost_usd, toDecimal128(0, 18)))
+        AS quote_differences"""
 INT_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "unpriced_requests",
               "billed_requests", "billed_input_tokens", "billed_cached_input_tokens", "billed_output_tokens",
-              "cache_hits", "cache_hit_prompt_tokens", "cache_hit_completion_tokens")  # fmt: skip
-MONEY_FIELDS = ("cost_usd", "adjustments_usd")
+              "cache_hits", "cache_hit_prompt_tokens", "cache_hit_completion_tokens", "quoted_requests",
+              "quote_differences")  # fmt: skip
+MONEY_FIELDS = ("cost_usd", "adjustments_usd", "quoted_usd")
 # What DateTime64 can hold; outside it ClickHouse would fail or wrap, so it is the caller's error.
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 LATEST = datetime(2299, 12, 31, tzinfo=UTC)
@@ -131,7 +140,7 @@ def _metrics(row: dict[str, Any]) -> dict[str, Any]:
 PUBLIC_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost_usd",
                  "unpriced_requests", "adjustments_usd", "billed_requests", "billed_input_tokens",
                  "billed_cached_input_tokens", "billed_output_tokens", "cache_hits", "cache_hit_prompt_tokens",
-                 "cache_hit_completion_tokens")  # fmt: skip
+                 "cache_hit_completion_tokens", "quoted_requests", "quoted_usd", "quote_differences")  # fmt: skip
 
 
 def _public(m: dict[str, Any]) -> dict[str, Any]:

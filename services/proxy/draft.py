@@ -50,6 +50,9 @@ class UsageDraft:
     cache_write_1h_tokens: int = 0
     service_tier: str = ""
     web_search_requests: int = 0
+    quoted_cost_usd: str = ""  # services/proxy/cost.py: set only when the amount was told to the caller
+    quoted_price_version: str = ""
+    route_reason: str = ""  # forward.Tried.reason, or "cache"
 
     def take_usage(self, usage: TokenUsage, source: UsageSource) -> None:
         self.prompt_tokens = usage.prompt_tokens

@@ -30,6 +30,7 @@ class Tried:
     attempts: int = 0
     provider: str = ""
     fallback_used: bool = False
+    reason: str = ""  # why the latest attempt's route: the strategy, "only_route" or "fallback" (route_reason)
 
 
 @dataclass(slots=True)
@@ -44,13 +45,15 @@ Attempt = Callable[[Target, float], Awaitable[T]]
 
 
 async def forward(health: Health, route: ModelRoute, policy: RetryConfig, attempt: Attempt[T], started: float,
-                  tried: Tried | None = None, rng: random.Random | None = None) -> Forwarded[T]:  # fmt: skip
+                  tried: Tried | None = None, rng: random.Random | None = None,
+                  mix: tuple[int, int] | None = None) -> Forwarded[T]:  # fmt: skip
     """`attempt(target, budget_s)` makes one upstream call and returns what the client will get, or raises a
     GatewayError saying whether it is retryable. What was tried is returned in `Forwarded.tried`; pass your
-    own `tried` to know it also when forward raises (or is cancelled)."""
+    own `tried` to know it also when forward raises (or is cancelled). `mix`: the request's expected
+    (prompt, output) tokens, for a model routed `cheapest` (route_prices.expected_mix)."""
     tried = Tried() if tried is None else tried
     deadline = started + policy.deadline_s
-    order = health.plan(route)
+    order = health.plan(route, mix=mix)
     if not order:
         wait = health.retry_in(route)
         raise UpstreamUnavailable(
@@ -58,6 +61,8 @@ async def forward(health: Health, route: ModelRoute, policy: RetryConfig, attemp
             headers={"retry-after": str(max(1, math.ceil(wait)))}, code="upstream_unavailable",
         )  # fmt: skip
     first = order[0]
+    # the strategy chose the first route only if another of its tier was available to choose from
+    chosen = route.routing if len(order) > 1 and order[1].target.priority == first.target.priority else "only_route"
     last: GatewayError | None = None
     for pos, s in enumerate(order):
         more_routes = pos + 1 < len(order)
@@ -71,6 +76,7 @@ async def forward(health: Health, route: ModelRoute, policy: RetryConfig, attemp
             tries += 1
             tried.attempts += 1
             tried.provider, tried.fallback_used = s.target.provider, s is not first
+            tried.reason = chosen if s is first else "fallback"
             t0 = time.perf_counter()
             try:
                 value = await attempt(s.target, budget)

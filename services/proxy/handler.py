@@ -20,6 +20,7 @@ from services.proxy import metrics
 from services.proxy.auth import authenticate
 from services.proxy.cache import HEADER as CACHE_HEADER
 from services.proxy.cache import CacheUse, CompletionAssembler, Entry, cache_key, cache_use, replay_chunks
+from services.proxy.cost import Quote, quote
 from services.proxy.draft import UsageDraft
 from services.proxy.errors import (
     GatewayError,
@@ -32,6 +33,7 @@ from services.proxy.errors import (
 from services.proxy.forward import Tried, forward
 from services.proxy.limiter import Ticket
 from services.proxy.limits import Policy, resolve_policy
+from services.proxy.route_prices import expected_mix
 from services.proxy.routing import ModelRoute, Target
 from services.proxy.state import ProxyState
 from services.proxy.streaming import SSEResponse, StreamOutcome, StreamRelay, iterate
@@ -254,6 +256,7 @@ class ProxyHandler:
         tried = call.tried
         if tried.attempts:  # the call went upstream (a cache hit did not: its draft says so already)
             d.attempts, d.provider, d.fallback_used = tried.attempts, tried.provider, tried.fallback_used
+            d.route_reason = tried.reason
         self.s.quota.settle(d)  # the quota reservation becomes the actual usage
         if call.ticket is not None:
             self.settle_limits(call, d.prompt_tokens + d.completion_tokens if d.status != "cached" else 0)
@@ -318,7 +321,8 @@ class ProxyHandler:
                 return await self._stream(call, route, body, path)
             t_fwd = time.perf_counter()
             fwd = await forward(self.health, route, route.retry or self.config.retry,
-                                self._json_attempt(body, raw, path), call.started, call.tried)  # fmt: skip
+                                self._json_attempt(body, raw, path), call.started, call.tried,
+                                mix=self.mix(call, route, body))  # fmt: skip
             fwd_s = time.perf_counter() - t_fwd
         except GatewayError as err:
             return self.fail(call, err, route)
@@ -350,6 +354,7 @@ class ProxyHandler:
             usage.completion_tokens = 0
         d.take_usage(usage, source)
         d.status = "ok"
+        call.headers.update(self.quote(d, fwd.route.target.provider, usage, "ok", source).headers())
         metrics.tokens_by(route.name, "prompt").inc(usage.prompt_tokens)
         metrics.tokens_by(route.name, "completion").inc(usage.completion_tokens)
         if call.cache_key is not None:
@@ -414,17 +419,32 @@ class ProxyHandler:
                 assembler,
                 self.s.settings.upstream_max_sse_line_bytes,
                 self.s.settings.upstream_max_body_bytes,
+                (lambda u: self.quote(d, target.provider, u, "ok", "provider").usd) if wants_usage else None,
             )
             await relay.prime()
             return relay
 
         t_fwd = time.perf_counter()
-        fwd = await forward(self.health, route, route.retry or self.config.retry, attempt, call.started, call.tried)
+        fwd = await forward(self.health, route, route.retry or self.config.retry, attempt, call.started, call.tried,
+                            mix=self.mix(call, route, body))  # fmt: skip
         fwd_s = time.perf_counter() - t_fwd
         metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
         metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
         relay = fwd.value
         return SSEResponse(relay.events(), relay.finish, relay.aclose, headers=call.headers)
+
+    # ---- cost and route choice ----
+
+    def quote(self, d: UsageDraft, provider: str, usage: TokenUsage, status: str, source: str) -> Quote:
+        """The call's provisional cost (services/proxy/cost.py), kept on its event as what the caller was told
+        (a stream's usage chunk is priced as it passes; the draft takes that usage when the stream ends)."""
+        q = quote(self.s.book, d.served_model, provider, d.occurred_at, status, usage, source, d.service_tier)
+        d.quoted_cost_usd, d.quoted_price_version = q.usd, q.version
+        return q
+
+    @staticmethod
+    def mix(call: Call, route: ModelRoute, body: dict[str, Any]) -> tuple[int, int] | None:
+        return expected_mix(body, call.body_bytes, route) if route.routing == "cheapest" else None
 
     # ---- response cache ----
 
@@ -446,13 +466,19 @@ class ProxyHandler:
         d = call.draft
         d.take_usage(entry.usage, entry.usage_source)
         d.status, d.cache_hit, d.attempts, d.provider = "cached", True, 0, entry.provider
+        d.route_reason = "cache"
         call.headers["x-tollway-cache"] = "hit"
+        told = self.quote(d, entry.provider, entry.usage, "cached", entry.usage_source)
+        call.headers.update(told.headers())
         if not stream:
             self.finish(call, 200, route)
             return Response(entry.body, media_type="application/json", headers=call.headers)
         opts = body.get("stream_options")
         wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-        events = replay_chunks(orjson.loads(entry.body), wants_usage)
+        completion = orjson.loads(entry.body)
+        if wants_usage and told.usd and isinstance(completion.get("usage"), dict):
+            completion["usage"]["cost"] = 0  # a hit is billed zero (exactly: no float to round)
+        events = replay_chunks(completion, wants_usage)
 
         def on_finish(client_gone: bool) -> None:
             d.client_disconnected = client_gone

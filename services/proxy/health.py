@@ -12,8 +12,10 @@ import httpx
 import structlog
 
 from schemas.config import GatewayConfig, HealthConfig
+from schemas.prices import PriceBook
 from services.proxy import balancer, metrics
 from services.proxy.breaker import STATE_VALUE, CircuitBreaker
+from services.proxy.route_prices import RoutePrices
 from services.proxy.routing import ModelRoute, Router, Target
 
 log = structlog.get_logger("tollway.proxy.health")
@@ -48,9 +50,11 @@ class RouteState:
 
 
 class Health:
-    def __init__(self, router: Router, config: GatewayConfig, rng: random.Random | None = None) -> None:
+    def __init__(self, router: Router, config: GatewayConfig, rng: random.Random | None = None,
+                 book: PriceBook | None = None) -> None:  # fmt: skip
         self.cfg = config.health
         self.rng = rng or random.Random()
+        self.prices = RoutePrices(book or PriceBook(config), router.targets)  # for `cheapest`
         self.by_model: dict[str, tuple[RouteState, ...]] = {
             name: tuple(RouteState(name, t, self.cfg) for t in targets) for name, targets in router.targets.items()
         }
@@ -62,14 +66,23 @@ class Health:
         self.probes = {name: p for name, p in config.providers.items() if p.health_check_interval_s}
         self.probe_results: dict[str, dict[str, Any]] = {}
 
-    def plan(self, route: ModelRoute, now: float | None = None) -> list[RouteState]:
-        """Routes to try, in order; routes with an open breaker or cooling down are left out."""
+    def plan(self, route: ModelRoute, now: float | None = None,
+             mix: tuple[int, int] | None = None) -> list[RouteState]:  # fmt: skip
+        """Routes to try, in order (the model's routing strategy); routes with an open breaker or cooling down
+        are left out. `mix` (prompt, output tokens expected) is what `cheapest` ranks by."""
         now = time.monotonic() if now is None else now
         states = self.by_route[(route.name, route.endpoint)]
         if len(states) == 1:
             return [states[0]] if states[0].available(now) else []
+        if route.routing == "cheapest":
+            costs = self.prices.expected(route.name, mix or (1, route.typical_output_tokens))
+            cands = [balancer.Candidate(i, s.target.priority, s.target.weight, s.ewma_s, costs[s.target.index])
+                     for i, s in enumerate(states) if s.available(now)]  # fmt: skip
+            return [states[i] for i in balancer.cheapest(cands, self.rng)]
         cands = [balancer.Candidate(i, s.target.priority, s.target.weight, s.ewma_s)
                  for i, s in enumerate(states) if s.available(now)]  # fmt: skip
+        if route.routing == "fastest":
+            return [states[i] for i in balancer.fastest(cands, self.rng)]
         return [states[i] for i in balancer.order(cands, self.cfg.latency_bias, self.rng)]
 
     def retry_in(self, route: ModelRoute, now: float | None = None) -> float:

@@ -37,6 +37,8 @@ class ModelRoute:
     cache_ttl_s: float | None = None
     retry: RetryConfig | None = None
     max_output_tokens: int | None = None
+    routing: str = "weighted"  # schemas/config.py Routing: how a priority tier is ordered
+    typical_output_tokens: int = 256  # `cheapest`: the output expected when a request sets no cap
 
 
 ANTHROPIC_VERSION = "2023-06-01"  # sent to Anthropic-API providers unless the caller sends its own
@@ -74,7 +76,8 @@ class Router:
             self._endpoints[name] = config.model_endpoints(name)
             for endpoint in self._endpoints[name]:
                 served = tuple(t for t, r in zip(targets, m.routes, strict=True) if config.route_serves(r, endpoint))
-                route = ModelRoute(name, m.kind, served, endpoint, m.cache_ttl_s, m.retry, m.max_output_tokens)
+                route = ModelRoute(name, m.kind, served, endpoint, m.cache_ttl_s, m.retry, m.max_output_tokens,
+                                   m.routing, m.typical_output_tokens)  # fmt: skip
                 for n in (name, *m.aliases):
                     self._routes[(n, endpoint)] = route
         self.public_names = sorted(config.models)

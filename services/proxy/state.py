@@ -16,6 +16,7 @@ from services.proxy import upstream
 from services.proxy.auth import KeyView
 from services.proxy.cache import ResponseCache
 from services.proxy.control import ControlListener
+from services.proxy.cost import QuoteBook
 from services.proxy.events import UsageEmitter
 from services.proxy.health import Health
 from services.proxy.http1 import Http1Pool
@@ -39,6 +40,7 @@ class ProxyState:
     limiter: MemoryLimiter | RedisLimiter
     cache: ResponseCache
     health: Health
+    book: QuoteBook  # the proxy's copy of the price book: cost quotes and `cheapest` routing
     emitter: UsageEmitter
     control: ControlListener
     stop: asyncio.Event  # set on shutdown: the background loops end
@@ -74,7 +76,8 @@ async def open_proxy_state(settings: ProxySettings, config: GatewayConfig, boots
         stack.push_async_callback(emitter.stop)
         stop = asyncio.Event()
         stack.callback(stop.set)
-        health = Health(router, config)
+        book = QuoteBook(config)
+        health = Health(router, config, book=book)
         # One reader of the control topic, folded by the key view, then the quota gate.
         control = ControlListener(bootstrap, view.apply, quota.on_control)
         tasks.append(asyncio.create_task(health.probe_loop(http, router, stop), name="health-probes"))
@@ -82,7 +85,7 @@ async def open_proxy_state(settings: ProxySettings, config: GatewayConfig, boots
         cache = ResponseCache(config.cache.max_entries, config.cache.max_bytes, config.cache.max_entry_bytes)
         yield ProxyState(settings=settings, config=config, instance=instance, router=router, view=view, quota=quota,
                          plain=plain, upstream=session, http=http, limiter=limiter, cache=cache, health=health,
-                         emitter=emitter, control=control, stop=stop)  # fmt: skip
+                         book=book, emitter=emitter, control=control, stop=stop)  # fmt: skip
 
 
 async def _wait_for(tasks: list[asyncio.Task[None]]) -> None:

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from services.proxy.cache import CompletionAssembler
+from services.proxy.cost import usage_with_cost
 from services.proxy.errors import GatewayError, UpstreamError, UpstreamUnavailable, error_body
 from services.proxy.tokens import TokenUsage, usage_of
 from services.proxy.upstream import TRANSPORT_ERRORS
@@ -55,12 +56,15 @@ class StreamRelay:
 
     def __init__(self, resp: aiohttp.ClientResponse, started: float, client_wants_usage: bool,
                  on_end: Callable[[StreamOutcome], None], assembler: CompletionAssembler | None = None,
-                 max_line: int = MAX_LINE, max_stream: int = MAX_STREAM) -> None:  # fmt: skip
+                 max_line: int = MAX_LINE, max_stream: int = MAX_STREAM,
+                 quote_usage: Callable[[TokenUsage], str] | None = None) -> None:  # fmt: skip
         self.resp = resp
         self.started = started
         self.client_wants_usage = client_wants_usage
         self.on_end = on_end
         self.assembler = assembler
+        # the client asked for usage: its usage chunk carries usage.cost, this call's exact amount ('' unpriced)
+        self.quote_usage = quote_usage
         self.out = StreamOutcome()
         self._lines = _lines(resp.content, max_line, max_stream)
         self._first: bytes | None = None
@@ -118,6 +122,8 @@ class StreamRelay:
                     out.usage = usage_of(usage)
                     if not choices and not self.client_wants_usage:
                         continue  # we asked for usage on the client's behalf: it does not expect this chunk
+                    if self.quote_usage is not None and (usd := self.quote_usage(out.usage)):
+                        payload = usage_with_cost(chunk, usage, usd)
                 if choices and isinstance(choices, list):
                     first = choices[0] if isinstance(choices[0], dict) else {}
                     delta = first.get("delta") or {}

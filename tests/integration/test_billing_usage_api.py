@@ -97,8 +97,38 @@ async def test_duplicate_event_ids_count_once_and_cost_sums_exactly(billing, sto
         "cache_hits": 0,
         "cache_hit_prompt_tokens": 0,
         "cache_hit_completion_tokens": 0,
+        # Added with the cost header (issue 16): these rows carry no quote from a proxy.
+        "quoted_requests": 0,
+        "quoted_usd": "0",
+        "quote_differences": 0,
     }
     assert Decimal(body["totals"]["cost_usd"]) == Decimal("0.1") + Decimal("0.2") + Decimal("1e-18")
+
+
+async def test_quoted_and_billed_amounts_are_compared_per_group(billing, store, unique):
+    team, _ = await new_team(billing, f"t-{unique}")
+    cols = (*COLUMNS, "quoted_cost_usd", "quoted_price_version")
+    same = [*event(team, at(1), cost="0.000123", served="gpt-4.1"), "0.000123", "v"]
+    # told before a price change the meter priced with: told 0.0002, billed 0.0003
+    moved = [*event(team, at(1), cost="0.0003", served="gpt-4.1"), "0.0002", "v"]
+    silent = [*event(team, at(2), cost="0.5", served="gpt-4.1-mini"), "", ""]  # a stream without include_usage
+    cached = [*event(team, at(2), cost="0", served="gpt-4.1-mini"), "0", "v"]
+    cached[COLUMNS.index("status")] = "cached"
+    dup_id = uuid.uuid4()
+    dup = [*event(team, at(3), cost="0.7", served="gpt-4.1-mini", event_id=dup_id), "0.7", "v"]
+    await store.insert_rows("usage_events", [same, moved, silent, cached, dup], cols)
+    again = [*event(team, at(3), cost="0.7", served="gpt-4.1-mini", event_id=dup_id, row_version=2), "0.7", "v"]
+    await store.insert_rows("usage_events", [again], cols)  # a redelivery: still one quote
+
+    body = (await usage(billing, ADMIN, team=team, group_by="model", **MARCH)).json()
+    by = {g["model"]: g for g in body["groups"]}
+    assert (by["gpt-4.1"]["quoted_requests"], by["gpt-4.1"]["quoted_usd"], by["gpt-4.1"]["quote_differences"]) == (
+        2, "0.000323", 1)  # fmt: skip
+    assert by["gpt-4.1"]["cost_usd"] == "0.000423"
+    mini = by["gpt-4.1-mini"]
+    assert (mini["quoted_requests"], mini["quoted_usd"], mini["quote_differences"]) == (2, "0.7", 0)
+    t = body["totals"]
+    assert (t["quoted_requests"], t["quoted_usd"], t["quote_differences"]) == (4, "0.700323", 1)
 
 
 async def test_group_by_model_falls_back_to_the_requested_model(billing, store, unique):

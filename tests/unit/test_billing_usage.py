@@ -94,6 +94,9 @@ def _row(g: object, requests: int, cost: str, unpriced: int = 0) -> dict[str, ob
         "cache_hits": 0,
         "cache_hit_prompt_tokens": 0,
         "cache_hit_completion_tokens": 0,
+        "quoted_requests": requests,
+        "quoted_usd": Decimal(cost) + Decimal(unpriced),  # an unpriced call is told its amount here: 1 differs
+        "quote_differences": unpriced,
     }
 
 
@@ -118,6 +121,9 @@ def test_report_totals_are_the_exact_sum_of_groups():
         "cache_hits": 0,
         "cache_hit_prompt_tokens": 0,
         "cache_hit_completion_tokens": 0,
+        "quoted_requests": 3,
+        "quoted_usd": "1.3",
+        "quote_differences": 1,
     }
     assert [g["day"] for g in report["groups"]] == ["2026-03-01", "2026-03-02"]
     assert report["groups"][0]["cost_usd"] == "0.1"
