@@ -1,0 +1,110 @@
+"""The cost told to the caller is the amount billed, end to end: `tollway up --demo`, the official OpenAI SDK,
+`x-tollway-cost-usd` on a plain answer and `usage.cost` in a stream, against billing's usage API for the
+same call (one key per call, so the key's usage is that call). The expected amount is recomputed here from
+tollway.yaml's prices and the tokens, without the gateway's pricing code."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+import httpx
+import openai
+import yaml
+
+from tests.e2e.conftest import REPO
+
+MILLION = Decimal(1_000_000)
+
+
+def list_price(model: str, day: date) -> tuple[Decimal, Decimal, Decimal]:
+    """(input, output, cached_input) per 1M in force on `day`, read straight from the YAML."""
+    entries = yaml.safe_load((REPO / "tollway.yaml").read_text())["models"][model]["prices"]
+    p = max((e for e in entries if e["effective_from"] <= day), key=lambda e: e["effective_from"])
+    inp = Decimal(str(p["input"]))
+    return inp, Decimal(str(p.get("output", "0"))), Decimal(str(p.get("cached_input", inp)))
+
+
+def expected(model: str, prompt: int, completion: int, cached: int = 0) -> Decimal:
+    inp, out, cached_rate = list_price(model, datetime.now(UTC).date())
+    return ((prompt - cached) * inp + cached * cached_rate + completion * out) / MILLION
+
+
+def billed(stack, secret: str, requests: int = 1, timeout_s: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = httpx.get(f"{stack.billing_url}/v1/usage", headers={"authorization": f"Bearer {secret}"})
+        assert r.status_code == 200, r.text
+        totals = r.json()["totals"]
+        if totals["requests"] >= requests:
+            return totals
+        assert time.monotonic() < deadline, f"usage never reached {requests} requests: {totals}"
+        time.sleep(0.1)
+
+
+def client_for(stack, team: str) -> tuple[openai.OpenAI, str]:
+    key = stack.new_key(team)["key"]
+    return openai.OpenAI(base_url=stack.proxy_url, api_key=key, max_retries=0), key
+
+
+def test_the_cost_header_is_exactly_what_the_call_is_billed(stack):
+    client, key = client_for(stack, "cost-plain")
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4", messages=[{"role": "user", "content": "What does a toll road cost per mile?"}]
+    )
+    r = raw.parse()
+    told = raw.headers["x-tollway-cost-usd"]
+    assert raw.headers["x-tollway-cost-status"] == "provisional"
+    assert raw.headers["x-tollway-price-version"].startswith("gpt-4.1/*@2025-04-14#")
+    assert "e" not in told.lower() and Decimal(told) > 0
+    assert Decimal(told) == expected("gpt-4.1", r.usage.prompt_tokens, r.usage.completion_tokens)
+    totals = billed(stack, key)
+    assert Decimal(totals["cost_usd"]) == Decimal(told)
+    assert (totals["quoted_requests"], Decimal(totals["quoted_usd"]), totals["quote_differences"]) == (
+        1, Decimal(told), 0)  # fmt: skip
+
+
+def test_the_streams_usage_cost_is_exactly_what_the_call_is_billed(stack):
+    client, key = client_for(stack, "cost-stream")
+    with client.chat.completions.with_streaming_response.create(
+        model="claude-sonnet", messages=[{"role": "user", "content": "Count to five."}], stream=True,
+        stream_options={"include_usage": True},
+    ) as resp:  # fmt: skip
+        assert "x-tollway-cost-usd" not in resp.headers
+        events = [json.loads(line[5:], parse_float=Decimal) for line in resp.iter_lines()
+                  if line.startswith("data:") and line != "data: [DONE]"]  # fmt: skip
+    usage = events[-1]["usage"]
+    assert events[-1]["choices"] == [] and isinstance(usage["cost"], Decimal)
+    assert usage["cost"] == expected("claude-sonnet-4.5", usage["prompt_tokens"], usage["completion_tokens"])
+    totals = billed(stack, key)
+    assert Decimal(totals["cost_usd"]) == usage["cost"] and totals["quote_differences"] == 0
+
+    # the SDK's own chunk objects carry it too (as a float: exact only in the JSON text above)
+    chunks = client.chat.completions.create(model="claude-sonnet", messages=[{"role": "user", "content": "Again."}],
+                                            stream=True, stream_options={"include_usage": True})  # fmt: skip
+    last = [c for c in chunks if c.usage][-1]
+    assert last.usage.cost == float(expected("claude-sonnet-4.5", last.usage.prompt_tokens,
+                                             last.usage.completion_tokens))  # fmt: skip
+
+
+def test_the_header_says_when_the_amount_is_an_estimate_or_a_cache_hit(stack):
+    client, key = client_for(stack, "cost-status")
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4.1-mini", messages=[{"role": "user", "content": "No usage reported, please."}],
+        extra_body={"mock": {"usage": False}},
+    )  # fmt: skip
+    assert raw.headers["x-tollway-cost-status"] == "estimated" and raw.parse().usage is None
+    estimate = Decimal(raw.headers["x-tollway-cost-usd"])
+    assert Decimal(billed(stack, key)["cost_usd"]) == estimate > 0  # billed on the same estimate
+
+    body = {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "Cache this one."}], "temperature": 0}
+    first = client.chat.completions.with_raw_response.create(**body)
+    again = client.chat.completions.with_raw_response.create(**body)
+    assert first.headers["x-tollway-cost-status"] == "provisional"
+    assert (again.headers["x-tollway-cache"], again.headers["x-tollway-cost-usd"],
+            again.headers["x-tollway-cost-status"]) == ("hit", "0", "cached")  # fmt: skip
+    totals = billed(stack, key, requests=3)
+    assert Decimal(totals["cost_usd"]) == estimate + Decimal(first.headers["x-tollway-cost-usd"])
+    assert totals["cache_hits"] == 1 and totals["quoted_requests"] == 3 and totals["quote_differences"] == 0
