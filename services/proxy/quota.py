@@ -248,7 +248,9 @@ class QuotaGate:
             return
         tokens = quota_tokens(event.status, event.prompt_tokens, event.completion_tokens)
         usd = ZERO
-        if tokens:
+        if tokens and event.quoted_cost_usd:  # priced once already, for the caller (services/proxy/cost.py)
+            usd = Decimal(event.quoted_cost_usd)
+        elif tokens:
             model = billed_model(event.served_model, event.requested_model)
             unit = self.prices.at(model, event.provider, datetime.now(UTC))
             if unit is not None:

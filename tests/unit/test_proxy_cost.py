@@ -134,3 +134,27 @@ def test_usage_cost_is_a_json_number_with_the_exact_digits():
                                                                           "total_tokens": 10}  # fmt: skip
     assert b'"cost":0.0000001234567890123}' in out  # no exponent, no quotes: OpenRouter's number
     assert orjson.loads(usage_with_cost({}, {}, "0.5")) == {"usage": {"cost": 0.5}}
+
+
+def test_the_quota_counts_the_amount_told_and_prices_itself_only_when_nothing_was_told():
+    from schemas.config import Limits
+    from schemas.control import KeyState
+    from services.proxy.draft import UsageDraft
+    from services.proxy.quota import QuotaGate
+
+    gate = QuotaGate(config())
+    key = KeyState(key_id="k", key_hash="h", prefix="p", team_id="t", limits=Limits(budget_usd_per_month=Decimal(9)))
+
+    def settled(event_id: str, quoted: str) -> Decimal:
+        gate.admit(event_id, key, {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        d = UsageDraft(event_id=event_id, occurred_at=WHEN, request_id="r", endpoint="chat.completions", team_id="t",
+                       key_id="k", requested_model="m", served_model="m", provider="b", status="ok",
+                       prompt_tokens=1_000_000, completion_tokens=0, quoted_cost_usd=quoted)  # fmt: skip
+        gate.settle(d)
+        return gate.states[("key", "k")].pending[event_id][2]
+
+    # route b's own price (5 per 1M input) holds on every day, so the gate's own pricing (at its clock) agrees
+    told = quote(QuoteBook(config()), "m", "b", WHEN, "ok", TokenUsage(1_000_000, 0))
+    assert settled("e1", told.usd) == Decimal(5) == Decimal(told.usd)
+    assert settled("e2", "0.123") == Decimal("0.123")  # what was told is what counts (no second pricing)
+    assert settled("e3", "") == Decimal(5)  # nothing told (a stream without include_usage): priced here
