@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from schemas.config import RetryConfig, parse_config
+from schemas.config import ConfigError, RetryConfig, parse_config
 from schemas.prices import PriceBook
 from services.proxy.balancer import Candidate, cheapest, fastest
 from services.proxy.errors import UpstreamUnavailable
@@ -186,3 +186,9 @@ async def test_a_fallback_after_the_chosen_route_fails_is_recorded_as_fallback()
     tried = Tried()
     fwd = await forward(health, route, NO_WAIT, attempt, started=time.perf_counter(), tried=tried, mix=(1000, 10))
     assert fwd.value == "b" and tried.reason == "fallback" and tried.fallback_used and tried.attempts == 3
+
+
+def test_an_unknown_strategy_stops_the_config_naming_the_field():
+    with pytest.raises(ConfigError, match=r"models\.m\.routing: Input should be 'weighted', 'cheapest' or 'fastest'"):
+        config([{"provider": "a"}], routing="random")
+    assert config([{"provider": "a"}], routing="weighted").models["m"].typical_output_tokens == 256
