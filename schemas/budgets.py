@@ -82,13 +82,13 @@ def team_of(entity_id: str) -> str:
 
 
 def describe(entity: Entity) -> dict[str, str]:
-    """The entity named for people (alerts, the quota view): team_id and end_user, or team_id, tag and value."""
-    team_id, _, rest = entity[1].partition(":")
+    """A budget entity named for people (alerts): its end_user, or its tag and value (the team is team_of)."""
+    rest = entity[1].partition(":")[2]
     if entity[0] == "end_user":
-        return {"team_id": team_id, "end_user": rest}
+        return {"end_user": rest}
     if entity[0] == "tag":
         tag, _, value = rest.partition("=")
-        return {"team_id": team_id, "tag": tag, "value": value}
+        return {"tag": tag, "value": value}
     return {}
 
 

@@ -89,7 +89,7 @@ class Alerts:
         period, scope, entity_id, metric, threshold = key
         alert = BudgetAlert(alert_id=alert_id(key), scope=scope, id=entity_id, team_id=team_id, period=period,  # type: ignore[arg-type]
                             metric=metric, threshold_pct=threshold, used=used, limit=limit,  # type: ignore[arg-type]
-                            crossed_at=datetime.now(UTC), **{k: v for k, v in named.items() if k != "team_id"})  # fmt: skip
+                            crossed_at=datetime.now(UTC), **named)  # fmt: skip
         await self._write(alert, delivered=False)
         self._spawn(alert)
         return alert
@@ -138,4 +138,4 @@ class Alerts:
         return BudgetAlert(alert_id=r["alert_id"], scope=r["scope"], id=r["entity_id"], team_id=r["team_id"],
                            period=r["period"], metric=r["metric"], threshold_pct=int(r["threshold"]), used=r["used"],
                            limit=r["limit_value"], crossed_at=r["crossed_at"].replace(tzinfo=UTC),
-                           **{k: v for k, v in describe((r["scope"], r["entity_id"])).items() if k != "team_id"})  # fmt: skip
+                           **describe((r["scope"], r["entity_id"])))  # fmt: skip

@@ -57,7 +57,7 @@ def test_budget_shape_is_validated_and_bounded():
     b = Budget(team_id="t", scope="tag", tag="project", value="apollo", budget_usd_per_month=Decimal("2.5"),
                daily_alert_usd=Decimal("1"))  # fmt: skip
     assert decode(encode(b)) == b and message_key(b) == b"budget:t:tag:project:apollo"
-    assert b.entity() == APOLLO and describe(APOLLO) == {"team_id": "t", "tag": "project", "value": "apollo"}
+    assert b.entity() == APOLLO and describe(APOLLO) == {"tag": "project", "value": "apollo"}
 
 
 def test_index_finds_own_budget_then_the_team_default_and_nothing_for_others():
