@@ -104,6 +104,12 @@ async def test_end_user_and_tag_budgets_exhaust_alert_named_and_survive_a_restar
         parameters={"e": alice},
     )
     assert [tuple(r) for r in rows] == [("daily_usd", 1), ("tokens", 3)]
+    # The team's daily threshold was crossed again after the restart (the apollo call), in the same pass that
+    # alerted apollo's 80 and 100%: the day's claim came back with the restart, so it was not sent again.
+    apollo = f"{tid}:project=apollo"
+    raw = await read_topic(bootstrap, ALERTS_TOPIC, lambda s: len(alerts_for(s, apollo)) >= 3)
+    assert sorted(a["threshold_pct"] for a in alerts_for(raw, apollo)) == [50, 80, 100]
+    assert [a["metric"] for a in alerts_for(raw, tid)] == ["daily_usd"]
 
 
 async def test_budget_api_refuses_bad_input_in_the_api_shape(store, bootstrap, unique):
