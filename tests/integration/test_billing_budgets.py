@@ -152,11 +152,12 @@ async def test_proxy_refuses_an_exhausted_end_user_and_tag_value_and_serves_the_
                      {"scope": "tag", "tag": "project", "value": "apollo", "tokens_per_month": 300}):  # fmt: skip
             assert (await billing.post("/v1/admin/budgets", json={"team_id": tid, **body},
                                        headers=ADMIN)).status_code == 201  # fmt: skip
+        mine = (("end_user", f"{tid}:alice"), ("tag", f"{tid}:project=apollo"))  # (the topic has others')
         for client, app in ((proxy_a, app_a), (proxy_b, app_b)):
             await wait_admitted(client, plain["key"])
             await wait_admitted(client, tagged["key"])
             gate = app.state.proxy.quota  # type: ignore[attr-defined]
-            await eventually(lambda g=gate: _asyncify(len(g.budgets)), lambda n: n == 2)
+            await eventually(lambda g=gate: _asyncify([g.budgets.get(e) for e in mine]), lambda bs: all(bs))
 
         async def spend_until_refused(proxy, secret: str, user: str | None) -> dict:
             h = {"authorization": f"Bearer {secret}"}
