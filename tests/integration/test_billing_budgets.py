@@ -187,3 +187,26 @@ async def test_proxy_refuses_an_exhausted_end_user_and_tag_value_and_serves_the_
 
 async def _asyncify(value):
     return value
+
+
+async def test_a_default_budget_set_mid_month_is_seeded_from_the_ledger_for_each_end_user(store, bootstrap, unique):
+    async with budget_billing(store, bootstrap, f"d-{unique}") as billing:
+        tid = await new_team(billing, f"def-{unique}")
+        spent = [make_event(tid, end_user="u1", prompt_tokens=600, completion_tokens=0),
+                 make_event(tid, end_user="u2", prompt_tokens=100, completion_tokens=0)]  # fmt: skip
+        await produce(bootstrap, spent)
+        await meter(store, spent)
+        quota = billing._transport.app.state.quota  # type: ignore[attr-defined]
+        await eventually(lambda: _asyncify(quota.book.get(("team", tid)).tokens), lambda t: t == 700)
+        assert quota.book.get(("end_user", f"{tid}:u1")).tokens == 0  # no budget yet: not an entity
+        r = await billing.post("/v1/admin/budgets", json={"team_id": tid, "scope": "end_user", "tokens_per_month": 500},
+                               headers=ADMIN)  # fmt: skip
+        assert r.status_code == 201 and r.json()["default"] is True, r.text
+        raw = await read_topic(bootstrap, CONTROL_TOPIC, lambda s: bool(quota_signals(s, f"{tid}:u1")))
+        (sig,) = quota_signals(raw, f"{tid}:u1")
+        assert (sig.scope, sig.used_tokens, sig.limit_tokens) == ("end_user", 600, 500)
+        assert quota_signals(raw, f"{tid}:u2") == [] and quota.book.get(("end_user", f"{tid}:u2")).tokens == 100
+        # A later call of a new end user counts against the default from the stream.
+        await produce(bootstrap, [make_event(tid, end_user="u3", prompt_tokens=500, completion_tokens=0)])
+        raw = await read_topic(bootstrap, CONTROL_TOPIC, lambda s: bool(quota_signals(s, f"{tid}:u3")))
+        assert quota_signals(raw, f"{tid}:u3")[0].reason == "tokens_per_month"
