@@ -28,11 +28,11 @@ Public API (stable: add, don't change):
       SQL of a subquery, one effective row per deduplicated event with occurred_at in
       [{start:DateTime64(6, 'UTC')}, {end:DateTime64(6, 'UTC')}) (and team_id = {team:String} when team,
       ingested_at <= {ingested_before:DateTime64(6, 'UTC')} when ingested_before). Columns: event_id,
-      occurred_at, ingested_at, team_id, key_id, end_user, metadata, model, requested_model, served_model, provider,
-      status,
+      occurred_at, ingested_at, team_id, key_id, model, requested_model, served_model, provider, status,
       priced, billable, cache_hit, prompt_tokens, completion_tokens, cached_tokens, input_tokens,
       cached_input_tokens, output_tokens, price_version, unit_input, unit_output, unit_cached_input,
-      stored_cost, adjustments_usd, adjustment_count, cost_usd. `billable` = billable status AND priced.
+      stored_cost, adjustments_usd, adjustment_count, cost_usd, end_user ('' for none), metadata (the event's
+      tags: the caller's, under the key's). `billable` = billable status AND priced.
   LedgerLine(model, price_version, component, unit_usd_per_1m, quantity, requests)  .exact_usd
   LedgerGroup(model, price_version, unit_input, unit_output, unit_cached_input, requests,
               input_tokens, cached_tokens, output_tokens)  .lines()  .exact_usd
@@ -77,8 +77,7 @@ _RANGE = "occurred_at >= {start:DateTime64(6, 'UTC')} AND occurred_at < {end:Dat
 
 _EFFECTIVE_SQL = """(
 SELECT e.event_id AS event_id, e.occurred_at AS occurred_at, e.ingested_at AS ingested_at,
-       e.team_id AS team_id, e.key_id AS key_id, e.end_user AS end_user, e.metadata AS metadata,
-       e.model AS model, e.requested_model AS requested_model,
+       e.team_id AS team_id, e.key_id AS key_id, e.model AS model, e.requested_model AS requested_model,
        e.served_model AS served_model, e.provider AS provider, e.status AS status, e.priced AS priced,
        e.status IN ({statuses}) AND e.priced AS billable, e.cache_hit AS cache_hit,
        e.prompt_tokens AS prompt_tokens, e.completion_tokens AS completion_tokens, e.cached_tokens AS cached_tokens,
@@ -87,11 +86,10 @@ SELECT e.event_id AS event_id, e.occurred_at AS occurred_at, e.ingested_at AS in
        if(a.n > 0, a.pv, e.price_version) AS price_version, if(a.n > 0, a.ui, e.unit_input) AS unit_input,
        if(a.n > 0, a.uo, e.unit_output) AS unit_output, if(a.n > 0, a.uc, e.unit_cached_input) AS unit_cached_input,
        e.cost_total AS stored_cost, a.delta AS adjustments_usd, a.n AS adjustment_count,
-       e.cost_total + a.delta AS cost_usd
-FROM (SELECT event_id, occurred_at, ingested_at, team_id, key_id, end_user, metadata, {model} AS model,
-             requested_model, served_model,
+       e.cost_total + a.delta AS cost_usd, e.end_user AS end_user, e.metadata AS metadata
+FROM (SELECT event_id, occurred_at, ingested_at, team_id, key_id, {model} AS model, requested_model, served_model,
              provider, status, priced, cache_hit, prompt_tokens, completion_tokens, cached_tokens, price_version,
-             unit_input, unit_output, unit_cached_input, cost_total
+             unit_input, unit_output, unit_cached_input, cost_total, end_user, metadata
       FROM {{db}}.usage_events FINAL WHERE {range}{events_where}) AS e
 LEFT JOIN (
     SELECT event_id, count() AS n, argMax(price_version, seq) AS pv, argMax(unit_input, seq) AS ui,
