@@ -118,11 +118,15 @@ async def test_budget_api_refuses_bad_input_in_the_api_shape(store, bootstrap, u
         for body, status in (
             ({"team_id": tid, "scope": "tag", "value": "apollo", "budget_usd_per_month": "1"}, 400),
             ({"team_id": tid, "scope": "end_user", "value": "alice"}, 400),
-            ({"team_id": tid, "scope": "end_user", "value": "a", "budget_usd_per_month": "-1"}, 422),
-            ({"team_id": tid, "scope": "end_user", "value": "a", "budget_usd_per_month": "1e12"}, 422),
+            ({"team_id": tid, "scope": "end_user", "value": "a", "budget_usd_per_month": "-1"}, 400),
+            ({"team_id": tid, "scope": "end_user", "value": "a", "budget_usd_per_month": "1e12"}, 400),
+            ({"team_id": tid, "scope": "end_user", "value": "a", "budget_usd_per_month": "0.0000001"}, 400),
+            ({"team_id": tid, "scope": "end_user", "value": "a", "tokens_per_month": True}, 422),
+            ({"team_id": tid, "scope": "end_user", "value": "a" * 257, "tokens_per_month": 5}, 400),
+            ({"team_id": tid, "scope": "end_user", "value": "a", "tokens_per_month": 5, "deleted": True}, 422),
             ({"team_id": tid, "scope": "tag", "tag": "a=b", "value": "c", "tokens_per_month": 5}, 400),
             ({"team_id": tid, "scope": "end_user", "value": "a\u202e", "tokens_per_month": 5}, 400),
-            ({"team_id": tid, "scope": "project", "value": "a", "tokens_per_month": 5}, 422),
+            ({"team_id": tid, "scope": "project", "value": "a", "tokens_per_month": 5}, 400),
             ({"team_id": "team_nope", "scope": "end_user", "value": "a", "tokens_per_month": 5}, 404),
         ):
             r = await billing.post("/v1/admin/budgets", json=body, headers=ADMIN)

@@ -10,8 +10,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.budgets import MAX_VALUE_LEN, Budget
-from schemas.config import MAX_COUNT, MAX_USD, USD_PLACES
+from schemas.budgets import Budget
 from schemas.money import plain
 from services.billing import metrics
 from services.billing.api.admin import _printable, _publish
@@ -23,15 +22,17 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
 class SetBudget(BaseModel):
+    """The request body; its bounds and shape rules are Budget's (schemas/budgets.py), checked in `_checked`."""
+
     model_config = ConfigDict(extra="forbid")
 
-    team_id: str = Field(min_length=1, max_length=64)
-    scope: Literal["end_user", "tag"]
-    tag: str | None = Field(default=None, min_length=1, max_length=64)
-    value: str | None = Field(default=None, min_length=1, max_length=MAX_VALUE_LEN)
-    budget_usd_per_month: Decimal | None = Field(default=None, ge=0, le=MAX_USD, decimal_places=USD_PLACES)
-    tokens_per_month: int | None = Field(default=None, ge=1, le=MAX_COUNT, strict=True)
-    daily_alert_usd: Decimal | None = Field(default=None, gt=0, le=MAX_USD, decimal_places=USD_PLACES)
+    team_id: str
+    scope: str
+    tag: str | None = None
+    value: str | None = None
+    budget_usd_per_month: Decimal | None = None
+    tokens_per_month: int | None = Field(default=None, strict=True)  # strict: `true` is not 1 token
+    daily_alert_usd: Decimal | None = None
 
 
 def _budgets(request: Request) -> Budgets:
