@@ -178,7 +178,6 @@ class QuotaService:
         for key in self.accounts.keys():
             if key.expires_at is not None and key.expires_at <= datetime.now(UTC):
                 self.expiry_announced.add(key.key_id)
-        await self.seed_daily(self.cutoff)
         log.info("quota_seeded", period=self.book.period, entities=len(self.book.usage), exhausted=len(self.states))
 
     async def converge(self, publish: bool = True) -> None:
@@ -192,6 +191,9 @@ class QuotaService:
             settled.update(await budget_ledger.budget_spend(self.store, self.budgets.index, start, end, cutoff))
         # From the previous cutoff less the settle: a row stamped just before it may have become visible after.
         in_ledger, progress = await ingested_between(self.store, period, previous - self.settle, cutoff)
+        # The day's spend converges the same way, when some team or budget has a daily alert threshold.
+        now = self.clock()
+        daily = await self._daily_ledger(now, cutoff) if self._wants_daily() else None
         self._converge_took = time.perf_counter() - t0
         metrics.QUOTA_CONVERGE_SECONDS.observe(self._converge_took)
         async with self._book_lock:
@@ -202,6 +204,8 @@ class QuotaService:
                 self.meter_progress = progress
             done = self.book.converge(settled, in_ledger, self.meter_progress,
                                       timedelta(seconds=self.settings.quota_tail_max_s))  # fmt: skip
+            if daily is not None and now.date().isoformat() >= self.daily.day:
+                self.daily = self._daily_from(now.date().isoformat(), daily)
         metrics.QUOTA_TAIL_DROPPED.inc(done.dropped)
         if done.changed or done.dropped:
             log.info("quota_converged", period=period, cutoff=cutoff.isoformat(), changed=len(done.changed),
@@ -210,20 +214,31 @@ class QuotaService:
             for entity in done.changed:
                 await self.evaluate(entity)
                 self._spawn_alerts(entity)
+            for entity in set(self.daily.usd) - done.changed:  # a daily threshold set, or crossed by the ledger
+                self._spawn_alerts(entity)
 
-    async def seed_daily(self, cutoff: datetime | None) -> None:
-        """Today's (billing's clock, UTC) spend per entity with a daily alert threshold, from the ledger as of
-        `cutoff`; the stream counts what came after (an event the seed counted is `seeded`, never added)."""
-        now = self.clock()
-        day = now.date().isoformat()
+    def _wants_daily(self) -> bool:
+        return any(b.daily_alert_usd is not None for b in self.budgets.index) or any(
+            self.daily_alert(("team", t.team_id)) is not None for t in self.accounts.teams()
+        )
+
+    async def _daily_ledger(self, now: datetime, cutoff: datetime) -> dict[Entity, Decimal]:
+        """Today's (UTC, billing's clock) spend per team and budgeted entity in the ledger as of `cutoff`."""
         start = datetime(now.year, now.month, now.day, tzinfo=UTC)
         end = start + timedelta(days=1)
         spend = await budget_ledger.team_spend(self.store, start, end, cutoff)
         if len(self.budgets.index):
-            for entity, u in (await budget_ledger.budget_spend(self.store, self.budgets.index, start, end,
-                                                                 cutoff)).items():  # fmt: skip
-                spend[entity] = u.usd
-        self.daily = DailySpend(day, {e: usd for e, usd in spend.items() if self.daily_alert(e) is not None})
+            found = await budget_ledger.budget_spend(self.store, self.budgets.index, start, end, cutoff)
+            spend.update({entity: u.usd for entity, u in found.items()})
+        return spend
+
+    def _daily_from(self, day: str, spend: dict[Entity, Decimal]) -> DailySpend:
+        """The day's spend the way month-to-date is made: the ledger's plus the stream's tail of that day."""
+        for c in self.book.tail.values():
+            if c.at.date().isoformat() == day:
+                for entity in (("team", c.team_id), *c.budgets):
+                    spend[entity] = spend.get(entity, Decimal(0)) + c.usd  # type: ignore[index]
+        return DailySpend(day, {e: usd for e, usd in spend.items() if self.daily_alert(e) is not None})
 
     async def _converge_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -535,12 +550,14 @@ class QuotaService:
 
     async def on_account_change(self, entity: Entity) -> None:
         """A changed plan or limit can exhaust or restore an entity right away."""
+        if entity[0] == "team" and self.daily_alert(entity) is not None and entity not in self.daily.usd:
+            self._converge_due.set()  # a daily threshold just set: today's spend so far, from the ledger
         await self.evaluate(entity)
         self._spawn_alerts(entity)
 
     async def on_budget_change(self, budget: Budget) -> None:
         """A budget was set or deleted: judge its entities on what is counted now (a deleted one is restored);
-        a new one's month-to-date comes from the ledger, at a convergence started right away."""
+        a new one's month-to-date (and day's spend) comes from the ledger, at a convergence started right away."""
         entity = budget.entity()
         if entity is not None:
             entities = [entity]

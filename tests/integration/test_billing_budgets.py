@@ -203,13 +203,22 @@ async def test_a_default_budget_set_mid_month_is_seeded_from_the_ledger_for_each
         quota = billing._transport.app.state.quota  # type: ignore[attr-defined]
         await eventually(lambda: _asyncify(quota.book.get(("team", tid)).tokens), lambda t: t == 700)
         assert quota.book.get(("end_user", f"{tid}:u1")).tokens == 0  # no budget yet: not an entity
-        r = await billing.post("/v1/admin/budgets", json={"team_id": tid, "scope": "end_user", "tokens_per_month": 500},
+        r = await billing.post("/v1/admin/budgets", json={"team_id": tid, "scope": "end_user", "tokens_per_month": 500,
+                                                          "daily_alert_usd": "0.000001"},
                                headers=ADMIN)  # fmt: skip
         assert r.status_code == 201 and r.json()["default"] is True, r.text
         raw = await read_topic(bootstrap, CONTROL_TOPIC, lambda s: bool(quota_signals(s, f"{tid}:u1")))
         (sig,) = quota_signals(raw, f"{tid}:u1")
         assert (sig.scope, sig.used_tokens, sig.limit_tokens) == ("end_user", 600, 500)
         assert quota_signals(raw, f"{tid}:u2") == [] and quota.book.get(("end_user", f"{tid}:u2")).tokens == 100
+
+        # The daily threshold was set after today's spend: it counts the whole day, so both alert at once.
+        def daily_for_both(seen: list) -> bool:
+            return all(any(a["metric"] == "daily_usd" for a in alerts_for(seen, f"{tid}:{u}")) for u in ("u1", "u2"))
+
+        raw = await read_topic(bootstrap, ALERTS_TOPIC, daily_for_both)
+        for u in ("u1", "u2"):
+            assert [a["metric"] for a in alerts_for(raw, f"{tid}:{u}")].count("daily_usd") == 1
         # A later call of a new end user counts against the default from the stream.
         await produce(bootstrap, [make_event(tid, end_user="u3", prompt_tokens=500, completion_tokens=0)])
         raw = await read_topic(bootstrap, CONTROL_TOPIC, lambda s: bool(quota_signals(s, f"{tid}:u3")))
