@@ -87,8 +87,9 @@ async def test_a_plain_create_is_billed_in_every_dimension_and_handed_a_tollway_
     (e,) = live.events_of(key.team_id)
     assert e["endpoint"] == "responses" and e["status"] == "ok" and e["usage_source"] == "provider"
     assert e["prompt_tokens"] == u["input_tokens"] and e["cached_tokens"] == u["input_tokens_details"]["cached_tokens"]
-    assert e["completion_tokens"] == u["output_tokens"] and e["reasoning_tokens"] == 5 == (
-        u["output_tokens_details"]["reasoning_tokens"]
+    assert (
+        e["completion_tokens"] == u["output_tokens"]
+        and e["reasoning_tokens"] == 5 == (u["output_tokens_details"]["reasoning_tokens"])
     )
     assert e["cached_tokens"] == 6 and e["web_search_requests"] == 2 and e["service_tier"] == "flex"
     assert e["served_model"] == "chat" and e["provider"] == "a" and e["stream"] is False
