@@ -24,3 +24,21 @@ def test_another_secret_tampering_and_raw_ids_are_refused():
     assert IDS.unwrap("team_a", ".".join((head, other, up, mac))) is None  # provider swapped
     for bad in ("resp_abc", "", "resp_tw1....", "resp_tw1.!!.!!.!!", "x" * 5000, public + "x", public[:-1]):
         assert IDS.unwrap("team_a", bad) is None
+
+
+def test_the_secret_comes_from_the_setting_or_is_made_once_per_data_dir(tmp_path):
+    import os
+
+    import pytest
+    from pydantic import ValidationError
+
+    from services.proxy.responses import id_secret
+    from services.proxy.settings import ProxySettings
+
+    assert id_secret(ProxySettings(data_dir=tmp_path, responses_id_secret="x" * 16)) == b"x" * 16
+    with pytest.raises(ValidationError):
+        ProxySettings(data_dir=tmp_path, responses_id_secret="short")
+    made = id_secret(ProxySettings(data_dir=tmp_path))
+    assert len(made) == 64 and id_secret(ProxySettings(data_dir=tmp_path)) == made  # a restart keeps its ids valid
+    key = tmp_path / "proxy" / "response_ids.key"
+    assert oct(os.stat(key).st_mode & 0o777) == "0o600" and list(key.parent.iterdir()) == [key]
