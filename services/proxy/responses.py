@@ -31,7 +31,7 @@ from starlette.responses import Response
 from services.proxy import metrics
 from services.proxy.auth import authenticate
 from services.proxy.cache import cache_key
-from services.proxy.errors import GatewayError, InvalidRequest, UpstreamError
+from services.proxy.errors import GatewayError, InvalidRequest, UpstreamError, UsageUnrecordable
 from services.proxy.forward import forward
 from services.proxy.handler import MAX_TOKENS_CAP, Call, JSONBytes, ProxyHandler, _count, read_body
 from services.proxy.health import Health, RouteState
@@ -360,6 +360,9 @@ class ResponsesHandler:
             team = key.team_id
             d.team_id, d.key_id = team, key.key_id
             d.metadata = dict(key.metadata)
+            if not self.s.emitter.spool.accepting:  # the same rule as a create: no call its event cannot follow
+                raise UsageUnrecordable("Usage could not be recorded (the gateway's usage spool is full), so the "
+                                        "call was not made. Retry later.", headers={"retry-after": "5"})  # fmt: skip
             if refuse is not None:
                 raise InvalidRequest(refuse, code="unsupported_parameter")
             public = request.path_params.get("response_id", "")

@@ -275,3 +275,21 @@ async def test_follow_ups_reach_the_creating_provider_from_another_replica_and_n
             ("responses", "ok", 200), ("responses.get", "error", 404)]  # fmt: skip
         stolen_ev = [e for e in b.events if e["team_id"] == other_team]
         assert len(stolen_ev) == 4 and all(e["http_status"] == 404 and e["provider"] == "" for e in stolen_ev)
+
+
+async def test_a_full_spool_refuses_follow_ups_too(bootstrap, tmp_path, upstreams, monkeypatch):
+    async with served_gateway(bootstrap, tmp_path / "ok", config({"a": upstreams[0]}),
+                              responses_id_secret=SECRET) as gw:  # fmt: skip
+        secret, key = gw.key()
+        rid = (await gw.client.post("/v1/responses", json=HELLO, headers=auth(secret))).json()["id"]
+    monkeypatch.setenv("TOLLWAY_SPOOL_REFUSE_RATIO", "0")  # the spool counts as full from the start
+    async with served_gateway(bootstrap, tmp_path / "full", config({"a": upstreams[0]}),
+                              responses_id_secret=SECRET) as gw:  # fmt: skip
+        gw.app.state.proxy.control.apply(key)
+        served = (await mock_json(upstreams[0], "/mock/stats"))["requests_served"]
+        for r in (await gw.client.post("/v1/responses", json=HELLO, headers=auth(secret)),
+                  await gw.client.get(f"/v1/responses/{rid}", headers=auth(secret)),
+                  await gw.client.delete(f"/v1/responses/{rid}", headers=auth(secret))):  # fmt: skip
+            assert r.status_code == 503 and r.json()["error"]["code"] == "usage_unrecordable", r.text
+        assert (await mock_json(upstreams[0], "/mock/stats"))["requests_served"] == served
+        assert gw.events_of(key.team_id) == []  # refused calls take no room in the full spool
