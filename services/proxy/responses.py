@@ -15,10 +15,10 @@ removes, and the provider never stored this call), so only plain `store: false` 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -76,6 +76,14 @@ def validate_responses(body: dict[str, Any]) -> None:
     for field in ("stream", "store", "background", "parallel_tool_calls"):
         if field in body and body[field] is not None and not isinstance(body[field], bool):
             raise InvalidRequest(f"'{field}' must be a boolean.", code="invalid_type")
+    if body.get("conversation") is not None:
+        # conversations are stored upstream under the account every team shares, named by ids Tollway does
+        # not issue: one team could name another's
+        raise InvalidRequest("'conversation' is not supported by this gateway; chain with 'previous_response_id'.",
+                             code="unsupported_parameter")  # fmt: skip
+    if isinstance(inp, list) and any(i.get("type") == "item_reference" for i in inp):
+        raise InvalidRequest("Input items of type 'item_reference' are not supported by this gateway (stored items "
+                             "belong to an account every team shares).", code="unsupported_parameter")  # fmt: skip
     if body.get("background") is True:
         # a background response is billed when it finishes, which no call through the gateway observes
         raise InvalidRequest("'background' responses are not supported by this gateway.", code="unsupported_parameter")
@@ -247,7 +255,7 @@ class ResponsesHandler:
         out = reply.body
         upstream_id = reply.data.get("id") if isinstance(reply.data, dict) else None
         if isinstance(upstream_id, str):
-            for old, new in self._renames(team, provider, upstream_id, body):
+            for old, new in self._renames(team, provider, body, upstream_id):
                 out = out.replace(old, new)
         if call.cache_key is not None:
             h._store(call, route, out, usage, provider)
@@ -255,7 +263,7 @@ class ResponsesHandler:
         metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
         return JSONBytes(out, reply.status, call.headers)
 
-    def _renames(self, team: str, provider: str, upstream_id: str, body: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    def _renames(self, team: str, provider: str, body: dict[str, Any], upstream_id: str) -> list[tuple[bytes, bytes]]:
         """The provider's ids as the client knows them: this response's, and the previous one it chained on."""
         swaps = [(_quoted(upstream_id), _quoted(self.ids.wrap(team, provider, upstream_id)))]
         prev = body.get("previous_response_id")
@@ -268,9 +276,12 @@ class ResponsesHandler:
         requested = body.get("model")
 
         async def attempt(target: Target, budget_s: float) -> UpstreamReply:
-            same = raw is not None and requested == target.upstream_model
-            payload = raw if same else orjson.dumps({**upstream_body, "model": target.upstream_model})
-            reply = await post_json(self.s.plain, target, PATH, cast(bytes, payload), budget_s)
+            # the bytes read_body re-serialized when nothing changes on the way (no second dumps)
+            if raw is not None and requested == target.upstream_model:
+                payload = raw
+            else:
+                payload = orjson.dumps({**upstream_body, "model": target.upstream_model})
+            reply = await post_json(self.s.plain, target, PATH, payload, budget_s)
             if reply.status == 404 and _error_code(reply.data) == "previous_response_not_found":
                 # deleted since (or never stored): the caller's to know, not the operator's configuration
                 raise ResponseNotFound("Previous response not found.", code="previous_response_not_found")
@@ -318,9 +329,7 @@ class ResponsesHandler:
         async def attempt(target: Target, budget_s: float) -> ResponsesRelay:
             payload = orjson.dumps({**upstream_body, "model": target.upstream_model})
             resp = await open_stream(self.s.upstream, target, PATH, payload, budget_s)
-            rename: Callable[[str], list[tuple[bytes, bytes]]] = lambda up: self._renames(  # noqa: E731
-                team, target.provider, up, body
-            )
+            rename = functools.partial(self._renames, team, target.provider, body)
             relay = ResponsesRelay(resp, call.started, rename, on_end, self.s.settings.upstream_max_sse_line_bytes,
                                    self.s.settings.upstream_max_body_bytes)  # fmt: skip
             await relay.prime()

@@ -174,6 +174,8 @@ async def test_missing_usage_is_estimated_and_an_explicit_zero_stays_zero(live):
         ({**HELLO, "background": True}, "unsupported_parameter"),
         ({**HELLO, "instructions": ["x"]}, "invalid_type"),
         ({**HELLO, "previous_response_id": "resp_forged"}, "previous_response_not_found"),
+        ({**HELLO, "conversation": "conv_of_someone"}, "unsupported_parameter"),
+        ({"model": "chat", "input": [{"type": "item_reference", "id": "msg_1"}]}, "unsupported_parameter"),
     ],
 )
 async def test_bad_requests_get_openai_shaped_errors_and_an_event(live, body, code):
