@@ -14,12 +14,16 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
 
 from schemas.config import GatewayConfig, parse_config
 from tests.integration.test_proxy_gateway import FAST_RETRY, Gateway
 from tests.integration.test_proxy_live import mock_json, served_gateway
 from tests.support.stack import mock_upstream, publish_key
 from tests.support.waiting import eventually
+from tollway.servers import serving
 
 SECRET = "s3cret-shared-by-both-replicas"
 HELLO = {"model": "chat", "input": "Hello there, how are you?"}
@@ -295,3 +299,55 @@ async def test_a_full_spool_refuses_follow_ups_too(bootstrap, tmp_path, upstream
             assert r.status_code == 503 and r.json()["error"]["code"] == "usage_unrecordable", r.text
         assert (await mock_json(upstreams[0], "/mock/stats"))["requests_served"] == served
         assert gw.events_of(key.team_id) == []  # refused calls take no room in the full spool
+
+
+def scripted_provider(tail: list[tuple[str, dict[str, Any]]]) -> Any:
+    """A provider whose stream is response.created, one delta, then `tail` (the mock never fails this way)."""
+
+    async def create(request: Any) -> StreamingResponse:
+        opening = {"id": "resp_scripted", "object": "response", "status": "in_progress", "output": [], "usage": None}
+        events = [("response.created", {"response": opening}),
+                  ("response.output_text.delta", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                                  "delta": "partial answer"}), *tail]  # fmt: skip
+
+        async def body() -> AsyncIterator[bytes]:
+            for seq, (kind, payload) in enumerate(events):
+                data = orjson.dumps({"type": kind, "sequence_number": seq, **payload})
+                yield b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/responses", create, methods=["POST"])])
+
+
+FAILED = {"id": "resp_scripted", "object": "response", "status": "failed", "output": [],
+          "error": {"code": "server_error", "message": "model crashed"},
+          "usage": {"input_tokens": 11, "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tail", "usage", "source"),
+    [
+        ([("response.failed", {"response": FAILED})], (11, 3), "provider"),
+        ([("error", {"code": "server_error", "message": "overloaded", "param": None})], None, "estimated"),
+    ],
+)
+async def test_a_failed_response_or_an_error_event_is_an_error_billed_on_what_the_provider_said(
+    bootstrap, tmp_path, tail, usage, source
+):
+    async with serving(scripted_provider(tail), "scripted-provider") as url:
+        async with served_gateway(bootstrap, tmp_path, config({"a": f"{url}/v1"}), responses_id_secret=SECRET) as gw:
+            secret, key = gw.key()
+            async with gw.client.stream("POST", "/v1/responses", json={**HELLO, "stream": True},
+                                        headers=auth(secret)) as r:  # fmt: skip
+                events = await sse(r)
+            assert [e["type"] for e in events] == ["response.created", "response.output_text.delta", tail[0][0]]
+            assert events[0]["response"]["id"].startswith("resp_tw1.")
+            if tail[0][0] == "response.failed":
+                assert events[-1]["response"]["id"] == events[0]["response"]["id"]
+            (e,) = await settled(gw, key.team_id, 1)
+    assert e["status"] == "error" and e["error_code"] == "upstream_response_failed" and e["usage_source"] == source
+    if usage is not None:
+        assert (e["prompt_tokens"], e["completion_tokens"]) == usage
+    else:  # estimated: the prompt from the request, the output from the deltas seen ("partial answer": 14 chars)
+        assert e["prompt_tokens"] > 0 and e["completion_tokens"] == 4
