@@ -25,7 +25,7 @@ from schemas.clickhouse import Store
 from schemas.money import cents, plain, usd
 from schemas.periods import bounds
 from schemas.prices import MILLION
-from schemas.tags import NONE_LABEL, key_problem
+from schemas.tags import MAX_END_USER_CHARS, MAX_VALUE_CHARS, NONE_LABEL, key_problem
 from services.billing import ledger
 from services.billing.errors import Conflict, InvalidRequest
 from services.billing.invoice_lines import ItemKey, items_of
@@ -52,6 +52,39 @@ def dimension(value: str, what: str = "group_by") -> Dimension:
                              f"A-Za-z0-9_.:-), got {value[:80]!r}")  # fmt: skip
     sql = "if(mapContains(x.metadata, {tag:String}), x.metadata[{tag:String}], {none_label:String})"
     return Dimension(value, "tag_value", sql, {"tag": name, "none_label": NONE_LABEL})
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Calls of one end user and/or one tag value, as a condition over the effective row x."""
+
+    sql: str
+    params: dict[str, object]
+    shown: dict[str, str]
+
+
+def filter_of(end_user: str | None, tag: str | None) -> Filter | None:
+    """`end_user=<id>` (`(none)`: calls without one) and `tag=<name>=<value>`; None when neither is given."""
+    parts, params, shown = [], {}, {}
+    if end_user:
+        parts.append("x.end_user = {f_end_user:String}")
+        params["f_end_user"] = "" if end_user == NONE_LABEL else end_user[:MAX_END_USER_CHARS]
+        shown["end_user"] = end_user[:MAX_END_USER_CHARS]
+    if tag:
+        name, eq, value = tag.partition("=")
+        if not eq or key_problem(name) is not None:
+            raise InvalidRequest(f"tag: expected <name>=<value> with a tag name of 1 to 64 characters of "
+                                 f"A-Za-z0-9_.:-, got {tag[:80]!r}")  # fmt: skip
+        if value == NONE_LABEL:
+            parts.append("NOT mapContains(x.metadata, {f_tag:String})")
+        else:
+            parts.append("mapContains(x.metadata, {f_tag:String}) AND x.metadata[{f_tag:String}] = {f_value:String}")
+            params["f_value"] = value[:MAX_VALUE_CHARS]
+        params["f_tag"] = name
+        shown["tag"] = f"{name}={value[:MAX_VALUE_CHARS]}"
+    if not parts:
+        return None
+    return Filter("(" + " AND ".join(parts) + ")", params, shown)
 
 
 def share(amount: Decimal, exact: dict[str, Decimal]) -> dict[str, Decimal]:
