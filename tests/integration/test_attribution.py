@@ -109,8 +109,11 @@ async def test_tagged_calls_land_with_tags_and_end_user_and_every_grouping_agree
                         ({}, {}, None, {"cost_centre": "cc-1"}),
                     ]  # fmt: skip
                     calls = []
-                    for extra, headers, end_user, tags in plan:
-                        r = await chat(extra, headers)
+                    for i, (extra, headers, end_user, tags) in enumerate(plan):
+                        # token counts whose costs have sub-cent parts, so the breakdown's rounding has work
+                        mock = {"input_tokens": 1_234_567 + 111_111 * i, "cached_tokens": 12_345 * i,
+                                "stream_chunks": 3_333 + 77 * i}  # fmt: skip
+                        r = await chat({**extra, "mock": mock}, headers)
                         assert r.status_code == 200, r.text
                         calls.append((r.headers["x-request-id"], cost_of(r.json()["usage"]), end_user, tags))
                     records = await usage_events_of(bootstrap, tid, len(calls) + 2)
