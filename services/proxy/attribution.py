@@ -1,7 +1,8 @@
 """Who a call is for: its end user and its attribution tags, from the request, merged with the key's own tags.
 
 One function for every endpoint (chat, embeddings, responses, messages): `attribute(body, headers,
-key_metadata) -> (end_user, tags)`; the handler puts them in the usage event's `end_user` and `metadata`.
+key_metadata) -> (end_user, tags)`, `headers` being the ASGI scope's raw list (`request.scope["headers"]`);
+the handler puts them in the usage event's `end_user` and `metadata`.
 
   * tags come from the `X-Tollway-Tags` header (`project=apollo,env=prod`: comma-separated name=value,
     values cannot hold a comma; put such values in the body) and from the body's `metadata` object (OpenAI
@@ -14,31 +15,39 @@ key_metadata) -> (end_user, tags)`; the handler puts them in the usage event's `
     (Anthropic), cut to 256 characters (as `user` always was).
 The body's `metadata` is forwarded upstream unchanged: it is the caller's request to the provider.
 
-The common call carries neither header nor metadata: that path is two dict lookups and returns the key's
-own map (not a copy: the event only reads it).
+The common call carries neither header nor metadata: that path is a few dict lookups and one pass over the
+raw header list, and returns the key's own map (not a copy: the event only reads it). Measured: ~0.3 us
+(Starlette's `Headers.get` alone was ~0.8 us for an absent header: it raises and catches a KeyError).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from schemas.tags import MAX_END_USER_CHARS, MAX_TAGS, key_problem, value_problem
 from services.proxy.errors import InvalidRequest
 
-TAGS_HEADER = "x-tollway-tags"
-_END_USER_FIELDS = ("user", "safety_identifier")
+TAGS_HEADER = b"x-tollway-tags"  # ASGI servers hand header names over lower-cased
+# names already found valid: callers reuse a handful, so the pattern match is done once per name
+_VALID_NAMES: set[str] = set()
+_MAX_VALID_NAMES = 4096
 
 
 class InvalidTag(InvalidRequest):
     code = "invalid_tag"
 
 
-def attribute(body: dict[str, Any], headers: Mapping[str, str],
+def attribute(body: dict[str, Any], headers: Iterable[tuple[bytes, bytes]],
               key_metadata: dict[str, str]) -> tuple[str | None, dict[str, str]]:  # fmt: skip
     meta = body.get("metadata")
-    header = headers.get(TAGS_HEADER)
-    end_user = _end_user(body, meta)
+    header = None
+    for name, value in headers:
+        if name == TAGS_HEADER:
+            header = value.decode("latin-1")
+            break
+    end_user = body.get("user")
+    end_user = end_user[:MAX_END_USER_CHARS] if isinstance(end_user, str) else _end_user(body, meta)
     if header is None and (meta is None or meta == {}):
         return end_user, key_metadata
     tags = _body_tags(meta) if meta is not None else {}
@@ -53,10 +62,10 @@ def attribute(body: dict[str, Any], headers: Mapping[str, str],
 
 
 def _end_user(body: dict[str, Any], meta: Any) -> str | None:
-    for field in _END_USER_FIELDS:
-        v = body.get(field)
-        if isinstance(v, str):
-            return v[:MAX_END_USER_CHARS]
+    """After `user`: `safety_identifier`, then Anthropic's `metadata.user_id`."""
+    v = body.get("safety_identifier")
+    if isinstance(v, str):
+        return v[:MAX_END_USER_CHARS]
     if isinstance(meta, dict):
         v = meta.get("user_id")
         if isinstance(v, str):
@@ -65,7 +74,11 @@ def _end_user(body: dict[str, Any], meta: Any) -> str | None:
 
 
 def _check(name: Any, value: Any, where: str) -> None:
-    problem = key_problem(name) or value_problem(value)
+    problem = value_problem(value)
+    if problem is None and name not in _VALID_NAMES:
+        problem = key_problem(name)
+        if problem is None and len(_VALID_NAMES) < _MAX_VALID_NAMES:
+            _VALID_NAMES.add(name)
     if problem is not None:
         shown = name[:70] if isinstance(name, str) else repr(name)[:70]
         raise InvalidTag(f"Tag {shown!r} in {where} is not valid: {problem}.")

@@ -294,7 +294,7 @@ class ProxyHandler:
             body, raw = await read_body(request, self.s.settings.max_body_bytes)
             call.body_bytes = len(raw)
             d.requested_model = str(body.get("model", ""))[:256]
-            d.end_user, d.metadata = attribute(body, request.headers, key.metadata)
+            d.end_user, d.metadata = attribute(body, request.scope["headers"], key.metadata)
             (validate_chat if kind == "chat" else validate_embeddings)(body)
             policy = self.policy(key)
             await self.admit(call, key, policy, body)

@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 
 from schemas.tags import MAX_TAGS, MAX_VALUE_CHARS
-from services.proxy.attribution import InvalidTag, attribute
+from services.proxy.attribution import InvalidTag
+from services.proxy.attribution import attribute as attribute_raw
 
 KEY = {"cost_centre": "cc-42"}
+
+
+def attribute(body: dict, headers: dict[str, str], key: dict[str, str]) -> tuple[str | None, dict[str, str]]:
+    """The headers as an ASGI server hands them over: lower-cased names, latin-1 bytes."""
+    raw = [(b"host", b"proxy"), *((k.lower().encode(), v.encode("latin-1")) for k, v in headers.items())]
+    return attribute_raw(body, raw, key)
 
 
 def test_plain_call_gets_the_key_tags_and_no_end_user() -> None:
@@ -85,6 +92,10 @@ def test_a_long_header_stops_parsing_past_the_bound() -> None:
     header = ",".join(f"t{i}=v" for i in range(10_000))
     with pytest.raises(InvalidTag, match="At most 16"):
         attribute({}, {"x-tollway-tags": header}, {})
+
+
+def test_header_name_is_matched_case_insensitively_as_asgi_lowercases_it() -> None:
+    assert attribute({}, {"X-Tollway-Tags": "a=b"}, {})[1] == {"a": "b"}
 
 
 def test_empty_values_are_tags() -> None:
