@@ -28,6 +28,8 @@ from services.meter.writer import UsageWriter
 from services.proxy.app import create_app as proxy_app
 from services.proxy.settings import ProxySettings
 from tests.support.billing import ADMIN, FINANCE, running_billing
+from tests.support.events import make_event
+from tests.support.metered import meter
 from tests.support.stack import gateway_config, mock_upstream, wait_key_active
 
 PRICE = {"input": Decimal("2.00"), "cached": Decimal("0.50"), "output": Decimal("8.00")}  # gateway_config's gpt-4.1
@@ -200,3 +202,40 @@ async def test_tagged_calls_land_with_tags_and_end_user_and_every_grouping_agree
             assert foreign.status_code == 403
             bad_by = await billing.get("/v1/reports/chargeback", params={"team": tid, "by": "project"}, headers=FINANCE)
             assert bad_by.status_code == 400
+
+
+async def test_breakdown_of_a_finalized_invoice_reads_what_it_billed_and_foots(billing, store: Store, unique: str):
+    """Many labels with sub-cent shares across two models; a late event after finalization is in neither the
+    finalized invoice nor its breakdown (it is billed on the next invoice)."""
+    team = (await billing.post("/v1/admin/teams", json={"name": f"fin-{unique}"}, headers=ADMIN)).json()
+    tid = team["team_id"]
+    march = datetime(2026, 3, 5, 12, tzinfo=UTC)
+    events = [
+        make_event(tid, occurred_at=march + timedelta(hours=i), end_user=f"user-{i % 7}",
+                   metadata={"project": ["apollo", "zeus", "hermes"][i % 3]} if i % 4 else {},
+                   served_model="gpt-4.1" if i % 2 else "gpt-4.1-mini", requested_model="gpt-4.1",
+                   prompt_tokens=10_007 * (i + 1), completion_tokens=3_001 * (i + 2), cached_tokens=499 * i)
+        for i in range(40)
+    ]  # fmt: skip
+    await meter(store, events)
+    r = await billing.post("/v1/admin/invoices/finalize", json={"period": "2026-03", "team": tid}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    invoice_id = r.json()["data"][0]["invoice_id"]
+    await meter(store, [make_event(tid, occurred_at=march, end_user="late-user", metadata={"project": "late"},
+                                   prompt_tokens=900_000, completion_tokens=90_000)])  # fmt: skip
+
+    for by, field in (("end_user", "end_user"), ("tag:project", "tag_value")):
+        doc = (await billing.get(f"/v1/invoices/{invoice_id}", params={"breakdown": by}, headers=FINANCE)).json()
+        assert doc["status"] == "finalized"
+        rows = doc["breakdown"]["rows"]
+        labels = {r[field] for r in rows}
+        assert "late-user" not in labels and "late" not in labels
+        assert sum(Decimal(r["amount_usd"]) for r in rows) == Decimal(doc["usage_usd"])
+        assert sum(r["requests"] for r in rows) == len(events)
+        usage_lines = sum(1 for line in doc["lines"] if line["type"] == "usage")
+        for r in rows:
+            assert abs(Decimal(r["amount_usd"]) - Decimal(r["exact_usd"])) < Decimal("0.01") * usage_lines
+        exact_total = sum((Decimal(r["exact_usd"]) for r in rows), Decimal(0))
+        assert exact_total == sum(Decimal(line["exact_amount_usd"]) for line in doc["lines"] if line["type"] == "usage")
+    tags = {r["tag_value"] for r in doc["breakdown"]["rows"]}
+    assert tags == {"apollo", "zeus", "hermes", "(none)"}
