@@ -16,8 +16,10 @@ the handler puts them in the usage event's `end_user` and `metadata`.
 The body's `metadata` is forwarded upstream unchanged: it is the caller's request to the provider.
 
 The common call carries neither header nor metadata: that path is a few dict lookups and one pass over the
-raw header list, and returns the key's own map (not a copy: the event only reads it). Measured: ~0.3 us
-(Starlette's `Headers.get` alone was ~0.8 us for an absent header: it raises and catches a KeyError).
+raw header list, and returns the key's own map (not a copy: the event only reads it). Measured in isolation
+on the shared 2-core box (timeit, best of 7): ~0.4 us against ~0.16 us for the `user` lookup it replaces, and
+~3 us for a call with 3 body tags and 2 header tags. Starlette's `Headers.get` alone was ~0.8 us for an absent
+header (it raises and catches a KeyError), hence the raw list.
 """
 
 from __future__ import annotations
