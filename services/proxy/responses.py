@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from services.proxy import metrics
+from services.proxy.attribution import attribute
 from services.proxy.auth import authenticate
 from services.proxy.cache import cache_key
 from services.proxy.errors import GatewayError, InvalidRequest, UpstreamError, UsageUnrecordable
@@ -185,8 +186,7 @@ class ResponsesHandler:
             body, raw = await read_body(request, self.s.settings.max_body_bytes)
             call.body_bytes = len(raw)
             d.requested_model = str(body.get("model", ""))[:256]
-            if isinstance(body.get("user"), str):
-                d.end_user = body["user"][:256]
+            d.end_user, d.metadata = attribute(body, request.scope["headers"], key.metadata)
             validate_responses(body)
             policy = h.policy(key)
             previous = None
@@ -368,7 +368,7 @@ class ResponsesHandler:
             key = authenticate(request, self.s.view)
             team = key.team_id
             d.team_id, d.key_id = team, key.key_id
-            d.metadata = dict(key.metadata)
+            d.end_user, d.metadata = attribute({}, request.scope["headers"], key.metadata)  # the header's tags
             if not self.s.emitter.spool.accepting:  # the same rule as a create: no call its event cannot follow
                 raise UsageUnrecordable("Usage could not be recorded (the gateway's usage spool is full), so the "
                                         "call was not made. Retry later.", headers={"retry-after": "5"})  # fmt: skip

@@ -192,6 +192,23 @@ async def test_bad_requests_get_openai_shaped_errors_and_an_event(live, body, co
     assert e["status"] == "error" and e["error_code"] == code and e["prompt_tokens"] == 0
 
 
+async def test_a_create_carries_its_end_user_and_tags_and_a_bad_tag_is_refused(live):
+    """The attribution rules of chat (services/proxy/attribution.py) hold on /v1/responses and its follow-ups."""
+    secret, key = live.key()
+    headers = {**auth(secret), "x-tollway-tags": "env=prod"}
+    body = {**HELLO, "safety_identifier": "user-7", "metadata": {"project": "apollo"}}
+    r = await live.client.post("/v1/responses", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    got = await live.client.get(f"/v1/responses/{r.json()['id']}", headers=headers)
+    assert got.status_code == 200, got.text
+    bad = await live.client.post("/v1/responses", json={**HELLO, "metadata": {"bad tag": "x"}}, headers=auth(secret))
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_tag", bad.text
+    create, follow, refused = await settled(live, key.team_id, 3)
+    assert create["end_user"] == "user-7" and create["metadata"] == {"project": "apollo", "env": "prod"}
+    assert follow["endpoint"] == "responses.get" and follow["metadata"] == {"env": "prod"}
+    assert refused["status"] == "error" and refused["error_code"] == "invalid_tag"
+
+
 async def test_only_unstored_calls_that_opt_in_are_cached(live):
     secret, key = live.key()
     h = {**auth(secret), "x-tollway-cache": "true"}
