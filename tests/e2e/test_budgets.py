@@ -1,7 +1,7 @@
 """End-user and tag budgets on `tollway up --demo`, driven by the official openai client: alice's budget bites
 with a 429 insufficient_quota while bob is served, a tag value's likewise; the alerts land on tollway.alerts.v1
 naming the entity; an operator restart keeps every budget, its month-to-date and its exhausted state, and sends
-no alert twice; what billing counted for alice is what the ledger holds."""
+no alert twice; what billing counted for alice is what the usage API shows and the ledger holds."""
 
 from __future__ import annotations
 
@@ -136,6 +136,9 @@ def test_end_user_and_tag_budgets_bite_alert_and_survive_a_restart(tmp_path: Pat
         n, err = spend_until_refused(c_tagged)
         assert n > 1 and err.code == "insufficient_quota" and "tag value" in err.message
         assert served(c_plain, user="carol")  # carol on the untagged key: neither budget
+        # The same tag value from the request's own metadata (attribution) is the same budget: refused at once.
+        assert spend_until_refused(c_plain, extra_body={"metadata": {"project": "apollo"}})[0] == 0
+        assert served(c_plain, extra_body={"metadata": {"project": "zeus"}})
 
         alice = f"{tid}:alice"
 
@@ -173,6 +176,10 @@ def test_end_user_and_tag_budgets_bite_alert_and_survive_a_restart(tmp_path: Pat
         assert spend_until_refused(c_tagged)[0] == 0
         assert served(c_plain, user="bob")
         period = after["period"]
+        # The usage API's spend for alice (group_by end_user, read from the ledger) is what billing counted.
+        usage = admin.get("/v1/usage", params={"team": tid, "group_by": "end_user"}).json()
+        by_user = {g["end_user"]: Decimal(g["cost_usd"]) for g in usage["groups"]}
+        assert by_user["alice"] == Decimal(before["used"]["usd"]), usage
     finally:
         assert stop_stack(s) == 0
         reap_broker(tmp_path)
