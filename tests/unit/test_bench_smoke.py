@@ -110,6 +110,16 @@ def test_quota_lag_sentences_are_parsed() -> None:
     got = run.parse_quota_text(text)
     assert got == {"cross_p50_ms": 41.5, "cross_p99_ms": 97.0, "same_p50_ms": 0.4, "same_p99_ms": 1.1,
                    "overshoot_max_tokens": 12, "overshoot_mean_tokens": 3.5}  # fmt: skip
+    text = text.replace("cross-proxy", "      key limit: cross-proxy").replace(
+        "same-proxy", "      key limit: same-proxy"
+    )
+    text += (
+        "end-user budget: cross-proxy crossing->first 429 (billing signal path): p50 50.0 ms  p99 99.5 ms  max 1 ms\n"
+        "end-user budget: same-proxy crossing->first 429 (local counting):       p50 0.5 ms  p99 1.5 ms\n"
+    )
+    got = run.parse_quota_text(text)
+    assert got is not None and (got["cross_p50_ms"], got["end_user_cross_p50_ms"], got["end_user_same_p99_ms"]) == (
+        41.5, 50.0, 1.5)  # fmt: skip
 
 
 def test_profile_summary_ranks_frames_by_self_and_inclusive_time() -> None:
@@ -154,3 +164,22 @@ def test_bench_fixtures_of_their_own_are_valid_contract_objects() -> None:
     assert (e.team_id, e.key_id, e.prompt_tokens, e.completion_tokens, e.proxy_seq) == ("team-7", "k7", 107, 7, 8)
     config = quota_lag.gateway_config("http://127.0.0.1:1/v1")
     assert config.resolve("gpt-4.1") == "gpt-4.1" and config.plans["default"].tokens_per_month is None
+
+
+def test_responses_rows_and_first_delta_match() -> None:
+    from bench import proxy_bench
+
+    res = fake_result()
+    stream = {"ttft_p50_ms": 0.5, "ttft_p99_ms": 1.0}
+    res["proxy"]["direct"]["responses"] = {"scenarios": {"max_instant": _scenario(1, 2, 4000)}, "stream": stream}
+    res["proxy"]["tollway"]["responses"] = {"scenarios": {"max_instant": _scenario(2, 4, 2000)},
+                                            "stream": {"ttft_p50_ms": 1.5, "ttft_p99_ms": 3.0}}  # fmt: skip
+    text = table.render(res)
+    assert "/v1/responses stream c=1: added TTFT" in text and "+1.00 / +2.00" in text
+    assert "2,000 (50%)" in text
+    event = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":4,'
+    event += b'"item_id":"msg_0123456789abcdef","output_index":0,"content_index":0,"delta":"Hi","logprobs":[]}'
+    assert streaming.RESPONSES_FIRST.search(event)
+    assert not streaming.RESPONSES_FIRST.search(event.replace(b'"delta":"Hi"', b'"delta":""'))
+    body = proxy_bench.responses_body("m", stream=True)
+    assert body["stream"] is True and body["max_output_tokens"] == 64 and isinstance(body["input"], str)
