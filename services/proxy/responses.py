@@ -142,8 +142,9 @@ class PinnedHealth:
         self._health = health
         self._provider = provider
 
-    def plan(self, route: ModelRoute, now: float | None = None) -> list[RouteState]:
-        return [s for s in self._health.plan(route, now) if s.target.provider == self._provider]
+    def plan(self, route: ModelRoute, now: float | None = None,
+             mix: tuple[int, int] | None = None) -> list[RouteState]:  # fmt: skip
+        return [s for s in self._health.plan(route, now, mix) if s.target.provider == self._provider]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._health, name)
@@ -250,6 +251,7 @@ class ResponsesHandler:
         usage, source, tier = responses_usage(reply.data, body)
         d.take_usage(usage, source)
         d.service_tier, d.status = tier, "ok"
+        call.headers.update(h.quote(d, provider, usage, "ok", source).headers())  # services/proxy/cost.py
         metrics.tokens_by(route.name, "prompt").inc(usage.prompt_tokens)
         metrics.tokens_by(route.name, "completion").inc(usage.completion_tokens)
         out = reply.body
@@ -298,7 +300,9 @@ class ResponsesHandler:
         d.take_usage(usage, source)
         d.service_tier = tier
         d.status, d.cache_hit, d.attempts, d.provider = "cached", True, 0, provider
+        d.route_reason = "cache"
         call.headers["x-tollway-cache"] = "hit"
+        call.headers.update(self.h.quote(d, provider, usage, "cached", source).headers())
         self.h.finish(call, 200, route)
         return Response(cached, media_type="application/json", headers=call.headers)
 

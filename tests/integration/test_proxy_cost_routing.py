@@ -206,3 +206,32 @@ async def test_weighted_stays_the_default_and_says_so(bootstrap, tmp_path):
             events = gw.events_of(key.team_id)
             assert {e["provider"] for e in events} == {"a", "b"}  # price plays no part
             assert {e["route_reason"] for e in events} == {"weighted"}
+
+
+# ---- /v1/responses ----
+
+
+async def test_a_responses_create_is_told_its_cost_and_a_cache_hit_zero(bootstrap, tmp_path):
+    async with mock_upstream() as url:
+        cfg = make_config({"a": url}, [{"provider": "a"}], model_extra={"prices": [
+            {"input": "1", "output": "2", "cached_input": "0.5"}]})  # fmt: skip
+        async with gateway(bootstrap, tmp_path, cfg, responses_id_secret="s3cret-for-the-cost-tests") as gw:
+            secret, key = gw.key()
+            body = {"model": "chat", "input": f"Hello {uuid.uuid4()}", "mock": {"cached_tokens": 6}}
+            r = await gw.client.post("/v1/responses", json=body, headers={"authorization": f"Bearer {secret}"})
+            assert r.status_code == 200, r.text
+            u = r.json()["usage"]
+            cached = u["input_tokens_details"]["cached_tokens"]
+            want = ((u["input_tokens"] - cached) * 1 + cached * Decimal("0.5") + u["output_tokens"] * 2) / MILLION
+            assert cached == 6 and Decimal(r.headers["x-tollway-cost-usd"]) == want
+            assert r.headers["x-tollway-cost-status"] == "provisional"
+            h = {"authorization": f"Bearer {secret}", "x-tollway-cache": "true"}
+            unstored = {**body, "store": False}
+            await gw.client.post("/v1/responses", json=unstored, headers=h)
+            hit = await gw.client.post("/v1/responses", json=unstored, headers=h)
+            assert hit.headers["x-tollway-cache"] == "hit"
+            assert (hit.headers["x-tollway-cost-usd"], hit.headers["x-tollway-cost-status"]) == ("0", "cached")
+            e, _, e_hit = gw.events_of(key.team_id)
+            assert (e["endpoint"], e["quoted_cost_usd"], e["route_reason"]) == (
+                "responses", r.headers["x-tollway-cost-usd"], "only_route")  # fmt: skip
+            assert (e_hit["status"], e_hit["quoted_cost_usd"], e_hit["route_reason"]) == ("cached", "0", "cache")
