@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from schemas.config import GatewayConfig
+from services.proxy import messages
 from services.proxy.errors import GatewayError, InvalidRequest, error_response
 from services.proxy.handler import ProxyHandler
 from services.proxy.settings import ProxySettings
@@ -31,6 +32,8 @@ class ProxyApp(FastAPI):
         ("POST", "/v1/chat/completions"): ProxyHandler.chat_completions,
         ("POST", "/v1/embeddings"): ProxyHandler.embeddings,
         ("GET", "/v1/models"): ProxyHandler.models,
+        ("POST", "/v1/messages"): messages.create,
+        ("POST", "/v1/messages/count_tokens"): messages.count_tokens,
     }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -46,6 +49,13 @@ class ProxyApp(FastAPI):
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+
+def _route(serve: Callable[[ProxyHandler, Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await serve(request.app.state.handler, request)
+
+    return endpoint
 
 
 def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, replay_spool: bool = False) -> FastAPI:
@@ -76,6 +86,8 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
     app.router.add_route("/v1/chat/completions", chat, methods=["POST"])
     app.router.add_route("/v1/embeddings", embeddings, methods=["POST"])
     app.router.add_route("/v1/models", models, methods=["GET"])
+    for path, serve in (("/v1/messages", messages.create), ("/v1/messages/count_tokens", messages.count_tokens)):
+        app.router.add_route(path, _route(serve), methods=["POST"])
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

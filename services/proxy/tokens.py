@@ -70,9 +70,16 @@ def provider_usage(data: Any) -> TokenUsage | None:
     return usage_of(usage) if isinstance(usage, dict) else None
 
 
+PROMPT_EXTRAS = ("system", "tools")  # read by the model besides the messages: a Messages system prompt, tool specs
+
+
 def prompt_estimate(body: dict[str, Any]) -> int:
     """The prompt's tokens from the request alone: the billed estimate and the quota's worst case both use it."""
-    return max(1, len(orjson.dumps(body.get("messages") or body.get("input") or "")) // CHARS_PER_TOKEN)
+    chars = len(orjson.dumps(body.get("messages") or body.get("input") or ""))
+    for field in PROMPT_EXTRAS:
+        if body.get(field):
+            chars += len(orjson.dumps(body[field]))
+    return max(1, chars // CHARS_PER_TOKEN)
 
 
 def estimate_usage(body: dict[str, Any], completion_chars: int = 0) -> TokenUsage:
