@@ -145,27 +145,35 @@ class MessagesRelay:
             self.usage.add(data.get("usage"), final=True)
 
     async def events(self) -> AsyncIterator[bytes]:
+        """The events, as they come. The last one goes out only after the call is recorded (`finish`): the
+        client holding a whole answer while the process dies before its event is written would be a call
+        answered and never billed (tests/e2e/test_pipeline_kill9.py found that window)."""
         out = self.out
         try:
             async for event in self._all():
                 self._note(event)
-                yield event.raw
                 if event.type == "message_stop":
                     out.completed = True
+                    self.finish(False)
+                    yield event.raw
                     return
                 if event.type == "error":  # the provider ended the stream with its own error: relayed as is
                     err = event.data.get("error")
                     self.error_type = str(err.get("type", "api_error"))[:60] if isinstance(err, dict) else "api_error"
                     out.upstream_broken = True
+                    self.finish(False)
+                    yield event.raw
                     return
-            out.upstream_broken = True
-            yield error_event("The upstream provider ended the stream early.")
+                yield event.raw
+            last = error_event("The upstream provider ended the stream early.")
         except TRANSPORT_ERRORS:
-            out.upstream_broken = True
-            yield error_event("The upstream provider's stream broke.")
+            last = error_event("The upstream provider's stream broke.")
         except StreamTooLarge:
-            out.upstream_broken = out.too_large = True
-            yield error_event("The upstream provider's stream exceeded the gateway's bounds.")
+            out.too_large = True
+            last = error_event("The upstream provider's stream exceeded the gateway's bounds.")
+        out.upstream_broken = True
+        self.finish(False)
+        yield last
 
     def finish(self, client_gone: bool) -> None:
         if self._finished:

@@ -1,5 +1,6 @@
 """kill -9 of `tollway up` under load, then a restart on the same data dir: every answered call is billed
-exactly once (the proxy spool refills the fresh in-memory broker; event_id dedup absorbs the repeats)."""
+exactly once (the proxy spool refills the fresh in-memory broker; event_id dedup absorbs the repeats).
+The load mixes chat completions with Anthropic Messages calls, plain and streamed."""
 
 from __future__ import annotations
 
@@ -47,12 +48,19 @@ def test_kill_9_of_tollway_up_under_load_then_restart_bills_every_answered_call_
                 while not stop.is_set():
                     rid = f"w{worker}-{i}"
                     i += 1
+                    messages = [{"role": "user", "content": rid}]
                     try:
-                        r = c.post("/chat/completions", headers={"x-request-id": rid},
-                                   json={"model": "gpt-4.1", "messages": [{"role": "user", "content": rid}]})  # fmt: skip
+                        if worker % 3 == 0:
+                            r = c.post("/chat/completions", headers={"x-request-id": rid},
+                                       json={"model": "gpt-4.1", "messages": messages})  # fmt: skip
+                        else:  # Anthropic Messages, plain and streamed, through the same kill
+                            r = c.post("/messages", headers={"x-request-id": rid},
+                                       json={"model": "claude-sonnet-4.5", "max_tokens": 64, "messages": messages,
+                                             "stream": worker % 3 == 2})  # fmt: skip
                     except httpx.HTTPError:
                         return  # the server died under us: this call was not answered
-                    if r.status_code == 200:
+                    streamed_whole = worker % 3 != 2 or r.text.rstrip().endswith('"type":"message_stop"}')
+                    if r.status_code == 200 and streamed_whole:
                         answered.append(rid)
 
         threads = [threading.Thread(target=load, args=(w,)) for w in range(6)]
@@ -67,6 +75,7 @@ def test_kill_9_of_tollway_up_under_load_then_restart_bills_every_answered_call_
         for t in threads:
             t.join(15)
         assert len(answered) >= 300
+        assert {rid.split("-")[0] for rid in answered} == {f"w{w}" for w in range(6)}  # every kind answered
 
         stack = start_stack(tmp_path, env)  # same data dir and ports: same spool, same proxy instance
         deadline = time.monotonic() + 60

@@ -143,3 +143,16 @@ async def test_a_providers_error_event_mid_stream_is_relayed_and_billed_with_wha
             (e,) = await events_of(gw, key.team_id, 1)
             assert e["status"] == "error" and e["error_code"] == "upstream_stream_error"
             assert e["prompt_tokens"] == 21 and e["completion_tokens"] >= 1 and e["usage_source"] == "estimated"
+
+
+async def test_a_streamed_call_is_recorded_before_the_client_holds_its_last_event(live):
+    """A process killed just after the client has the whole answer must still bill it: the event is written
+    before message_stop goes out (tests/e2e/test_pipeline_kill9.py lost such calls)."""
+    secret, key = live.key()
+    recorded_at_stop = None
+    async with live.client.stream("POST", "/v1/messages", json={"model": "claude", "max_tokens": 64, "stream": True,
+                                  "messages": MESSAGES}, headers={"x-api-key": secret}) as r:  # fmt: skip
+        async for line in r.aiter_lines():
+            if '"type":"message_stop"' in line:
+                recorded_at_stop = len(live.events_of(key.team_id))  # no await: what was there on arrival
+    assert recorded_at_stop == 1
