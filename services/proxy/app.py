@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from schemas.config import GatewayConfig
 from services.proxy import messages
-from services.proxy.errors import GatewayError, InvalidRequest, error_response
+from services.proxy.errors import GatewayError, InvalidRequest, Shape, error_response
 from services.proxy.handler import ProxyHandler
 from services.proxy.settings import ProxySettings
 from services.proxy.state import ProxyState, open_proxy_state
@@ -121,16 +121,19 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
         return error_response(exc, request.headers.get("x-request-id"))
 
+    def shape_of(request: Request) -> Shape:  # Anthropic's clients read Anthropic's errors under its paths
+        return "anthropic" if request.url.path.startswith("/v1/messages") else "openai"
+
     @app.exception_handler(404)
     async def not_found(request: Request, exc: Exception) -> Response:
         err = InvalidRequest(f"Unknown endpoint {request.method} {request.url.path}", code="unknown_url")
         err.status = 404
-        return error_response(err)
+        return error_response(err, shape=shape_of(request))
 
     @app.exception_handler(405)
     async def bad_method(request: Request, exc: Exception) -> Response:
         err = InvalidRequest(f"Method {request.method} not allowed on {request.url.path}", code="method_not_allowed")
         err.status = 405
-        return error_response(err)
+        return error_response(err, shape=shape_of(request))
 
     return app

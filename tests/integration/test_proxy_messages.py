@@ -282,11 +282,11 @@ async def test_the_callers_anthropic_version_and_beta_are_passed_on(gw):
 # ---- errors in Anthropic's shape ----
 
 
-def anthropic_error(r: httpx.Response, status: int, kind: str) -> str:
+def anthropic_error(r: httpx.Response, status: int, kind: str, request_id: bool = True) -> str:
     assert r.status_code == status, r.text
     data = r.json()
     assert data["type"] == "error" and data["error"]["type"] == kind and data["error"]["message"], data
-    assert r.headers["x-request-id"]
+    assert not request_id or r.headers["x-request-id"]
     return data["error"]["message"]
 
 
@@ -307,6 +307,10 @@ async def test_errors_are_in_anthropics_shape_with_the_same_statuses(gw):
     anthropic_error(await post(gw, secret, body(mock={"status": 400})), 400, "invalid_request_error")
     big = body("x" * (70 * 1024))
     anthropic_error(await post(gw, secret, big), 413, "request_too_large")
+    # no such route or method: answered before any handler (no call, no request id), still in Anthropic's shape
+    r = await gw.client.get("/v1/messages", headers={"x-api-key": secret})
+    anthropic_error(r, 405, "invalid_request_error", request_id=False)
+    anthropic_error(await post(gw, secret, body(), "/v1/messages/batches"), 404, "not_found_error", request_id=False)
     # the same failures on chat keep OpenAI's shape
     r = await gw.client.post("/v1/chat/completions", json={"model": "nope", "messages": []},
                              headers={"authorization": f"Bearer {secret}"})  # fmt: skip

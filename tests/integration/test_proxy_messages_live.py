@@ -56,7 +56,14 @@ async def test_the_anthropic_sdk_creates_streams_and_counts_through_the_proxy_ex
     assert text == final.content[0].text and final.usage.output_tokens == len(text.split())
     counted = await client.messages.count_tokens(model="claude", messages=MESSAGES)
     assert counted.input_tokens > 0
-    e_made, e_stream, e_count = await events_of(live, key.team_id, 3)
+    # the beta client, as Claude Code uses it: /v1/messages?beta=true with anthropic-beta
+    beta = await client.beta.messages.create(model="claude", max_tokens=64, messages=MESSAGES,
+                                             betas=["interleaved-thinking-2025-05-14"])  # fmt: skip
+    assert (await mock_json(live.upstream, "/mock/last-request"))["anthropic-beta"] == "interleaved-thinking-2025-05-14"
+    beta_count = await client.beta.messages.count_tokens(model="claude", messages=MESSAGES)
+    assert beta_count.input_tokens == counted.input_tokens and beta.usage.output_tokens > 0
+    e_made, e_stream, e_count, e_beta, _ = await events_of(live, key.team_id, 5)
+    assert dims(e_beta) == expected(beta.usage.model_dump())
     assert dims(e_made) == expected(made.usage.model_dump())
     assert dims(e_stream) == expected(final.usage.model_dump()) and e_stream["stream"] is True
     assert e_count["endpoint"] == "messages.count_tokens" and e_count["prompt_tokens"] == 0
