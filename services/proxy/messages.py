@@ -53,6 +53,12 @@ PASSED_ON = {"anthropic-version": 64, "anthropic-beta": 2048}  # header -> longe
 MAX_MESSAGES = 100_000  # Anthropic's own bound on messages per request
 
 
+def anthropic_call(request: Request, endpoint: str) -> Call:
+    call = Call(request, endpoint)
+    call.headers["request-id"] = call.request_id  # where Anthropic's SDKs read it (`_request_id`, error logs)
+    return call
+
+
 def validate_messages(body: dict[str, Any], count_only: bool = False) -> None:
     """What must hold before any upstream work (400 invalid_request_error); the provider checks the rest."""
     messages = body.get("messages")
@@ -124,7 +130,7 @@ def _attempt(h: ProxyHandler, body: dict[str, Any], raw: bytes, path: str, heade
 
 async def create(h: ProxyHandler, request: Request) -> Response:
     """POST /v1/messages."""
-    call = Call(request, MESSAGES)
+    call = anthropic_call(request, MESSAGES)
     d = call.draft
     route: ModelRoute | None = None
     body: dict[str, Any] = {}
@@ -296,7 +302,7 @@ def _hung_up(h: ProxyHandler, call: Call, route: ModelRoute | None) -> Response:
 
 async def count_tokens(h: ProxyHandler, request: Request) -> Response:
     """POST /v1/messages/count_tokens: the provider's count, passed through; rate-limited, never billed."""
-    call = Call(request, COUNT_TOKENS)
+    call = anthropic_call(request, COUNT_TOKENS)
     d = call.draft
     route: ModelRoute | None = None
     body: dict[str, Any] = {}

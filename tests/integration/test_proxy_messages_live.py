@@ -49,6 +49,7 @@ async def test_the_anthropic_sdk_creates_streams_and_counts_through_the_proxy_ex
     made = await client.messages.create(model="claude-alias", max_tokens=64, messages=MESSAGES,
                                         extra_body={"mock": mock})  # fmt: skip
     assert made.content[0].type == "text" and made.usage.cache_read_input_tokens == 20
+    assert made._request_id and made._request_id.startswith("req_")  # the SDK reads the request-id header
     async with client.messages.stream(model="claude", max_tokens=64, messages=MESSAGES,
                                       extra_body={"mock": mock}) as stream:  # fmt: skip
         text = "".join([t async for t in stream.text_stream])
