@@ -75,6 +75,7 @@ class MessagesRelay:
         self.usage = StreamUsage()
         self.error_type: str | None = None  # the provider's own `error` event, mid-stream
         self._lines = _lines(resp.content, max_line, max_stream)
+        self._events = self._read()
         self._first: Event | None = None
         self._finished = False
 
@@ -96,7 +97,6 @@ class MessagesRelay:
     async def prime(self) -> None:
         """Read the first event before the client sees a byte: until then the call can still be retried
         elsewhere. An upstream that breaks, ends or answers `error` here is a failed attempt."""
-        self._events = self._read()
         failure: GatewayError
         try:
             async for event in self._events:
