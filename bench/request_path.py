@@ -4,9 +4,10 @@ work per call: auth, parse, rate limits, quota reservation, routing, forward boo
 (spool write included), metrics and the response. Steadier than a wrk run on a shared box; use it to
 compare changes to the handler.
 
-    .venv/bin/python -m bench.request_path [--calls 5000] [--profile] [--api chat|messages]
+    .venv/bin/python -m bench.request_path [--calls 5000] [--profile] [--tagged] [--api chat|messages]
 
-`--api messages` drives Anthropic's /v1/messages (x-api-key, anthropic-version) instead of chat.
+--tagged: each call carries attribution (a `user`, a 3-entry body `metadata` and an X-Tollway-Tags header).
+--api messages: drives Anthropic's /v1/messages (x-api-key, anthropic-version) instead of chat.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ APIS = {
 }
 
 
-async def measure(calls: int, profile: bool = False, api: str = "chat") -> float:
+async def measure(calls: int, profile: bool = False, tagged: bool = False, api: str = "chat") -> float:
     reply = APIS[api][3]
 
     async def canned(pool, target, path, body, budget_s=None, headers=None) -> UpstreamReply:
@@ -62,12 +63,12 @@ async def measure(calls: int, profile: bool = False, api: str = "chat") -> float
     # the upstream hop is measured elsewhere (the floor rows of bench.run)
     handler.post_json = messages.post_json = canned
     try:
-        return await _measure(calls, profile, api)
+        return await _measure(calls, profile, tagged, api)
     finally:
         handler.post_json, messages.post_json = real
 
 
-async def _measure(calls: int, profile: bool, api: str = "chat") -> float:
+async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat") -> float:
     path, payload, auth, _ = APIS[api]
     config = GatewayConfig.model_validate(
         tollway_config({"instant": "http://127.0.0.1:9", "50ms": "http://127.0.0.1:9"})
@@ -80,12 +81,15 @@ async def _measure(calls: int, profile: bool, api: str = "chat") -> float:
             app.state.proxy.control.apply(TeamState(team_id="t1", name="t1", plan="bench"))
             app.state.proxy.control.apply(KeyState(key_id="k1", key_hash=hash_key(secret), prefix=display_prefix(secret),
                                           team_id="t1"))  # fmt: skip
-            body = orjson.dumps(payload)
+            extra = {"user": "end-user-1", "metadata": {"project": "apollo", "env": "prod", "ticket": "T-1"}}
+            body = orjson.dumps({**payload, **(extra if tagged and api == "chat" else {})})
             credential = f"Bearer {secret}" if auth == "authorization" else secret
             headers = [(b"host", b"proxy"), (b"content-type", b"application/json"),
                        (auth.encode(), credential.encode()), (b"content-length", b"%d" % len(body))]  # fmt: skip
             if api == "messages":
                 headers.append((b"anthropic-version", b"2023-06-01"))
+            if tagged:
+                headers.append((b"x-tollway-tags", b"team=search,feature=rerank"))
             statuses: list[int] = []
 
             async def send(message: dict) -> None:
@@ -128,9 +132,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=5000)
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of one more round")
+    ap.add_argument("--tagged", action="store_true", help="calls carry a user, body metadata and a tags header")
     ap.add_argument("--api", choices=sorted(APIS), default="chat")
     args = ap.parse_args()
-    us = asyncio.run(measure(args.calls, args.profile, args.api)) * 1e6
+    us = asyncio.run(measure(args.calls, args.profile, args.tagged, args.api)) * 1e6
     print(orjson.dumps({"request_path_cpu_us_per_call": round(us, 1), "calls": args.calls, "api": args.api}).decode())
 
 

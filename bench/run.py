@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             direct = targets.direct(mock_urls)
             res["proxy"]["direct"] = proxy_bench.run_target(direct, args.duration, args.warmup, args.stream_calls,
                                                             log)  # fmt: skip
+            res["proxy"]["direct"]["responses"] = proxy_bench.run_responses(
+                direct, args.duration, args.warmup, args.stream_calls, log)  # fmt: skip
             res["proxy"]["direct"]["messages"] = proxy_bench.run_messages(direct, args.duration, args.warmup,
                                                                           args.stream_calls, log)  # fmt: skip
             starters = {"proxy": targets.start_tollway, "litellm": targets.start_litellm,
@@ -199,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                 log)  # fmt: skip
                     if name == "tollway":
                         res["proxy"][name]["cache"] = proxy_bench.run_cache(t, args.duration, args.warmup, log)
+                        res["proxy"][name]["responses"] = proxy_bench.run_responses(
+                            t, args.duration, args.warmup, args.stream_calls, log)  # fmt: skip
                     if t.messages:
                         res["proxy"][name]["messages"] = proxy_bench.run_messages(t, args.duration, args.warmup,
                                                                                   args.stream_calls, log)  # fmt: skip

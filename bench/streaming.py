@@ -19,6 +19,9 @@ DONE = b"[DONE]"
 # Anthropic Messages: the first text delta, and the last event
 MESSAGES_FIRST = re.compile(rb'"text_delta"\s*,\s*"text"\s*:\s*"[^"]')
 MESSAGES_DONE = b'"type":"message_stop"'
+# the Responses API's typed events: the first text delta, and the final event instead of [DONE]
+RESPONSES_FIRST = re.compile(rb'"type"\s*:\s*"response\.output_text\.delta".{0,200}?"delta"\s*:\s*"[^"]')
+RESPONSES_DONE = b"event: response.completed"
 
 
 def _connect(host: str, port: int) -> socket.socket:

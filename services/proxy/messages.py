@@ -23,6 +23,7 @@ from starlette.responses import Response
 from services.proxy import metrics
 from services.proxy.anthropic_stream import MessageAssembler, MessagesRelay, replay_events
 from services.proxy.anthropic_usage import message_usage, output_chars
+from services.proxy.attribution import attribute
 from services.proxy.auth import authenticate
 from services.proxy.cache import Entry, cache_key
 from services.proxy.errors import GatewayError, InvalidRequest, Shape, UsageUnrecordable
@@ -105,12 +106,6 @@ def passed_on(request: Request) -> dict[str, str] | None:
     return out or None
 
 
-def end_user(body: dict[str, Any]) -> str | None:
-    meta = body.get("metadata")
-    uid = meta.get("user_id") if isinstance(meta, dict) else None
-    return uid[:256] if isinstance(uid, str) and uid else None
-
-
 def _without_tpm(policy: Policy) -> Policy:
     return dataclasses.replace(policy, rules=tuple(r for r in policy.rules if r.metric != "tpm"))
 
@@ -141,7 +136,7 @@ async def create(h: ProxyHandler, request: Request) -> Response:
         body, raw = await read_body(request, h.s.settings.max_body_bytes)
         call.body_bytes = len(raw)
         d.requested_model = str(body.get("model", ""))[:256]
-        d.end_user = end_user(body)
+        d.end_user, d.metadata = attribute(body, request.scope["headers"], key.metadata)
         validate_messages(body)
         headers = passed_on(request)
         policy = h.policy(key)
@@ -313,6 +308,7 @@ async def count_tokens(h: ProxyHandler, request: Request) -> Response:
         body, raw = await read_body(request, h.s.settings.max_body_bytes)
         call.body_bytes = len(raw)
         d.requested_model = str(body.get("model", ""))[:256]
+        d.end_user, d.metadata = attribute(body, request.scope["headers"], key.metadata)
         validate_messages(body, count_only=True)
         headers = passed_on(request)
         if not h.s.emitter.spool.accepting:

@@ -48,19 +48,24 @@ def test_kill_9_of_tollway_up_under_load_then_restart_bills_every_answered_call_
                 while not stop.is_set():
                     rid = f"w{worker}-{i}"
                     i += 1
+                    # by worker % 6: 0, 3 chat; 1 /v1/responses, 2 streamed; 4 Anthropic /v1/messages, 5 streamed
+                    api = worker % 6
                     messages = [{"role": "user", "content": rid}]
                     try:
-                        if worker % 3 == 0:
+                        if api in (0, 3):
                             r = c.post("/chat/completions", headers={"x-request-id": rid},
                                        json={"model": "gpt-4.1", "messages": messages})  # fmt: skip
-                        else:  # Anthropic Messages, plain and streamed, through the same kill
+                        elif api in (1, 2):
+                            r = c.post("/responses", headers={"x-request-id": rid},
+                                       json={"model": "gpt-4.1", "input": rid, "stream": api == 2})  # fmt: skip
+                        else:
                             r = c.post("/messages", headers={"x-request-id": rid},
                                        json={"model": "claude-sonnet-4.5", "max_tokens": 64, "messages": messages,
-                                             "stream": worker % 3 == 2})  # fmt: skip
+                                             "stream": api == 5})  # fmt: skip
                     except httpx.HTTPError:
                         return  # the server died under us: this call was not answered
-                    streamed_whole = worker % 3 != 2 or r.text.rstrip().endswith('"type":"message_stop"}')
-                    if r.status_code == 200 and streamed_whole:
+                    whole = {2: "event: response.completed", 5: '"type":"message_stop"}'}
+                    if r.status_code == 200 and (api not in whole or whole[api] in r.text):
                         answered.append(rid)
 
         threads = [threading.Thread(target=load, args=(w,)) for w in range(6)]

@@ -28,13 +28,15 @@ from tollway.broker import BundledBroker, free_port
 from tollway.topics import ensure_topics
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "Hello there, how are you?"}]}
+RESPONSES = {"model": "gpt-4.1", "input": "Hello there, how are you?"}
 
 
 MESSAGES = {"model": "claude-sonnet-4.5", "max_tokens": 64, "messages": CHAT["messages"]}
 
 
 async def calls(client: httpx.AsyncClient, secret: str, n: int, api: str = "chat", first: int = 0) -> list[int]:
-    """`api` "messages": Anthropic Messages calls, every other one streamed (answered = message_stop seen)."""
+    """`responses`: /v1/responses, every other call streamed (answered = its response.completed arrived);
+    `messages`: Anthropic Messages calls, every other one streamed (answered = message_stop seen)."""
     sem = asyncio.Semaphore(16)
 
     async def one(i: int) -> int:
@@ -43,6 +45,10 @@ async def calls(client: httpx.AsyncClient, secret: str, n: int, api: str = "chat
             if api == "chat":
                 r = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
                 return r.status_code
+            if api == "responses":
+                r = await client.post("/v1/responses", json={**RESPONSES, "stream": i % 2 == 1}, headers=headers)
+                completed = i % 2 == 0 or "event: response.completed" in r.text
+                return r.status_code if completed else 599
             r = await client.post("/v1/messages", json={**MESSAGES, "stream": i % 2 == 1}, headers=headers)
             complete = i % 2 == 0 or r.text.rstrip().endswith('data: {"type":"message_stop"}')
             return r.status_code if complete else 599
@@ -50,7 +56,7 @@ async def calls(client: httpx.AsyncClient, secret: str, n: int, api: str = "chat
     return await asyncio.gather(*(one(i) for i in range(first, first + n)))
 
 
-@pytest.mark.parametrize("api", ["chat", "messages"])
+@pytest.mark.parametrize("api", ["chat", "responses", "messages"])
 async def test_broker_down_then_back_every_answered_call_is_billed_once(store, tmp_path, unique, api):
     broker = BundledBroker(port=free_port(), log_path=tmp_path / "tansu.log")
     await asyncio.to_thread(broker.start)
@@ -97,7 +103,7 @@ async def test_broker_down_then_back_every_answered_call_is_billed_once(store, t
         rows = await store.query("SELECT request_id, endpoint, stream FROM {db}.usage_events FINAL "
                                  "WHERE team_id = {t:String}", {"t": team})  # fmt: skip
         assert sorted(r[0] for r in rows) == sorted(f"r{i}" for i in range(250))  # each call once, by its id
-        endpoint = "chat.completions" if api == "chat" else "messages"
+        endpoint = {"chat": "chat.completions", "responses": "responses", "messages": "messages"}[api]
         assert {r[1] for r in rows} == {endpoint} and {r[2] for r in rows} == (
             {False} if api == "chat" else {False, True}
         )

@@ -172,3 +172,22 @@ def test_table_shows_the_messages_rows_against_chats_added_latency() -> None:
     assert "2,000 (40%)" in next(ln for ln in lines if ln.startswith("/v1/messages c=64"))
     stream = next(ln for ln in lines if ln.startswith("/v1/messages stream"))
     assert "+1.40 / +2.10" in stream and stream.endswith("NO")  # 1.4 ms vs chat's 0.5: not within 10%
+
+
+def test_responses_rows_and_first_delta_match() -> None:
+    from bench import proxy_bench
+
+    res = fake_result()
+    stream = {"ttft_p50_ms": 0.5, "ttft_p99_ms": 1.0}
+    res["proxy"]["direct"]["responses"] = {"scenarios": {"max_instant": _scenario(1, 2, 4000)}, "stream": stream}
+    res["proxy"]["tollway"]["responses"] = {"scenarios": {"max_instant": _scenario(2, 4, 2000)},
+                                            "stream": {"ttft_p50_ms": 1.5, "ttft_p99_ms": 3.0}}  # fmt: skip
+    text = table.render(res)
+    assert "/v1/responses stream c=1: added TTFT" in text and "+1.00 / +2.00" in text
+    assert "2,000 (50%)" in text
+    event = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":4,'
+    event += b'"item_id":"msg_0123456789abcdef","output_index":0,"content_index":0,"delta":"Hi","logprobs":[]}'
+    assert streaming.RESPONSES_FIRST.search(event)
+    assert not streaming.RESPONSES_FIRST.search(event.replace(b'"delta":"Hi"', b'"delta":""'))
+    body = proxy_bench.responses_body("m", stream=True)
+    assert body["stream"] is True and body["max_output_tokens"] == 64 and isinstance(body["input"], str)
