@@ -121,7 +121,8 @@ async def test_a_plain_message_is_billed_once_in_every_dimension(gw):
     secret, key = gw.key()
     mock = {"input_tokens": 100, "cached_tokens": 7, "cache_write_tokens": 5, "cache_write_1h_tokens": 3, "web_search_requests": 2,
             "service_tier": "priority"}  # fmt: skip
-    r = await post(gw, secret, body(mock={**mock, "reasoning_tokens": 5}, metadata={"user_id": "end-user-7"}))
+    r = await post(gw, secret, body(mock={**mock, "reasoning_tokens": 5}, metadata={"user_id": "end-user-7"}),
+                   x_tollway_tags="project=apollo")  # fmt: skip
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
     assert r.json()["content"][0]["type"] == "thinking" and usage["output_tokens_details"]["thinking_tokens"] == 5
@@ -132,7 +133,7 @@ async def test_a_plain_message_is_billed_once_in_every_dimension(gw):
     assert e["endpoint"] == "messages" and e["status"] == "ok" and e["usage_source"] == "provider"
     assert e["served_model"] == "claude" and e["provider"] == "anth0" and e["stream"] is False
     assert e["reasoning_tokens"] == 5 and e["completion_tokens"] == usage["output_tokens"] > 5  # thinking inside
-    assert e["end_user"] == "end-user-7"  # Anthropic's metadata.user_id
+    assert e["end_user"] == "end-user-7" and e["metadata"]["project"] == "apollo"  # attributed as chat is
 
 
 async def test_prompt_caching_writes_then_reads_with_the_five_minute_and_one_hour_split(gw):
