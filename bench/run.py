@@ -115,10 +115,12 @@ def last_json(text: str) -> dict | None:
 def parse_quota_text(text: str) -> dict | None:
     """bench/quota_lag.py prints sentences, not JSON (yet): pick its numbers out of them."""
     out: dict[str, Any] = {}
-    for scope in ("cross", "same"):
-        m = re.search(scope + r"-proxy[^\n]*?p50 ([\d.]+) ms\s+p99 ([\d.]+) ms", text)
-        if m:
-            out[f"{scope}_p50_ms"], out[f"{scope}_p99_ms"] = float(m[1]), float(m[2])
+    # The first lines are a key limit's; lines led by "end-user budget:" are an end user's budget (issue 16).
+    for lead, name in (("", ""), ("end-user budget: ", "end_user_")):
+        for scope in ("cross", "same"):
+            m = re.search(lead + scope + r"-proxy[^\n]*?p50 ([\d.]+) ms\s+p99 ([\d.]+) ms", text)
+            if m:
+                out[f"{name}{scope}_p50_ms"], out[f"{name}{scope}_p99_ms"] = float(m[1]), float(m[2])
     m = re.search(r"overshoot[^\n]*?max (-?\d+) tokens, mean (-?[\d.]+)", text)
     if m:
         out["overshoot_max_tokens"], out["overshoot_mean_tokens"] = int(m[1]), float(m[2])

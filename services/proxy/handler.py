@@ -216,7 +216,7 @@ class ProxyHandler:
                                     "was not made. Retry later.", headers={"retry-after": "5"})  # fmt: skip
         await self.rate_limit(call, policy, body)
         # Monthly quota (QuotaExceeded): reserves the call's worst case, settled in finish().
-        self.s.quota.admit(call.draft.event_id, key, body)
+        self.s.quota.admit(call.draft.event_id, key, body, call.draft.end_user, call.draft.metadata)
 
     async def rate_limit(self, call: Call, policy: Policy, body: dict[str, Any]) -> None:
         """Per key and per team: rpm, rpd, tpm. Raises RateLimited (429 + Retry-After); otherwise leaves

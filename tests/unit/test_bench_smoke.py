@@ -110,6 +110,16 @@ def test_quota_lag_sentences_are_parsed() -> None:
     got = run.parse_quota_text(text)
     assert got == {"cross_p50_ms": 41.5, "cross_p99_ms": 97.0, "same_p50_ms": 0.4, "same_p99_ms": 1.1,
                    "overshoot_max_tokens": 12, "overshoot_mean_tokens": 3.5}  # fmt: skip
+    text = text.replace("cross-proxy", "      key limit: cross-proxy").replace(
+        "same-proxy", "      key limit: same-proxy"
+    )
+    text += (
+        "end-user budget: cross-proxy crossing->first 429 (billing signal path): p50 50.0 ms  p99 99.5 ms  max 1 ms\n"
+        "end-user budget: same-proxy crossing->first 429 (local counting):       p50 0.5 ms  p99 1.5 ms\n"
+    )
+    got = run.parse_quota_text(text)
+    assert got is not None and (got["cross_p50_ms"], got["end_user_cross_p50_ms"], got["end_user_same_p99_ms"]) == (
+        41.5, 50.0, 1.5)  # fmt: skip
 
 
 def test_profile_summary_ranks_frames_by_self_and_inclusive_time() -> None:
