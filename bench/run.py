@@ -174,10 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             ensure_wrk()
             mock_urls, mocks = targets.start_mocks(run_dir)
             log("[direct] mocks up")
-            res["proxy"]["direct"] = proxy_bench.run_target(targets.direct(mock_urls), args.duration, args.warmup,
-                                                            args.stream_calls, log)  # fmt: skip
+            direct = targets.direct(mock_urls)
+            res["proxy"]["direct"] = proxy_bench.run_target(direct, args.duration, args.warmup, args.stream_calls,
+                                                            log)  # fmt: skip
             res["proxy"]["direct"]["responses"] = proxy_bench.run_responses(
-                targets.direct(mock_urls), args.duration, args.warmup, args.stream_calls, log)  # fmt: skip
+                direct, args.duration, args.warmup, args.stream_calls, log)  # fmt: skip
+            res["proxy"]["direct"]["messages"] = proxy_bench.run_messages(direct, args.duration, args.warmup,
+                                                                          args.stream_calls, log)  # fmt: skip
             starters = {"proxy": targets.start_tollway, "litellm": targets.start_litellm,
                         "portkey": targets.start_portkey, "floor": targets.start_floor}  # fmt: skip
             for part in gateways:
@@ -202,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                         res["proxy"][name]["cache"] = proxy_bench.run_cache(t, args.duration, args.warmup, log)
                         res["proxy"][name]["responses"] = proxy_bench.run_responses(
                             t, args.duration, args.warmup, args.stream_calls, log)  # fmt: skip
+                    if t.messages:
+                        res["proxy"][name]["messages"] = proxy_bench.run_messages(t, args.duration, args.warmup,
+                                                                                  args.stream_calls, log)  # fmt: skip
                 except Exception as err:
                     res["errors"][part] = f"{type(err).__name__}: {err}"[:800]
                     log(f"[{part}] failed: {res['errors'][part]}")

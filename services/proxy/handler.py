@@ -28,6 +28,7 @@ from services.proxy.errors import (
     InvalidRequest,
     PayloadTooLarge,
     RateLimited,
+    Shape,
     UsageUnrecordable,
     error_response,
 )
@@ -270,13 +271,13 @@ class ProxyHandler:
         metrics.requests_by(call.endpoint, model if route else "unknown", d.provider, d.status).inc()
         metrics.latency_by(call.endpoint).observe(d.latency_ms / 1000)
 
-    def fail(self, call: Call, err: GatewayError, route: ModelRoute | None = None) -> Response:
+    def fail(self, call: Call, err: GatewayError, route: ModelRoute | None = None, shape: Shape = "openai") -> Response:
         rejected = err.code in ("rate_limit_exceeded", "insufficient_quota")
         call.draft.status = "rejected" if rejected else "error"
         call.draft.error_code = err.code
         self.finish(call, err.status, route)
         err.headers = {**call.headers, **err.headers}
-        return error_response(err, call.request_id)
+        return error_response(err, call.request_id, shape)
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, CHAT, "/chat/completions", "chat")
