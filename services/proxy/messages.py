@@ -184,6 +184,7 @@ async def create(h: ProxyHandler, request: Request) -> Response:
         usage = estimate_usage(body, output_chars(reply.data))
         d.take_usage(usage, "estimated")
     d.status = "ok"
+    call.headers.update(h.quote(d, fwd.route.target.provider, usage, "ok", d.usage_source).headers())
     metrics.tokens_by(route.name, "prompt").inc(usage.prompt_tokens)
     metrics.tokens_by(route.name, "completion").inc(usage.completion_tokens)
     if call.cache_key is not None:
@@ -263,7 +264,9 @@ def _from_cache(h: ProxyHandler, call: Call, route: ModelRoute, entry: Entry, st
     d = call.draft
     d.take_usage(entry.usage, entry.usage_source)
     d.status, d.cache_hit, d.attempts, d.provider = "cached", True, 0, entry.provider
+    d.route_reason = "cache"
     call.headers["x-tollway-cache"] = "hit"
+    call.headers.update(h.quote(d, entry.provider, entry.usage, "cached", entry.usage_source).headers())
     if not stream:
         h.finish(call, 200, route)
         return Response(entry.body, media_type="application/json", headers=call.headers)

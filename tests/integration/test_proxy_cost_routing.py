@@ -15,6 +15,9 @@ import httpx
 import pytest
 
 from tests.integration.test_proxy_gateway import CHAT, gateway, make_config, set_fault
+from tests.integration.test_proxy_messages import body as messages_body
+from tests.integration.test_proxy_messages import expected as messages_dims
+from tests.integration.test_proxy_messages import messages_config, post
 from tests.support.stack import mock_upstream
 
 MILLION = Decimal(1_000_000)
@@ -235,3 +238,22 @@ async def test_a_responses_create_is_told_its_cost_and_a_cache_hit_zero(bootstra
             assert (e["endpoint"], e["quoted_cost_usd"], e["route_reason"]) == (
                 "responses", r.headers["x-tollway-cost-usd"], "only_route")  # fmt: skip
             assert (e_hit["status"], e_hit["quoted_cost_usd"], e_hit["route_reason"]) == ("cached", "0", "cache")
+
+
+# ---- /v1/messages ----
+
+
+async def test_a_messages_answer_is_told_its_cost_as_the_meter_prices_it(bootstrap, tmp_path):
+    async with mock_upstream() as url, gateway(bootstrap, tmp_path, messages_config(url)) as gw:
+        secret, key = gw.key()
+        r = await post(gw, secret, messages_body(mock={"cached_tokens": 4}))
+        assert r.status_code == 200, r.text
+        dims = messages_dims(r.json()["usage"])
+        cached, prompt = dims["cached_tokens"], dims["prompt_tokens"]
+        want = ((prompt - cached) * 3 + cached * Decimal("0.3") + dims["completion_tokens"] * 15) / MILLION
+        assert cached == 4 and Decimal(r.headers["x-tollway-cost-usd"]) == want
+        assert r.headers["x-tollway-cost-status"] == "provisional"
+        assert r.headers["x-tollway-price-version"].startswith("claude/*@")
+        (e,) = gw.events_of(key.team_id)
+        assert (e["endpoint"], e["quoted_cost_usd"], e["route_reason"]) == (
+            "messages", r.headers["x-tollway-cost-usd"], "only_route")  # fmt: skip
