@@ -161,7 +161,8 @@ async def create(h: ProxyHandler, request: Request) -> Response:
             return await _stream(h, call, route, body, headers)
         t_fwd = time.perf_counter()
         fwd = await forward(h.health, route, route.retry or h.config.retry,
-                            _attempt(h, body, raw, "/messages", headers), call.started, call.tried)  # fmt: skip
+                            _attempt(h, body, raw, "/messages", headers), call.started, call.tried,
+                            mix=h.mix(call, route, body))  # fmt: skip
         fwd_s = time.perf_counter() - t_fwd
     except GatewayError as err:
         return h.fail(call, err, route, SHAPE)
@@ -251,7 +252,8 @@ async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str
         return relay
 
     t_fwd = time.perf_counter()
-    fwd = await forward(h.health, route, route.retry or h.config.retry, attempt, call.started, call.tried)
+    fwd = await forward(h.health, route, route.retry or h.config.retry, attempt, call.started, call.tried,
+                        mix=h.mix(call, route, body))  # fmt: skip
     fwd_s = time.perf_counter() - t_fwd
     metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
     metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))

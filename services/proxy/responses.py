@@ -225,7 +225,8 @@ class ResponsesHandler:
                 return await self._stream(call, route, body, upstream_body, health, team)
             t_fwd = time.perf_counter()
             attempt = self._json_attempt(body, upstream_body, raw if previous is None else None)
-            fwd = await forward(health, route, route.retry or h.config.retry, attempt, call.started, call.tried)
+            fwd = await forward(health, route, route.retry or h.config.retry, attempt, call.started, call.tried,
+                                mix=h.mix(call, route, body))  # fmt: skip
             fwd_s = time.perf_counter() - t_fwd
         except GatewayError as err:
             return h.fail(call, err, route)
@@ -340,7 +341,8 @@ class ResponsesHandler:
             return relay
 
         t_fwd = time.perf_counter()
-        fwd = await forward(health, route, route.retry or h.config.retry, attempt, call.started, call.tried)
+        fwd = await forward(health, route, route.retry or h.config.retry, attempt, call.started, call.tried,
+                            mix=h.mix(call, route, body))  # fmt: skip
         fwd_s = time.perf_counter() - t_fwd
         metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
         metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))

@@ -57,12 +57,13 @@ class RoutePrices:
 
 def expected_mix(body: dict[str, Any], body_bytes: int, route: ModelRoute) -> tuple[int, int]:
     """The token mix a request is expected to bill: the prompt from the body's size (as tpm admission counts
-    it, no serialization), the output its cap allows for each of its `n` choices, or the model's
-    `typical_output_tokens` when it sets no cap; an embedding has no output."""
+    it, no serialization), the output its cap allows (max_completion_tokens, max_tokens, or the Responses
+    API's max_output_tokens) for each of its `n` choices, or the model's `typical_output_tokens` when it sets
+    no cap; an embedding has no output."""
     prompt = max(1, body_bytes // CHARS_PER_TOKEN)
     if route.kind == "embedding":
         return prompt, 0
-    cap = body.get("max_completion_tokens") or body.get("max_tokens")
+    cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
     out = cap if isinstance(cap, int) and not isinstance(cap, bool) else route.typical_output_tokens
     n = body.get("n")
     n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1

@@ -67,6 +67,7 @@ def test_the_expected_mix_is_the_body_size_and_the_output_cap_times_n():
     assert expected_mix({"max_tokens": 50}, 4000, route) == (1000, 50)
     assert expected_mix({"max_completion_tokens": 70, "max_tokens": 50, "n": 3}, 40, route) == (10, 210)
     assert expected_mix({}, 1, route) == (1, 300)  # no cap: the model's typical output
+    assert expected_mix({"max_output_tokens": 90}, 40, route) == (10, 90)  # the Responses API's cap
     assert expected_mix({"max_tokens": True, "n": "2"}, 8, route) == (2, 300)  # junk reads as absent
     cfg = parse_config({"providers": {"a": {"base_url": "http://a"}},
                         "models": {"e": {"kind": "embedding", "routes": [{"provider": "a"}]}}})  # fmt: skip
