@@ -4,10 +4,11 @@ work per call: auth, parse, rate limits, quota reservation, routing, forward boo
 (spool write included), metrics and the response. Steadier than a wrk run on a shared box; use it to
 compare changes to the handler.
 
-    .venv/bin/python -m bench.request_path [--calls 5000] [--profile] [--tagged] [--api chat|messages]
+    .venv/bin/python -m bench.request_path [--calls 5000] [--profile] [--tagged] [--api chat|messages|responses]
 
 --tagged: each call carries attribution (a `user`, a 3-entry body `metadata` and an X-Tollway-Tags header).
---api messages: drives Anthropic's /v1/messages (x-api-key, anthropic-version) instead of chat.
+--api messages: drives Anthropic's /v1/messages (x-api-key, anthropic-version) instead of chat;
+--api responses: OpenAI's /v1/responses (a stored response: its id is wrapped).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from pathlib import Path
 import orjson
 
 from bench.loadgen import chat_body, messages_body
+from bench.proxy_bench import responses_body
 from bench.targets import tollway_config
 from schemas.config import GatewayConfig
 from schemas.control import KeyState, TeamState
 from schemas.keys import display_prefix, hash_key, new_secret
-from services.proxy import handler, messages
+from services.proxy import handler, messages, responses
 from services.proxy.app import create_app
 from services.proxy.settings import ProxySettings
 from services.proxy.upstream import UpstreamReply
@@ -46,10 +48,17 @@ MESSAGES_REPLY = orjson.dumps({"id": "msg_1", "type": "message", "role": "assist
                                          "cache_creation": {"ephemeral_5m_input_tokens": 20,
                                                             "ephemeral_1h_input_tokens": 0},
                                          "service_tier": "standard"}})  # fmt: skip
+RESPONSES_REPLY = orjson.dumps({"id": "resp_1", "object": "response", "created_at": 1, "status": "completed", "model": "m",
+                                "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                                            "content": [{"type": "output_text", "text": "x" * 300, "annotations": []}]}],
+                                "usage": {"input_tokens": 200, "input_tokens_details": {"cached_tokens": 0},
+                                          "output_tokens": 64, "output_tokens_details": {"reasoning_tokens": 0},
+                                          "total_tokens": 264}})  # fmt: skip
 # api -> (path, body, auth header, canned answer)
 APIS = {
     "chat": ("/v1/chat/completions", chat_body("bench-instant"), "authorization", REPLY),
     "messages": ("/v1/messages", messages_body("bench-claude-instant"), "x-api-key", MESSAGES_REPLY),
+    "responses": ("/v1/responses", responses_body("bench-instant"), "authorization", RESPONSES_REPLY),
 }
 
 
@@ -59,13 +68,13 @@ async def measure(calls: int, profile: bool = False, tagged: bool = False, api: 
     async def canned(pool, target, path, body, budget_s=None, headers=None) -> UpstreamReply:
         return UpstreamReply(200, reply, orjson.loads(reply), None)
 
-    real = handler.post_json, messages.post_json
+    real = handler.post_json, messages.post_json, responses.post_json
     # the upstream hop is measured elsewhere (the floor rows of bench.run)
-    handler.post_json = messages.post_json = canned
+    handler.post_json = messages.post_json = responses.post_json = canned
     try:
         return await _measure(calls, profile, tagged, api)
     finally:
-        handler.post_json, messages.post_json = real
+        handler.post_json, messages.post_json, responses.post_json = real
 
 
 async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat") -> float:
