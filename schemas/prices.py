@@ -192,6 +192,12 @@ def _hashed(p: Price) -> str:
     return "|".join(parts)
 
 
+def price_identity(p: Price) -> str:
+    """What a price is, in every dimension (what its version hashes): equal for two entries exactly when they
+    price every call the same (the import compares catalog and book with it)."""
+    return _hashed(p)
+
+
 def price_set(model: str, provider: str, p: Price) -> PriceSet:
     """The config entry as priced; the version hashes every unit price (see `_hashed`)."""
     digest = hashlib.sha256(_hashed(p).encode()).hexdigest()[:8]
