@@ -378,9 +378,15 @@ def _groups(model: pa.Array, provider: pa.Array, day: pa.Array, tier: pa.Array, 
         **{f"{d}_m": pa.array(cols[f"{d}_m"], _PER_UNIT) for d in _DIMS},
         "max_total": pa.array(cols["max_total"], pa.decimal256(40, 18)),
         **{f"{d}_{x}": pa.array(cols[f"{d}_{x}"], _U64) for d in _DIMS for x in ("int", "max")},
+        **{f"{d}_any": any(cols[d]) for d in _DIMS},
         "scale": scale,
     }  # fmt: skip
     return sid, arrays
+
+
+def _zeros(t: pa.DataType, n: int) -> pa.Array:
+    """n zeros of a decimal type without a kernel (a decimal's zero is all-zero bytes)."""
+    return pa.Array.from_buffers(t, n, [None, pa.py_buffer(bytes(t.byte_width * n))])
 
 
 def _sum(arrays: list) -> Any:
@@ -427,7 +433,9 @@ def _fast_rows(table: pa.Table, index: np.ndarray, partitions: np.ndarray, offse
         ints = {k: pc.multiply(v, pc.take(g[f"{k}_int"], gid)) for k, v in tokens.items()}
         ints["total"] = _sum([ints[d] for d in _DIMS])
         at_scale = pa.decimal128(38, g["scale"] + 6)
-        costs = {k: pc.cast(pc.cast(v, pa.decimal128(20, 0)).view(at_scale), _COST) for k, v in ints.items()}
+        # (a dimension the whole batch has none of, e.g. web searches in chat traffic, skips the decimal casts)
+        costs = {k: pc.cast(pc.cast(v, pa.decimal128(20, 0)).view(at_scale), _COST) if pc.max(v).as_py() else
+                 _zeros(_COST, len(v)) for k, v in ints.items()}  # fmt: skip
         total = costs.pop("total")
         keep = priceable
     else:
@@ -444,7 +452,8 @@ def _fast_rows(table: pa.Table, index: np.ndarray, partitions: np.ndarray, offse
     version = pc.if_else(has, pc.take(g["version"], gid), pc.if_else(any_tokens, "", "none"))
     tier = pc.if_else(has, pc.take(g["tier"], gid), "")
     zero_unit = pa.scalar(Decimal(0), _UNIT)
-    units = {d: pc.if_else(has, pc.take(g[d], gid), zero_unit) for d in _DIMS}
+    units = {d: pc.if_else(has, pc.take(g[d], gid), zero_unit) if g[f"{d}_any"] else _zeros(_UNIT, t.num_rows)
+             for d in _DIMS}  # fmt: skip
     now_ms = int(now.timestamp() * 1000)
     n = t.num_rows
     columns = {
