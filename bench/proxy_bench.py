@@ -7,6 +7,7 @@ a streamed call (time to first token), and for Tollway the cache-hit path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -95,4 +96,32 @@ def run_cache(t: Target, duration_s: float, warmup_s: float, log=print) -> dict:
     for sc in CACHE_SCENARIOS:
         log(f"  {t.name}: {sc.label} ...")
         out[sc.name] = measure(t, sc, duration_s, warmup_s, body=body, extra_headers=CACHE_HEADERS)
+    return out
+
+
+def responses_body(model: str, *, stream: bool = False) -> dict:
+    """The chat body's prompt as a Responses API request (the same ~1 KB, the same output cap)."""
+    chat = chat_body(model)
+    system, user = (m["content"] for m in chat["messages"])
+    body = {"model": model, "instructions": system, "input": user, "temperature": chat["temperature"],
+            "max_output_tokens": chat["max_tokens"], "user": chat["user"]}  # fmt: skip
+    return {**body, "stream": True} if stream else body
+
+
+def run_responses(t: Target, duration_s: float, warmup_s: float, stream_calls: int, log=print) -> dict:
+    """/v1/responses in the same run as chat: req/s at c=64 against the instant mock, and streamed TTFT at c=1."""
+    url = t.urls["instant"].removesuffix("/chat/completions") + "/responses"
+    rt = dataclasses.replace(t, urls={**t.urls, "instant": url})
+    body = responses_body(t.models["instant"])
+    probe(rt, "instant", body)
+    out: dict = {"scenarios": {}}
+    log(f"  {t.name}: /v1/responses c=64, instant mock ...")
+    out["scenarios"]["max_instant"] = measure(rt, SCENARIOS[-1], duration_s, warmup_s, body=body)
+    log(f"  {t.name}: /v1/responses streaming, {stream_calls} calls at c=1 ...")
+    try:
+        raw = orjson.dumps(responses_body(t.models["instant"], stream=True))
+        out["stream"] = streaming.measure(url, raw, t.headers_for("instant"), stream_calls,
+                                          first=streaming.RESPONSES_FIRST, done=streaming.RESPONSES_DONE)  # fmt: skip
+    except Exception as err:
+        out["stream"] = {"error": f"{type(err).__name__}: {err}"[:500]}
     return out

@@ -4,7 +4,9 @@ work per call: auth, parse, rate limits, quota reservation, routing, forward boo
 (spool write included), metrics and the response. Steadier than a wrk run on a shared box; use it to
 compare changes to the handler.
 
-    .venv/bin/python -m bench.request_path [--calls 5000] [--profile]
+    .venv/bin/python -m bench.request_path [--calls 5000] [--profile] [--tagged]
+
+--tagged: each call carries attribution (a `user`, a 3-entry body `metadata` and an X-Tollway-Tags header).
 """
 
 from __future__ import annotations
@@ -39,16 +41,16 @@ async def canned(pool, target, path, body, budget_s=None) -> UpstreamReply:
     return UpstreamReply(200, REPLY, orjson.loads(REPLY), None)
 
 
-async def measure(calls: int, profile: bool = False) -> float:
+async def measure(calls: int, profile: bool = False, tagged: bool = False) -> float:
     real = handler.post_json
     handler.post_json = canned  # the upstream hop is measured elsewhere (the floor rows of bench.run)
     try:
-        return await _measure(calls, profile)
+        return await _measure(calls, profile, tagged)
     finally:
         handler.post_json = real
 
 
-async def _measure(calls: int, profile: bool) -> float:
+async def _measure(calls: int, profile: bool, tagged: bool) -> float:
     config = GatewayConfig.model_validate(
         tollway_config({"instant": "http://127.0.0.1:9", "50ms": "http://127.0.0.1:9"})
     )
@@ -60,9 +62,12 @@ async def _measure(calls: int, profile: bool) -> float:
             app.state.proxy.control.apply(TeamState(team_id="t1", name="t1", plan="bench"))
             app.state.proxy.control.apply(KeyState(key_id="k1", key_hash=hash_key(secret), prefix=display_prefix(secret),
                                           team_id="t1"))  # fmt: skip
-            body = orjson.dumps(chat_body("bench-instant"))
+            extra = {"user": "end-user-1", "metadata": {"project": "apollo", "env": "prod", "ticket": "T-1"}}
+            body = orjson.dumps({**chat_body("bench-instant"), **(extra if tagged else {})})
             headers = [(b"host", b"proxy"), (b"content-type", b"application/json"),
                        (b"authorization", f"Bearer {secret}".encode()), (b"content-length", b"%d" % len(body))]  # fmt: skip
+            if tagged:
+                headers.append((b"x-tollway-tags", b"team=search,feature=rerank"))
             statuses: list[int] = []
 
             async def send(message: dict) -> None:
@@ -105,8 +110,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=5000)
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of one more round")
+    ap.add_argument("--tagged", action="store_true", help="calls carry a user, body metadata and a tags header")
     args = ap.parse_args()
-    us = asyncio.run(measure(args.calls, args.profile)) * 1e6
+    us = asyncio.run(measure(args.calls, args.profile, args.tagged)) * 1e6
     print(orjson.dumps({"request_path_cpu_us_per_call": round(us, 1), "calls": args.calls}).decode())
 
 

@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             log("[direct] mocks up")
             res["proxy"]["direct"] = proxy_bench.run_target(targets.direct(mock_urls), args.duration, args.warmup,
                                                             args.stream_calls, log)  # fmt: skip
+            res["proxy"]["direct"]["responses"] = proxy_bench.run_responses(
+                targets.direct(mock_urls), args.duration, args.warmup, args.stream_calls, log)  # fmt: skip
             starters = {"proxy": targets.start_tollway, "litellm": targets.start_litellm,
                         "portkey": targets.start_portkey, "floor": targets.start_floor}  # fmt: skip
             for part in gateways:
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                 log)  # fmt: skip
                     if name == "tollway":
                         res["proxy"][name]["cache"] = proxy_bench.run_cache(t, args.duration, args.warmup, log)
+                        res["proxy"][name]["responses"] = proxy_bench.run_responses(
+                            t, args.duration, args.warmup, args.stream_calls, log)  # fmt: skip
                 except Exception as err:
                     res["errors"][part] = f"{type(err).__name__}: {err}"[:800]
                     log(f"[{part}] failed: {res['errors'][part]}")

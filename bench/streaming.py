@@ -14,6 +14,9 @@ from urllib.parse import urlsplit
 
 FIRST_CONTENT = re.compile(rb'"content"\s*:\s*"[^"]')
 END = b"0\r\n\r\n"
+# the Responses API's typed events: the first text delta, and the final event instead of [DONE]
+RESPONSES_FIRST = re.compile(rb'"type"\s*:\s*"response\.output_text\.delta".{0,200}?"delta"\s*:\s*"[^"]')
+RESPONSES_DONE = b"event: response.completed"
 
 
 def _connect(host: str, port: int) -> socket.socket:
@@ -30,7 +33,8 @@ def request_bytes(url: str, body: bytes, headers: dict[str, str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-def one_call(sock: socket.socket, req: bytes) -> tuple[float, float] | None:
+def one_call(sock: socket.socket, req: bytes, first: re.Pattern[bytes] = FIRST_CONTENT,
+             done: bytes = b"[DONE]") -> tuple[float, float] | None:  # fmt: skip
     """(ttft s, total s) of one call on an open connection, or None if the server closed it or failed."""
     t0 = time.perf_counter()
     sock.sendall(req)
@@ -43,27 +47,28 @@ def one_call(sock: socket.socket, req: bytes) -> tuple[float, float] | None:
         buf += chunk
         if not buf.startswith(b"HTTP/1.1 200") and b"\r\n\r\n" in buf:
             raise RuntimeError(f"stream call failed: {buf[:300]!r}")
-        if ttft is None and FIRST_CONTENT.search(buf):
+        if ttft is None and first.search(buf):
             ttft = time.perf_counter() - t0
-        if b"[DONE]" in buf and buf.endswith(END):
+        if done in buf and buf.endswith(END):
             break
     if ttft is None:
         raise RuntimeError(f"stream carried no content: {buf[:300]!r}")
     return ttft, time.perf_counter() - t0
 
 
-def measure(url: str, body: bytes, headers: dict[str, str], calls: int, warmup: int = 20) -> dict:
+def measure(url: str, body: bytes, headers: dict[str, str], calls: int, warmup: int = 20,
+            first: re.Pattern[bytes] = FIRST_CONTENT, done: bytes = b"[DONE]") -> dict:  # fmt: skip
     u = urlsplit(url)
     req = request_bytes(url, body, headers)
     sock = _connect(u.hostname or "127.0.0.1", u.port or 80)
     ttfts, totals = [], []
     try:
         for i in range(warmup + calls):
-            got = one_call(sock, req)
+            got = one_call(sock, req, first, done)
             if got is None:  # the server does not keep streamed connections alive: reconnect, retry once
                 sock.close()
                 sock = _connect(u.hostname or "127.0.0.1", u.port or 80)
-                got = one_call(sock, req)
+                got = one_call(sock, req, first, done)
                 if got is None:
                     raise RuntimeError("connection closed mid-stream twice")
             if i >= warmup:

@@ -92,6 +92,23 @@ def _stream_added(res: dict, target: str) -> tuple[float | None, float | None]:
     return g["ttft_p50_ms"] - d["ttft_p50_ms"], g["ttft_p99_ms"] - d["ttft_p99_ms"]
 
 
+def responses_rows(res: dict, row: Any) -> None:
+    """/v1/responses, measured in the same run as chat (direct and Tollway): TTFT at c=1, req/s at c=64."""
+    d = res.get("proxy", {}).get("direct", {}).get("responses") or {}
+    g = res.get("proxy", {}).get("tollway", {}).get("responses") or {}
+    if not d and not g:
+        return
+    ds, gs = d.get("stream") or {}, g.get("stream") or {}
+    added = [gs[k] - ds[k] if k in gs and k in ds else None for k in ("ttft_p50_ms", "ttft_p99_ms")]
+    row("/v1/responses stream c=1: added TTFT p50 / p99 ms",
+        pair(ds.get("ttft_p50_ms"), ds.get("ttft_p99_ms")) if ds else "-", {"tollway": pair(*added, sign=True)})  # fmt: skip
+    dr = (d.get("scenarios") or {}).get("max_instant") or {}
+    gr = (g.get("scenarios") or {}).get("max_instant") or {}
+    share = f" ({gr['rps'] / dr['rps']:.0%})" if gr.get("rps") and dr.get("rps") else ""
+    row("/v1/responses c=64 instant: req/s (of direct)", num(dr.get("rps"), 0),
+        {"tollway": num(gr.get("rps"), 0) + share if gr else "-"})  # fmt: skip
+
+
 def rows(res: dict) -> list[list[str]]:
     out: list[list[str]] = []
 
@@ -134,6 +151,7 @@ def rows(res: dict) -> list[list[str]]:
     sd = res.get("proxy", {}).get("direct", {}).get("stream") or {}
     row("stream c=1: added TTFT p50 / p99 ms", pair(sd.get("ttft_p50_ms"), sd.get("ttft_p99_ms")) if sd else "-",
         {g: pair(*_stream_added(res, g), sign=True) for g in GATEWAYS})  # fmt: skip
+    responses_rows(res, row)
     cache = res.get("proxy", {}).get("tollway", {}).get("cache") or {}
     c1, cmax, d1 = cache.get("cache_c1"), cache.get("cache_max"), _sc(res, "direct", "c1_instant")
     if c1 and d1:

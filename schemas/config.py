@@ -302,7 +302,7 @@ class GatewayConfig(_Strict):
             if not serves:
                 want = ", ".join(sorted(e for e in wanted if ENDPOINT_KIND[e] == m.kind))
                 raise ValueError(f"models.{name}.routes.{i}: provider {r.provider!r} speaks the {api} API, "
-                                 f"which cannot serve {want} for a {m.kind} model")  # fmt: skip
+                                 f"which serves none of this model's endpoints ({want})")  # fmt: skip
             covered |= serves
         for e in m.endpoints or ():
             if e not in covered:

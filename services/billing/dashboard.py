@@ -10,6 +10,12 @@ Spend comes from the hourly rollups, which the meter recomputes from the same ro
 FINAL + re-rating adjustments FINAL, by the event's hour, billed model = served or else requested), so a
 team-month's spend here is the ledger's amount once the rollup pass has run (reconciliation checks it).
 Models the config does not know (a rejected call's made-up name) are one `(unknown)` row.
+
+Filters (`?end_user=` and `?tag=name=value`, services/billing/attribution.py): the rollups have no end-user or
+tag dimension (tags are an open map, one rollup row per tag value would multiply the table by their
+cardinality for a view few open), so a filtered view reads the ledger's effective rows instead, event by
+event, under the report budget (report_budget.py: time, memory and threads per query); every section keeps
+its meaning, and a filtered total is the ledger's amount for those calls without waiting for a rollup pass.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from schemas.clock import iso
 from schemas.config import GatewayConfig
 from schemas.money import plain
 from schemas.periods import period_of
-from services.billing import ledger
+from services.billing import attribution, ledger
 from services.billing.auth import Caller, current_caller, team_scope
 from services.billing.errors import InvalidRequest
 from services.billing.usage import parse_range
@@ -78,26 +84,47 @@ _INT_FIELDS = ("requests", "errors", "cache_hits", "unpriced_requests", "prompt_
                "cached_tokens")  # fmt: skip
 
 
-def _where(team_id: str | None, column: str = "hour") -> str:
-    where = f"{column} >= {{start:DateTime('UTC')}} AND {column} < {{end:DateTime('UTC')}}"
+def _where(team_id: str | None, column: str = "hour", ts: str = "DateTime('UTC')") -> str:
+    where = f"{column} >= {{start:{ts}}} AND {column} < {{end:{ts}}}"
     return where + (" AND team_id = {team:String}" if team_id is not None else "")
 
 
-def build_queries(team_id: str | None, granularity: str) -> dict[str, str]:
-    """SQL per section of the page; every one reads a dedup-aware rollup or view, bound parameters only."""
+def build_queries(team_id: str | None, granularity: str, filtered: str | None = None) -> dict[str, str]:
+    """SQL per section of the page; every one reads a dedup-aware rollup or view, bound parameters only.
+    `filtered` (a condition over the ledger's effective row x): read those events from the ledger instead."""
     bucket = "toStartOfDay(hour)" if granularity == "day" else "hour"
-    w = _where(team_id)
+    # one type per parameter in a query: the ledger's range is DateTime64(6)
+    ts = "DateTime('UTC')" if filtered is None else "DateTime64(6, 'UTC')"
+    w = _where(team_id, ts=ts)
+    hourly, savings, unpriced = "{db}.usage_hourly_v", "{db}.cache_savings_hourly", "{db}.unpriced_events_v"
+    if filtered is not None:
+        eff = f"{ledger.effective_sql(team=team_id is not None)} AS x WHERE {filtered}"
+        hourly = (f"(SELECT toStartOfHour(x.occurred_at) AS hour, x.team_id AS team_id, x.key_id AS key_id, "
+                  f"x.model AS model, 1 AS requests, toUInt64(x.status = 'error') AS errors, "
+                  f"toUInt64(x.cache_hit) AS cache_hits, toUInt64(NOT x.priced) AS unpriced, x.prompt_tokens AS "
+                  f"prompt_tokens, x.completion_tokens AS completion_tokens, x.cached_tokens AS cached_tokens, "
+                  f"x.cost_usd AS cost FROM {eff})")  # fmt: skip
+        # what the hits would have cost, in every price dimension (as 034's cache_savings_hourly view)
+        savings = (f"(SELECT toStartOfHour(x.occurred_at) AS hour, x.team_id AS team_id, (toDecimal128(x.input_tokens, "
+                   f"0) * x.unit_input + toDecimal128(x.cached_input_tokens, 0) * x.unit_cached_input + toDecimal128("
+                   f"x.cache_write_input_tokens, 0) * x.unit_cache_write + toDecimal128(x.cache_write_1h_input_tokens, "
+                   f"0) * x.unit_cache_write_1h + toDecimal128(x.output_tokens, 0) * x.unit_output + toDecimal128("
+                   f"x.fee_requests, 0) * x.unit_request * 1000000 + toDecimal128(x.web_searches, 0) * "
+                   f"x.unit_web_search * 1000) / 1000000 AS savings_usd FROM {eff} AND x.cache_hit)")  # fmt: skip
+        unpriced = (f"(SELECT x.occurred_at AS occurred_at, x.team_id AS team_id, x.requested_model AS requested_model, "
+                    f"x.served_model AS served_model, x.prompt_tokens AS prompt_tokens, x.completion_tokens AS "
+                    f"completion_tokens FROM {eff} AND NOT x.priced)")  # fmt: skip
     return {
-        "totals": f"SELECT {_SUMS} FROM {{db}}.usage_hourly_v WHERE {w}",
-        "series": f"SELECT {bucket} AS t, {_SUMS} FROM {{db}}.usage_hourly_v WHERE {w} GROUP BY t ORDER BY t",
-        "by_team": f"SELECT team_id, {_SUMS} FROM {{db}}.usage_hourly_v WHERE {w} GROUP BY team_id ORDER BY cost_usd DESC",
-        "by_model": f"SELECT model, {_SUMS} FROM {{db}}.usage_hourly_v WHERE {w} GROUP BY model ORDER BY cost_usd DESC",
-        "by_key": f"SELECT key_id, any(team_id) AS key_team, {_SUMS} FROM {{db}}.usage_hourly_v WHERE {w} "
+        "totals": f"SELECT {_SUMS} FROM {hourly} WHERE {w}",
+        "series": f"SELECT {bucket} AS t, {_SUMS} FROM {hourly} WHERE {w} GROUP BY t ORDER BY t",
+        "by_team": f"SELECT team_id, {_SUMS} FROM {hourly} WHERE {w} GROUP BY team_id ORDER BY cost_usd DESC",
+        "by_model": f"SELECT model, {_SUMS} FROM {hourly} WHERE {w} GROUP BY model ORDER BY cost_usd DESC",
+        "by_key": f"SELECT key_id, any(team_id) AS key_team, {_SUMS} FROM {hourly} WHERE {w} "
         f"GROUP BY key_id ORDER BY cost_usd DESC LIMIT {MAX_KEYS}",
-        "savings": f"SELECT sum(savings_usd) AS savings_usd FROM {{db}}.cache_savings_hourly WHERE {w}",
+        "savings": f"SELECT sum(savings_usd) AS savings_usd FROM {savings} WHERE {w}",
         "unpriced": f"SELECT {ledger.BILLED_MODEL_SQL} AS model, count() AS requests, "
-        f"sum(prompt_tokens + completion_tokens) AS tokens FROM {{db}}.unpriced_events_v WHERE "
-        f"{_where(team_id, 'occurred_at')} GROUP BY model ORDER BY requests DESC LIMIT 20",
+        f"sum(prompt_tokens + completion_tokens) AS tokens FROM {unpriced} WHERE "
+        f"{_where(team_id, 'occurred_at', ts)} GROUP BY model ORDER BY requests DESC LIMIT 20",
     }
 
 
@@ -164,8 +191,8 @@ def shape(rows: dict[str, list[dict[str, Any]]], names: dict[str, str], keys: di
 
 
 async def dashboard_data(store: Store, team_id: str | None, start: datetime, end: datetime, granularity: str,
-                         names: dict[str, str], keys: dict[str, dict[str, Any]],
-                         config: GatewayConfig | None = None) -> dict[str, Any]:  # fmt: skip
+                         names: dict[str, str], keys: dict[str, dict[str, Any]], config: GatewayConfig | None = None,
+                         where: attribution.Filter | None = None) -> dict[str, Any]:  # fmt: skip
     # Rollup hours are whole: widen the range to the hours it touches.
     lo = start.replace(minute=0, second=0, microsecond=0)
     hi = (
@@ -174,9 +201,11 @@ async def dashboard_data(store: Store, team_id: str | None, start: datetime, end
         else end.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
     )
     params: dict[str, Any] = {"start": lo, "end": hi} | ({"team": team_id} if team_id is not None else {})
+    if where is not None:
+        params |= where.params
     rows = {
         name: await store.query_dicts(sql, parameters=params)
-        for name, sql in build_queries(team_id, granularity).items()
+        for name, sql in build_queries(team_id, granularity, where.sql if where else None).items()
     }
     return shape(rows, names, keys, bucket_starts(lo, hi, granularity), config)
 
@@ -187,8 +216,11 @@ async def get_dashboard_data(
     team: str | None = None,
     start: str | None = Query(default=None, alias="from"),
     end: str | None = Query(default=None, alias="to"),
+    end_user: str | None = None,
+    tag: str | None = None,
     caller: Caller = Depends(current_caller),
 ) -> dict[str, Any]:
+    where = attribution.filter_of(end_user, tag)
     accounts = request.app.state.accounts
     team_id = team_scope(caller, team, accounts)
     now = datetime.now(UTC)
@@ -199,7 +231,7 @@ async def get_dashboard_data(
     keys = {k.key_id: {"prefix": k.prefix, "name": k.name} for k in accounts.keys(team_id)}
     began = time.perf_counter()
     body = await dashboard_data(
-        request.app.state.store, team_id, lo, hi, granularity, names, keys, request.app.state.config
+        request.app.state.store, team_id, lo, hi, granularity, names, keys, request.app.state.config, where
     )
     return {
         "object": "dashboard",
@@ -209,6 +241,7 @@ async def get_dashboard_data(
         "from": iso(lo),
         "to": iso(hi),
         "granularity": granularity,
+        "filter": where.shown if where else None,
         "period": period_of(now),
         "generated_at": iso(now),
         "query_ms": round((time.perf_counter() - began) * 1000, 1),

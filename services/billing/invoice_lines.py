@@ -92,6 +92,16 @@ def _exact(qty: int, unit: Decimal, comp: str) -> Decimal:
     return Decimal(qty) * unit / PER[comp]
 
 
+def exact_amount(qty: int, key: ItemKey) -> Decimal:
+    """The exact amount of `qty` units of an item (its price's basis: per 1M tokens, per request, per 1K)."""
+    return _exact(qty, key[3], key[2])
+
+
+def item_key(line: dict[str, Any]) -> ItemKey:
+    """The item a usage line bills (its own fields; an adjustment's item is `_key_of(line, line["adjusts"])`)."""
+    return _key_of(line, line)
+
+
 def _priced_as(comp: str, unit: Decimal) -> dict[str, Any]:
     _, counted, price_field, basis = SHAPE[comp]
     return {"unit": counted, price_field: plain(unit), "price_basis": basis}

@@ -34,7 +34,8 @@ Public API (stable: add, don't change):
       occurred_at, ingested_at, team_id, key_id, model, requested_model, served_model, provider, status,
       priced, billable, cache_hit, prompt_tokens, completion_tokens, cached_tokens, input_tokens,
       cached_input_tokens, output_tokens, price_version, unit_input, unit_output, unit_cached_input,
-      stored_cost, adjustments_usd, adjustment_count, cost_usd. `billable` = billable status AND priced.
+      stored_cost, adjustments_usd, adjustment_count, cost_usd, end_user ('' for none), metadata (the event's
+      tags: the caller's, under the key's). `billable` = billable status AND priced.
       Added with the price dimensions: cache_write_tokens, cache_write_1h_tokens, service_tier (as stored),
       cache_write_input_tokens, cache_write_1h_input_tokens (billed, clipped), fee_requests, web_searches,
       price_tier, unit_cache_write, unit_cache_write_1h, unit_request, unit_web_search, and the effective cost
@@ -49,6 +50,9 @@ Public API (stable: add, don't change):
   await groups(store, start, end, team_id=None, ingested_before=None) -> (list[LedgerGroup], unpriced: int)
       billable usage grouped by (model, price_version, unit prices); one group never merges two unit prices;
       `ingested_before` counts only events ingested at or before it (an invoice "as of" its finalization).
+  await groups_by_label(store, start, end, label_sql, params, team_id=None, ingested_before=None)
+      -> {label: list[LedgerGroup]}: `groups` split by a label expression over the effective row `x` (an end
+      user, a tag's value); the groups of all labels together are `groups`' (attribution breakdowns).
   await groups_by_team(store, start, end, team_id=None) -> {team_id: (list[LedgerGroup], unpriced)}
       the same, per team, in one query (reconciliation of every team).
   await team_month(store, team_id, period, ingested_before=None) -> TeamMonth
@@ -75,8 +79,8 @@ from schemas.prices import DIMENSIONS, PER
 from schemas.quota import QUOTA_TOKENS_SQL
 
 __all__ = ["BILLABLE_STATUSES", "BILLED_MODEL_SQL", "COMPONENTS", "UNKNOWN_MODEL", "LedgerGroup", "LedgerLine",
-           "MonthToDate", "TeamMonth", "effective_sql", "groups", "groups_by_team", "month_to_date", "report_model",
-           "team_month"]  # fmt: skip
+           "MonthToDate", "TeamMonth", "effective_sql", "groups", "groups_by_label", "groups_by_team", "month_to_date",
+           "report_model", "team_month"]  # fmt: skip
 
 # The invoice's order: input, cached input, cache write 5m, cache write 1h, output, requests, web search.
 COMPONENTS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "request", "web_search")
@@ -102,11 +106,11 @@ SELECT e.event_id AS event_id, e.occurred_at AS occurred_at, e.ingested_at AS in
        if(a.n > 0, a.pv, e.price_version) AS price_version, if(a.n > 0, a.pt, e.price_tier) AS price_tier,
        {units},
        e.cost_total AS stored_cost, a.delta AS adjustments_usd, a.n AS adjustment_count,
-       e.cost_total + a.delta AS cost_usd, {costs}
+       e.cost_total + a.delta AS cost_usd, {costs}, e.end_user AS end_user, e.metadata AS metadata
 FROM (SELECT event_id, occurred_at, ingested_at, team_id, key_id, {model} AS model, requested_model, served_model,
              provider, status, priced, cache_hit, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
              cache_write_1h_tokens, web_search_requests, service_tier, price_version, price_tier, {unit_cols},
-             {cost_cols}, cost_total
+             {cost_cols}, cost_total, end_user, metadata
       FROM {{db}}.usage_events FINAL WHERE {range}{events_where}) AS e
 LEFT JOIN (
     SELECT event_id, count() AS n, argMax(price_version, seq) AS pv, argMax(price_tier, seq) AS pt,
@@ -239,11 +243,11 @@ _GROUP_SUMS = """count() AS requests, sum(input_tokens) AS input_qty, sum(cached
        sum(cache_write_input_tokens) AS cache_write_qty, sum(cache_write_1h_input_tokens) AS cache_write_1h_qty,
        sum(output_tokens) AS output_qty, sum(fee_requests) AS request_qty, sum(web_searches) AS web_search_qty"""
 _GROUPS_SQL = f"""
-SELECT {", ".join(_GROUP_KEY)}, {_GROUP_SUMS}
+SELECT {{label}}{", ".join(_GROUP_KEY)}, {_GROUP_SUMS}
 FROM {{effective}} AS x
 WHERE billable
-GROUP BY {", ".join(_GROUP_KEY)}
-ORDER BY {", ".join(_GROUP_KEY)}
+GROUP BY {{label_key}}{", ".join(_GROUP_KEY)}
+ORDER BY {{label_key}}{", ".join(_GROUP_KEY)}
 """
 _UNPRICED_SQL = "SELECT count() FROM {effective} AS x WHERE status IN ({statuses}) AND NOT priced"
 
@@ -270,10 +274,25 @@ async def groups(store: Store, start: datetime, end: datetime, team_id: str | No
     params = _params(start, end, team_id)
     if ingested_before is not None:
         params["ingested_before"] = ingested_before
-    rows = await store.query_dicts(_GROUPS_SQL.format(effective=eff), parameters=params)
+    rows = await store.query_dicts(_GROUPS_SQL.format(effective=eff, label="", label_key=""), parameters=params)
     unpriced = await store.query(_UNPRICED_SQL.format(effective=eff, statuses=BILLABLE_STATUSES_SQL), parameters=params)
-    out = [_group(r) for r in rows]
-    return out, int(unpriced[0][0]) if unpriced else 0
+    return [_group(r) for r in rows], int(unpriced[0][0]) if unpriced else 0
+
+
+async def groups_by_label(store: Store, start: datetime, end: datetime, label_sql: str,
+                          label_params: dict[str, object], team_id: str | None = None,
+                          ingested_before: datetime | None = None) -> dict[str, list[LedgerGroup]]:  # fmt: skip
+    """`groups`, split by `label_sql` (an expression over the effective row `x`, a fixed string; its inputs
+    come as `label_params`): the same rows, so the labels' groups together are exactly `groups`'."""
+    eff = effective_sql(team=team_id is not None, ingested_before=ingested_before is not None)
+    params = _params(start, end, team_id) | label_params
+    if ingested_before is not None:
+        params["ingested_before"] = ingested_before
+    sql = _GROUPS_SQL.format(effective=eff, label=f"{label_sql} AS label, ", label_key="label, ")
+    out: dict[str, list[LedgerGroup]] = defaultdict(list)
+    for r in await store.query_dicts(sql, parameters=params):
+        out[r["label"]].append(_group(r))
+    return dict(out)
 
 
 _TEAM_GROUPS_SQL = f"""

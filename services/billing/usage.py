@@ -22,6 +22,8 @@ Fields per group and in totals:
       cost_request_usd, cost_web_search_usd: cost_usd by dimension (re-rating included); they sum to it;
   unpriced_requests: calls stored without a price (billed zero until `tollway rerate` prices them).
 group_by=model labels a model the config does not know (a rejected call's made-up name) as `(unknown)`.
+group_by=end_user and group_by=tag:<name> (services/billing/attribution.py) group by the event's end user or
+a tag's value (field `end_user` / `tag_value`); calls without one are the group `(none)`.
 """
 
 from __future__ import annotations
@@ -29,16 +31,16 @@ from __future__ import annotations
 import time
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 from schemas.clickhouse import Store
 from schemas.clock import iso, utc
 from schemas.config import GatewayConfig
 from schemas.money import plain
-from services.billing import ledger, metrics
+from services.billing import attribution, ledger, metrics
 from services.billing.errors import InvalidRequest
 
-GroupBy = Literal["model", "day", "key"]
+GroupBy = str  # one of GROUPS, "end_user" or "tag:<name>"
 
 # group_by -> (response field, SQL expression). Fixed strings: the only SQL that varies by request.
 GROUPS: dict[str, tuple[str, str]] = {
@@ -86,9 +88,19 @@ LATEST = datetime(2299, 12, 31, tzinfo=UTC)
 def parse_group_by(value: str | None) -> GroupBy | None:
     if value is None or value in ("", "none"):
         return None
-    if value not in GROUPS:
-        raise InvalidRequest(f"group_by: must be one of model, day, key or none, got {value[:40]!r}")
-    return value  # type: ignore[return-value]
+    if value not in GROUPS and value != "end_user" and not value.startswith("tag:"):
+        raise InvalidRequest(f"group_by: must be one of model, day, key, end_user, tag:<name> or none, got "
+                             f"{value[:40]!r}")  # fmt: skip
+    _grouping(value)  # a bad tag name is the caller's error now, not the query's
+    return value
+
+
+def _grouping(group_by: GroupBy) -> tuple[str, str, dict[str, object]]:
+    """(the group's field in the response, its SQL over x, the parameters that SQL binds)."""
+    if group_by in GROUPS:
+        return GROUPS[group_by][0], GROUPS[group_by][1], {}
+    dim = attribution.dimension(group_by)
+    return dim.field, dim.sql, dim.params
 
 
 def parse_instant(value: str, field: str, *, end: bool = False) -> datetime:
@@ -133,7 +145,9 @@ def build_query(
     select = METRICS_SQL
     tail = ""
     if group_by is not None:
-        select = f"\n    {GROUPS[group_by][1]} AS g," + METRICS_SQL
+        _, expr, extra = _grouping(group_by)
+        params |= extra
+        select = f"\n    {expr} AS g," + METRICS_SQL
         tail = "\nGROUP BY g\nORDER BY g"
     sql = f"SELECT{select}\nFROM {ledger.effective_sql(team=team_id is not None)} AS x" + tail
     return sql, params
@@ -184,7 +198,8 @@ def shape_report(
             acc = merged.setdefault(label, _zero())
             for name in acc:
                 acc[name] += m[name]
-    groups = [{GROUPS[group_by][0]: label, **_public(m)} for label, m in sorted(merged.items())] if group_by else []
+    field = _grouping(group_by)[0] if group_by else ""
+    groups = [{field: label, **_public(m)} for label, m in sorted(merged.items())] if group_by else []
     return {
         "team_id": team_id,
         "from": iso(start),

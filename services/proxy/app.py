@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from schemas.config import GatewayConfig
 from services.proxy.errors import GatewayError, InvalidRequest, error_response
 from services.proxy.handler import ProxyHandler
+from services.proxy.responses import ResponsesHandler
 from services.proxy.settings import ProxySettings
 from services.proxy.state import ProxyState, open_proxy_state
 
@@ -31,6 +32,7 @@ class ProxyApp(FastAPI):
         ("POST", "/v1/chat/completions"): ProxyHandler.chat_completions,
         ("POST", "/v1/embeddings"): ProxyHandler.embeddings,
         ("GET", "/v1/models"): ProxyHandler.models,
+        ("POST", "/v1/responses"): lambda _h, r: r.app.state.responses.create(r),
     }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -48,6 +50,13 @@ class ProxyApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+def _responses_route(name: str) -> Callable[[Request], Awaitable[Response]]:
+    async def route(request: Request) -> Response:
+        return await getattr(request.app.state.responses, name)(request)
+
+    return route
+
+
 def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, replay_spool: bool = False) -> FastAPI:
     """`replay_spool`: the broker is a fresh in-memory one, so re-send the spool's retained window."""
 
@@ -56,6 +65,7 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
         async with open_proxy_state(settings, config, bootstrap, replay_spool) as proxy:
             app.state.proxy = proxy
             app.state.handler = ProxyHandler(proxy)
+            app.state.responses = ResponsesHandler(app.state.handler)
             log.info("proxy_started", instance=proxy.instance, models=len(config.models))
             yield
         log.info("proxy_stopped")
@@ -76,6 +86,12 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
     app.router.add_route("/v1/chat/completions", chat, methods=["POST"])
     app.router.add_route("/v1/embeddings", embeddings, methods=["POST"])
     app.router.add_route("/v1/models", models, methods=["GET"])
+    # the follow-ups on a stored response: path parameters, off the hot path, so FastAPI's router serves them
+    responses = {"create": ("", ["POST"]), "retrieve": ("/{response_id}", ["GET"]),
+                 "delete": ("/{response_id}", ["DELETE"]), "cancel": ("/{response_id}/cancel", ["POST"]),
+                 "input_items": ("/{response_id}/input_items", ["GET"])}  # fmt: skip
+    for name, (suffix, methods) in responses.items():
+        app.router.add_route(f"/v1/responses{suffix}", _responses_route(name), methods=methods)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -17,6 +17,7 @@ from schemas.billed import billed_model
 from schemas.control import KeyState, TeamState
 from schemas.events import utc_now
 from services.proxy import metrics
+from services.proxy.attribution import attribute
 from services.proxy.auth import authenticate
 from services.proxy.cache import HEADER as CACHE_HEADER
 from services.proxy.cache import CacheUse, CompletionAssembler, Entry, cache_key, cache_use, replay_chunks
@@ -293,8 +294,7 @@ class ProxyHandler:
             body, raw = await read_body(request, self.s.settings.max_body_bytes)
             call.body_bytes = len(raw)
             d.requested_model = str(body.get("model", ""))[:256]
-            if isinstance(body.get("user"), str):
-                d.end_user = body["user"][:256]
+            d.end_user, d.metadata = attribute(body, request.scope["headers"], key.metadata)
             (validate_chat if kind == "chat" else validate_embeddings)(body)
             policy = self.policy(key)
             await self.admit(call, key, policy, body)

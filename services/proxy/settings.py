@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from schemas.settings import CommonSettings
 
@@ -21,6 +21,9 @@ class ProxySettings(CommonSettings):
     event_linger_ms: int = 10
     event_queue_max: int = 100_000
     redis_url: str | None = None  # set -> rate limits shared by every replica through Redis; unset -> in memory
+    # signs the Responses API ids the proxy hands out (services/proxy/response_ids.py): the same on every
+    # replica; unset -> one made at first start in the data dir (a single replica only)
+    responses_id_secret: SecretStr | None = Field(None, min_length=16)
 
     def instance(self) -> str:
         return self.proxy_instance or f"{socket.gethostname()}:{self.proxy_port}"

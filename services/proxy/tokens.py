@@ -48,20 +48,24 @@ def reported_cached_tokens(usage: dict[str, Any]) -> Any:
 
 
 def reported_reasoning_tokens(usage: dict[str, Any]) -> Any:
-    """Completion tokens spent reasoning, counted inside completion_tokens (raw, not yet checked): OpenAI
-    reports them as completion_tokens_details.reasoning_tokens."""
+    """Completion tokens spent reasoning (raw, not yet checked): OpenAI (and Gemini's OpenAI layer) report
+    them as completion_tokens_details.reasoning_tokens; layers that pass Gemini's own name through, as
+    thoughts_token_count."""
     details = usage.get("completion_tokens_details")
-    return details.get("reasoning_tokens", 0) if isinstance(details, dict) else 0
+    if isinstance(details, dict) and details.get("reasoning_tokens") is not None:
+        return details["reasoning_tokens"]
+    return usage.get("thoughts_token_count", 0)
 
 
 def usage_of(usage: dict[str, Any]) -> TokenUsage:
     """A provider's `usage` object (a chat.completion's, an embedding's, or a stream's final chunk)."""
-    return TokenUsage(
-        count(usage.get("prompt_tokens")),
-        count(usage.get("completion_tokens")),
-        count(reported_cached_tokens(usage)),
-        count(reported_reasoning_tokens(usage)),
-    )
+    prompt, completion = count(usage.get("prompt_tokens")), count(usage.get("completion_tokens"))
+    reasoning = count(reported_reasoning_tokens(usage))
+    if reasoning and count(usage.get("total_tokens")) == prompt + completion + reasoning:
+        # Gemini's OpenAI layer has reported thinking tokens beside completion_tokens, not inside them (total
+        # says so); they are billed as output, and the event counts reasoning inside completion_tokens
+        completion += reasoning
+    return TokenUsage(prompt, completion, count(reported_cached_tokens(usage)), reasoning)
 
 
 def provider_usage(data: Any) -> TokenUsage | None:
@@ -71,8 +75,13 @@ def provider_usage(data: Any) -> TokenUsage | None:
 
 
 def prompt_estimate(body: dict[str, Any]) -> int:
-    """The prompt's tokens from the request alone: the billed estimate and the quota's worst case both use it."""
-    return max(1, len(orjson.dumps(body.get("messages") or body.get("input") or "")) // CHARS_PER_TOKEN)
+    """The prompt's tokens from the request alone: the billed estimate and the quota's worst case both use it.
+    `input` is an embeddings or Responses input (a string or items); a Responses `instructions` is prompt too."""
+    chars = len(orjson.dumps(body.get("messages") or body.get("input") or ""))
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        chars += len(instructions)
+    return max(1, chars // CHARS_PER_TOKEN)
 
 
 def estimate_usage(body: dict[str, Any], completion_chars: int = 0) -> TokenUsage:
@@ -93,17 +102,22 @@ def completion_chars(data: Any) -> int:
     return n
 
 
+def output_cap(body: dict[str, Any]) -> Any:
+    """The output the caller allows: chat's max_completion_tokens / max_tokens, Responses' max_output_tokens."""
+    return body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+
+
 def admission_tokens(body: dict[str, Any], body_bytes: int) -> int:
     """What tpm counts before the answer: the prompt plus the completion the caller allows. The prompt is the
     body's size (already known, so no serialization for every rate-limited call), settled later to the actual."""
-    cap = body.get("max_completion_tokens") or body.get("max_tokens") or 0
-    return max(1, body_bytes // CHARS_PER_TOKEN) + (cap if isinstance(cap, int) else 0)
+    cap = output_cap(body)
+    return max(1, body_bytes // CHARS_PER_TOKEN) + (cap if isinstance(cap, int) and not isinstance(cap, bool) else 0)
 
 
 def worst_case_tokens(body: dict[str, Any], default_max_tokens: int) -> TokenUsage:
     """The most a call may use, for the quota's reservation: the prompt estimate plus max_tokens for each of
     its `n` choices (`default_max_tokens` when the caller sets no cap)."""
-    cap = body.get("max_completion_tokens") or body.get("max_tokens")
+    cap = output_cap(body)
     cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else default_max_tokens
     n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 0) > 0 else 1
     return TokenUsage(prompt_estimate(body), cap * n, 0)

@@ -47,12 +47,18 @@ def test_kill_9_of_tollway_up_under_load_then_restart_bills_every_answered_call_
                 while not stop.is_set():
                     rid = f"w{worker}-{i}"
                     i += 1
+                    # workers 0, 3: chat; 1, 4: /v1/responses; 2, 5: /v1/responses streamed
+                    api = worker % 3
                     try:
-                        r = c.post("/chat/completions", headers={"x-request-id": rid},
-                                   json={"model": "gpt-4.1", "messages": [{"role": "user", "content": rid}]})  # fmt: skip
+                        if api == 0:
+                            r = c.post("/chat/completions", headers={"x-request-id": rid},
+                                       json={"model": "gpt-4.1", "messages": [{"role": "user", "content": rid}]})  # fmt: skip
+                        else:
+                            r = c.post("/responses", headers={"x-request-id": rid},
+                                       json={"model": "gpt-4.1", "input": rid, "stream": api == 2})  # fmt: skip
                     except httpx.HTTPError:
                         return  # the server died under us: this call was not answered
-                    if r.status_code == 200:
+                    if r.status_code == 200 and (api != 2 or "event: response.completed" in r.text):
                         answered.append(rid)
 
         threads = [threading.Thread(target=load, args=(w,)) for w in range(6)]
@@ -67,6 +73,7 @@ def test_kill_9_of_tollway_up_under_load_then_restart_bills_every_answered_call_
         for t in threads:
             t.join(15)
         assert len(answered) >= 300
+        assert {rid.split("-")[0] for rid in answered} >= {"w0", "w1", "w2"}  # chat, responses, responses streamed
 
         stack = start_stack(tmp_path, env)  # same data dir and ports: same spool, same proxy instance
         deadline = time.monotonic() + 60

@@ -249,3 +249,35 @@ async def test_reconcile_reports_a_sequence_gap(bootstrap, store, unique):
     report = await reconcile_report(store, PERIOD, team)
     assert not report["ok"] and report["sequence_gaps"] == 3
     assert report["sequences"][0]["missing"] == [[7, 7], [20, 21]]
+
+
+async def test_responses_events_replayed_keep_every_dimension_once(bootstrap, store, unique):
+    """/v1/responses events (cache reads, reasoning, web searches, a served tier, follow-ups at zero tokens)
+    through replays and duplicates: each dimension summed once, priced on input / cached input / output."""
+    topic, team = f"usage-{unique}", f"team_{unique}"
+    await create_topic(bootstrap, topic)
+    events = [make_event(team, endpoint="responses", prompt_tokens=200 + i % 9, completion_tokens=30 + i % 4,
+                         cached_tokens=i % 3 * 50, reasoning_tokens=i % 4 * 5, web_search_requests=i % 2,
+                         service_tier="flex" if i % 5 == 0 else "default", stream=i % 2 == 0,
+                         proxy_instance=f"px-{unique}", proxy_seq=i + 1) for i in range(600)]  # fmt: skip
+    events += [make_event(team, endpoint="responses.get", prompt_tokens=0, completion_tokens=0,
+                          proxy_instance=f"px-{unique}", proxy_seq=601 + i) for i in range(50)]  # fmt: skip
+    payload = [(team.encode(), e.to_bytes()) for e in events]
+    cost = sum(((e.prompt_tokens - e.cached_tokens) * Decimal("2.00") + e.cached_tokens * Decimal("0.50")
+                + e.completion_tokens * Decimal("8.00")) / MILLION for e in events)  # fmt: skip
+    async with meter_task(settings(unique, topic), CONFIG, store, bootstrap):
+        await produce(bootstrap, topic, payload)
+        await produce(bootstrap, topic, payload[100:400])
+        await produce(bootstrap, topic, payload)
+        sentinel = make_event(f"{team}-sentinel")
+        await produce(bootstrap, topic, [(team.encode(), sentinel.to_bytes())])
+        await eventually(lambda: totals(store, f"{team}-sentinel"), lambda r: r[0] == 1, timeout_s=60)
+        rows = await store.query(
+            "SELECT count(), sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(reasoning_tokens), "
+            "sum(web_search_requests), countIf(service_tier = 'flex'), countIf(endpoint = 'responses.get'), "
+            "sum(cost_total) FROM {db}.usage_events FINAL WHERE team_id = {t:String}", {"t": team})  # fmt: skip
+        report = await eventually(lambda: reconcile_report(store, PERIOD, team), lambda r: r["ok"], timeout_s=30)
+    assert rows[0] == (650, sum(e.prompt_tokens for e in events), sum(e.completion_tokens for e in events),
+                       sum(e.cached_tokens for e in events), sum(e.reasoning_tokens for e in events),
+                       sum(e.web_search_requests for e in events), 120, 50, cost)  # fmt: skip
+    assert report["sequence_gaps"] == 0 and Decimal(report["rows"][0]["metered_usd"]) == cost

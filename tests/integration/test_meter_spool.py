@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import httpx
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer
 
 from schemas.config import load_config
@@ -27,21 +28,28 @@ from tollway.broker import BundledBroker, free_port
 from tollway.topics import ensure_topics
 
 CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "Hello there, how are you?"}]}
+RESPONSES = {"model": "gpt-4.1", "input": "Hello there, how are you?"}
 
 
-async def calls(client: httpx.AsyncClient, secret: str, n: int) -> list[int]:
+async def calls(client: httpx.AsyncClient, secret: str, n: int, api: str = "chat") -> list[int]:
+    """`responses`: /v1/responses, every other call streamed (answered = its response.completed arrived)."""
     sem = asyncio.Semaphore(16)
 
     async def one(i: int) -> int:
+        headers = {"authorization": f"Bearer {secret}", "x-request-id": f"r{i}"}
         async with sem:
-            r = await client.post("/v1/chat/completions", json=CHAT,
-                                  headers={"authorization": f"Bearer {secret}", "x-request-id": f"r{i}"})  # fmt: skip
-            return r.status_code
+            if api == "chat":
+                r = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+                return r.status_code
+            r = await client.post("/v1/responses", json={**RESPONSES, "stream": i % 2 == 1}, headers=headers)
+            completed = i % 2 == 0 or "event: response.completed" in r.text
+            return r.status_code if completed else 599
 
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-async def test_broker_down_then_back_every_answered_call_is_billed_once(store, tmp_path, unique):
+@pytest.mark.parametrize("api", ["chat", "responses"])
+async def test_broker_down_then_back_every_answered_call_is_billed_once(store, tmp_path, unique, api):
     broker = BundledBroker(port=free_port(), log_path=tmp_path / "tansu.log")
     await asyncio.to_thread(broker.start)
     team = f"team_{unique}"
@@ -64,11 +72,11 @@ async def test_broker_down_then_back_every_answered_call_is_billed_once(store, t
             async with app.router.lifespan_context(app):
                 async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as c:
                     await wait_key_active(c, secret)
-                    assert set(await calls(c, secret, 50)) == {200}
+                    assert set(await calls(c, secret, 50, api)) == {200}
                     await eventually(count, lambda n: n == 50, timeout_s=30)
 
                     broker.kill()  # the broker is gone: the proxy keeps serving, the spool takes the events
-                    assert set(await calls(c, secret, 150)) == {200}
+                    assert set(await calls(c, secret, 150, api)) == {200}
                     ready = await c.get("/readyz")
                     assert ready.status_code == 200
                     assert ready.json()["spool"]["pending_events"] >= 150
@@ -80,7 +88,7 @@ async def test_broker_down_then_back_every_answered_call_is_billed_once(store, t
                     await broker_back(broker)
                     await publish_key(broker.bootstrap, team, secret=secret)  # what billing republishes on start
                     await wait_key_active(c, secret, timeout_s=30)
-                    assert set(await calls(c, secret, 50)) == {200}
+                    assert set(await calls(c, secret, 50, api)) == {200}
                     await eventually(count, lambda n: n >= 250, timeout_s=60)
                     await eventually(lambda: _v(app.state.proxy.emitter.queued), lambda q: q == 0, timeout_s=30)
         assert await count() == 250

@@ -154,3 +154,22 @@ def test_bench_fixtures_of_their_own_are_valid_contract_objects() -> None:
     assert (e.team_id, e.key_id, e.prompt_tokens, e.completion_tokens, e.proxy_seq) == ("team-7", "k7", 107, 7, 8)
     config = quota_lag.gateway_config("http://127.0.0.1:1/v1")
     assert config.resolve("gpt-4.1") == "gpt-4.1" and config.plans["default"].tokens_per_month is None
+
+
+def test_responses_rows_and_first_delta_match() -> None:
+    from bench import proxy_bench
+
+    res = fake_result()
+    stream = {"ttft_p50_ms": 0.5, "ttft_p99_ms": 1.0}
+    res["proxy"]["direct"]["responses"] = {"scenarios": {"max_instant": _scenario(1, 2, 4000)}, "stream": stream}
+    res["proxy"]["tollway"]["responses"] = {"scenarios": {"max_instant": _scenario(2, 4, 2000)},
+                                            "stream": {"ttft_p50_ms": 1.5, "ttft_p99_ms": 3.0}}  # fmt: skip
+    text = table.render(res)
+    assert "/v1/responses stream c=1: added TTFT" in text and "+1.00 / +2.00" in text
+    assert "2,000 (50%)" in text
+    event = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":4,'
+    event += b'"item_id":"msg_0123456789abcdef","output_index":0,"content_index":0,"delta":"Hi","logprobs":[]}'
+    assert streaming.RESPONSES_FIRST.search(event)
+    assert not streaming.RESPONSES_FIRST.search(event.replace(b'"delta":"Hi"', b'"delta":""'))
+    body = proxy_bench.responses_body("m", stream=True)
+    assert body["stream"] is True and body["max_output_tokens"] == 64 and isinstance(body["input"], str)

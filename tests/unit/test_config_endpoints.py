@@ -43,7 +43,10 @@ def test_the_anthropic_key_goes_as_x_api_key_with_a_version(monkeypatch: pytest.
 def test_a_route_no_endpoint_can_use_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match=r"models.emb.routes.1: provider 'an' speaks the anthropic API"):
         parse_config(config({"emb": {"kind": "embedding", "routes": [{"provider": "oa"}, {"provider": "an"}]}}))
-    with pytest.raises(ConfigError, match=r"models.gpt.routes.0: provider 'compat'.*cannot serve responses"):
+    with pytest.raises(
+        ConfigError,
+        match=r"models.gpt.routes.0: provider 'compat'.*serves none of this model's endpoints \(responses\)",
+    ):
         parse_config(config({"gpt": {"endpoints": ["responses"], "routes": [{"provider": "compat"}]}}))
 
 

@@ -1,5 +1,6 @@
 """Invoices: `GET /v1/invoices?team=&period=`, `GET /v1/invoices/{id}` (JSON, or CSV with `Accept: text/csv`),
-and `POST /v1/admin/invoices/finalize {period, team?}` (409 `period_open` before the period's end plus the
+with `?breakdown=end_user|tag:<name>` a `breakdown` section splitting the usage amount to the cent
+(services/billing/attribution.py), and `POST /v1/admin/invoices/finalize {period, team?}` (409 `period_open` before the period's end plus the
 grace, 409 `period_out_of_order` naming the earliest open period). A team key sees only its own team's
 invoices; a document is an invoice or, when its total is negative, a credit note (`kind`)."""
 
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.control import TeamState
+from services.billing import attribution
 from services.billing.auth import Caller, admin_caller, current_caller, team_scope
 from services.billing.errors import TeamNotFound
 from services.billing.invoices import Invoices, not_found, to_csv
@@ -59,7 +61,9 @@ async def list_invoices(request: Request, team: str | None = None, period: str |
 
 
 @router.get("/v1/invoices/{invoice_id}")
-async def get_invoice(invoice_id: str, request: Request, caller: Caller = Depends(current_caller)) -> Any:
+async def get_invoice(invoice_id: str, request: Request, breakdown: str | None = None,
+                      caller: Caller = Depends(current_caller)) -> Any:  # fmt: skip
+    dim = attribution.dimension(breakdown, "breakdown") if breakdown else None
     inv: Invoices = request.app.state.invoices
     accounts = request.app.state.accounts
     found: dict[str, Any] | None = None
@@ -75,6 +79,8 @@ async def get_invoice(invoice_id: str, request: Request, caller: Caller = Depend
     # Another team's invoice is "not found", not "forbidden": ids must not leak across teams.
     if found is None or (caller.role == "team" and found["team_id"] != caller.team_id):
         raise not_found(invoice_id)
+    if dim is not None:  # a section beside the document (its lines, total and hash are untouched)
+        found = {**found, "breakdown": await attribution.breakdown(request.app.state.store, found, dim)}
     return render(request, [found], found, found["number"] or found["invoice_id"])
 
 

@@ -222,7 +222,11 @@
     loading = true;
     const error = $("error");
     try {
-      const params = Object.assign(rangeParams(), { team: $("team").value || undefined });
+      const params = Object.assign(rangeParams(), {
+        team: $("team").value || undefined,
+        tag: $("filter-tag").value.trim() || undefined,
+        end_user: $("filter-user").value.trim() || undefined,
+      });
       const d = await api("/v1/dashboard/data", params);
       view = { role: d.role, teamId: d.team_id, roleIsTeam: d.role === "team" };
       fillTeams(d);
@@ -235,8 +239,11 @@
       results.forEach((r, i) => {
         if (r.status === "rejected") $(sections[i][0]).replaceChildren(el("p", "Could not load: " + r.reason.message, "error"));
       });
+      const filter = d.filter ? Object.entries(d.filter).map(([k, v]) => k + " " + v).join(", ") : "";
+      $("filter-note").textContent = filter ? "Showing only calls with " + filter + " (quota and ROI cards are the whole team's)" : "";
+      $("filter-note").hidden = !filter;
       $("footer").textContent = "Updated " + d.generated_at + " · " + d.from + " to " + d.to + " per " + d.granularity +
-        " · hourly rollups, " + d.query_ms + " ms";
+        (filter ? " · ledger rows (filtered), " : " · hourly rollups, ") + d.query_ms + " ms";
       error.hidden = true;
       document.body.dataset.loaded = d.generated_at;
     } catch (e) {
@@ -290,6 +297,8 @@
     $("refresh").addEventListener("click", () => load());
     $("range").addEventListener("change", () => load());
     $("team").addEventListener("change", () => load());
+    $("filter-tag").addEventListener("change", () => load());
+    $("filter-user").addEventListener("change", () => load());
     $("autorefresh").addEventListener("change", schedule);
     if (getToken()) signedIn();
     else signOut();
