@@ -161,8 +161,15 @@ def plan_model(name: str, m: ModelConfig, found: CatalogModel | None, today: dat
     if effective_from is not None:
         wanted = [(effective_from, p) for p in [found.at(effective_from)] if p is not None]
     else:
-        # the catalog's own start date, else today (a catalog price with no date is simply "now")
-        wanted = [(p.start or today, p) for p in found.from_day(today)]
+        # the catalog's own start date, else today (a catalog price with no date is simply "now"); a catalog
+        # price in force since a past day, for a model priced today, from today (a past date would reprice
+        # billed usage: that takes an explicit --effective-from, refused below)
+        def day_of(p: CatalogPrice) -> date:
+            if p.start is None or (p.start < today and out.current is not None):
+                return today
+            return p.start
+
+        wanted = [(day_of(p), p) for p in found.from_day(today)]
     if not wanted:
         out.note = f"the catalog has no price for {name} on that date"
         return out

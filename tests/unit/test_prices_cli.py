@@ -5,7 +5,7 @@ input is 0.33, a price change against tollway.yaml and a decimal no binary float
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
@@ -148,20 +148,18 @@ def test_a_past_date_is_allowed_where_no_price_was_in_force(tmp_path, capsys):
 
 def test_dry_run_shows_the_diff_and_writes_nothing(book, capsys):
     before = book.read_text()
-    # gpt-4.1's catalog price is dated 2026-10-12 (its priority tier began then): an entry beside a price in
-    # force needs a date from today on
-    rc, out, _ = prices(["import", "--config", str(book), "--dry-run", "--effective-from", "2026-12-02"], capsys)
+    rc, out, _ = prices(["import", "--config", str(book), "--dry-run"], capsys)
     assert rc == 0 and "dry run: 2 new price entries" in out and "+++ " in out
     assert book.read_text() == before
 
 
 def test_map_prices_a_model_the_catalog_cannot_name(book, capsys):
-    rc, _, _ = prices(["import", "--config", str(book), "--map", "house-model=openai/gpt-4.1-mini",
-                       "--effective-from", "2026-12-02"], capsys)  # fmt: skip
+    rc, _, _ = prices(["import", "--config", str(book), "--map", "house-model=openai/gpt-4.1-mini"], capsys)
     assert rc == 0
     house = load_config(book).models["house-model"].prices
+    # unpriced before: dated from the catalog's own start (2026-10-12, when gpt-4.1-mini's priority tier began)
     assert [(p.effective_from, p.input) for p in house] == [
-        (TODAY, per_million("gpt-4.1-mini", "openai", input_tokens=1_000_000))
+        (date(2026, 10, 12), per_million("gpt-4.1-mini", "openai", input_tokens=1_000_000))
     ]
     rc, _, err = prices(["import", "--config", str(book), "--map", "nope=openai/gpt-4.1"], capsys)
     assert rc == 2 and "not configured: nope" in err
@@ -228,6 +226,5 @@ def test_bad_catalog_and_bad_options_exit_2_with_a_message(book, tmp_path, capsy
 
 def test_the_prices_command_is_on_the_tollway_cli(book, capsys, monkeypatch):
     monkeypatch.setenv("TOLLWAY_CONFIG", str(book))
-    today = datetime.now(UTC).date().isoformat()
-    assert main(["prices", "import", "--dry-run", "--effective-from", today]) == 0
+    assert main(["prices", "import", "--dry-run"]) == 0
     assert "prices from genai-prices 0.2.3" in capsys.readouterr().out
