@@ -44,6 +44,15 @@ def chat_body(model: str, *, stream: bool = False, temperature: float = 0.7) -> 
     return body
 
 
+def messages_body(model: str, *, stream: bool = False) -> dict:
+    """The same prompt as chat_body, as an Anthropic Messages request."""
+    body: dict = {"model": model, "system": SYSTEM, "messages": [{"role": "user", "content": USER}],
+                  "temperature": 0.7, "max_tokens": 64, "metadata": {"user_id": "bench-user"}}  # fmt: skip
+    if stream:
+        body["stream"] = True
+    return body
+
+
 LUA = """
 wrk.method = "POST"
 wrk.body = [==[{body}]==]

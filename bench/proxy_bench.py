@@ -2,7 +2,8 @@
 
 Scenarios (issue 7): c=1 vs the instant mock (added latency), c=32 and c=256 vs the 50 ms mock (added latency
 and throughput vs direct), c=64 vs the instant mock (max throughput per core, with the gateway's CPU use),
-a streamed call (time to first token), and for Tollway the cache-hit path.
+a streamed call (time to first token), and for Tollway the cache-hit path. Anthropic's /v1/messages gets
+the same c=1 and c=64 runs and a streamed TTFT, in the same run as chat (`run_messages`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import orjson
 
 from bench import streaming
-from bench.loadgen import chat_body, run_wrk
+from bench.loadgen import chat_body, messages_body, run_wrk
 from bench.targets import Target, probe
 
 
@@ -45,10 +46,10 @@ def load_avg() -> float:
 
 
 def measure(t: Target, sc: Scenario, duration_s: float, warmup_s: float, body: dict | None = None,
-            extra_headers: dict[str, str] | None = None) -> dict:  # fmt: skip
+            extra_headers: dict[str, str] | None = None, url: str | None = None) -> dict:  # fmt: skip
     raw = orjson.dumps(body or chat_body(t.models[sc.mock]))
     headers = {**t.headers_for(sc.mock), **(extra_headers or {})}
-    url = t.urls[sc.mock]
+    url = url or t.urls[sc.mock]
     if warmup_s > 0:
         run_wrk(url, raw, headers, sc.connections, warmup_s)
     cpu0, t0 = (t.proc.cpu_seconds() if t.proc else 0.0), time.monotonic()
@@ -96,6 +97,28 @@ def run_cache(t: Target, duration_s: float, warmup_s: float, log=print) -> dict:
     for sc in CACHE_SCENARIOS:
         log(f"  {t.name}: {sc.label} ...")
         out[sc.name] = measure(t, sc, duration_s, warmup_s, body=body, extra_headers=CACHE_HEADERS)
+    return out
+
+
+MESSAGES_SCENARIOS = (SCENARIOS[0], SCENARIOS[3])  # c=1 and c=64 against the instant mock
+
+
+def run_messages(t: Target, duration_s: float, warmup_s: float, stream_calls: int, log=print) -> dict:
+    """/v1/messages: the same c=1 and c=64 scenarios as chat, and a streamed call's TTFT at c=1."""
+    out: dict = {"scenarios": {}}
+    url, model, headers = t.messages["instant"], t.messages_models["instant"], t.messages_headers
+    for sc in MESSAGES_SCENARIOS:
+        log(f"  {t.name}: /v1/messages {sc.label} ...")
+        # the chat auth header is replaced, not joined: a Messages caller sends only its x-api-key
+        out["scenarios"][sc.name] = measure(Target(t.name, t.urls, t.models, proc=t.proc), sc, duration_s, warmup_s,
+                                            body=messages_body(model), extra_headers=headers, url=url)  # fmt: skip
+    log(f"  {t.name}: /v1/messages streaming, {stream_calls} calls at c=1 ...")
+    try:
+        body = orjson.dumps(messages_body(model, stream=True))
+        out["stream"] = streaming.measure(url, body, headers, stream_calls, first=streaming.MESSAGES_FIRST,
+                                          done=streaming.MESSAGES_DONE)  # fmt: skip
+    except Exception as err:
+        out["stream"] = {"error": f"{type(err).__name__}: {err}"[:500]}
     return out
 
 

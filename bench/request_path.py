@@ -4,9 +4,10 @@ work per call: auth, parse, rate limits, quota reservation, routing, forward boo
 (spool write included), metrics and the response. Steadier than a wrk run on a shared box; use it to
 compare changes to the handler.
 
-    .venv/bin/python -m bench.request_path [--calls 5000] [--profile] [--tagged]
+    .venv/bin/python -m bench.request_path [--calls 5000] [--profile] [--tagged] [--api chat|messages]
 
 --tagged: each call carries attribution (a `user`, a 3-entry body `metadata` and an X-Tollway-Tags header).
+--api messages: drives Anthropic's /v1/messages (x-api-key, anthropic-version) instead of chat.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from pathlib import Path
 
 import orjson
 
-from bench.loadgen import chat_body
+from bench.loadgen import chat_body, messages_body
 from bench.targets import tollway_config
 from schemas.config import GatewayConfig
 from schemas.control import KeyState, TeamState
 from schemas.keys import display_prefix, hash_key, new_secret
-from services.proxy import handler
+from services.proxy import handler, messages
 from services.proxy.app import create_app
 from services.proxy.settings import ProxySettings
 from services.proxy.upstream import UpstreamReply
@@ -37,20 +38,38 @@ REPLY = orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created"
                       "usage": {"prompt_tokens": 200, "completion_tokens": 64, "total_tokens": 264}})  # fmt: skip
 
 
-async def canned(pool, target, path, body, budget_s=None) -> UpstreamReply:
-    return UpstreamReply(200, REPLY, orjson.loads(REPLY), None)
+MESSAGES_REPLY = orjson.dumps({"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                               "content": [{"type": "text", "text": "x" * 300}], "stop_reason": "end_turn",
+                               "stop_sequence": None,
+                               "usage": {"input_tokens": 150, "cache_read_input_tokens": 30,
+                                         "cache_creation_input_tokens": 20, "output_tokens": 64,
+                                         "cache_creation": {"ephemeral_5m_input_tokens": 20,
+                                                            "ephemeral_1h_input_tokens": 0},
+                                         "service_tier": "standard"}})  # fmt: skip
+# api -> (path, body, auth header, canned answer)
+APIS = {
+    "chat": ("/v1/chat/completions", chat_body("bench-instant"), "authorization", REPLY),
+    "messages": ("/v1/messages", messages_body("bench-claude-instant"), "x-api-key", MESSAGES_REPLY),
+}
 
 
-async def measure(calls: int, profile: bool = False, tagged: bool = False) -> float:
-    real = handler.post_json
-    handler.post_json = canned  # the upstream hop is measured elsewhere (the floor rows of bench.run)
+async def measure(calls: int, profile: bool = False, tagged: bool = False, api: str = "chat") -> float:
+    reply = APIS[api][3]
+
+    async def canned(pool, target, path, body, budget_s=None, headers=None) -> UpstreamReply:
+        return UpstreamReply(200, reply, orjson.loads(reply), None)
+
+    real = handler.post_json, messages.post_json
+    # the upstream hop is measured elsewhere (the floor rows of bench.run)
+    handler.post_json = messages.post_json = canned
     try:
-        return await _measure(calls, profile, tagged)
+        return await _measure(calls, profile, tagged, api)
     finally:
-        handler.post_json = real
+        handler.post_json, messages.post_json = real
 
 
-async def _measure(calls: int, profile: bool, tagged: bool) -> float:
+async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat") -> float:
+    path, payload, auth, _ = APIS[api]
     config = GatewayConfig.model_validate(
         tollway_config({"instant": "http://127.0.0.1:9", "50ms": "http://127.0.0.1:9"})
     )
@@ -63,9 +82,12 @@ async def _measure(calls: int, profile: bool, tagged: bool) -> float:
             app.state.proxy.control.apply(KeyState(key_id="k1", key_hash=hash_key(secret), prefix=display_prefix(secret),
                                           team_id="t1"))  # fmt: skip
             extra = {"user": "end-user-1", "metadata": {"project": "apollo", "env": "prod", "ticket": "T-1"}}
-            body = orjson.dumps({**chat_body("bench-instant"), **(extra if tagged else {})})
+            body = orjson.dumps({**payload, **(extra if tagged and api == "chat" else {})})
+            credential = f"Bearer {secret}" if auth == "authorization" else secret
             headers = [(b"host", b"proxy"), (b"content-type", b"application/json"),
-                       (b"authorization", f"Bearer {secret}".encode()), (b"content-length", b"%d" % len(body))]  # fmt: skip
+                       (auth.encode(), credential.encode()), (b"content-length", b"%d" % len(body))]  # fmt: skip
+            if api == "messages":
+                headers.append((b"anthropic-version", b"2023-06-01"))
             if tagged:
                 headers.append((b"x-tollway-tags", b"team=search,feature=rerank"))
             statuses: list[int] = []
@@ -76,7 +98,7 @@ async def _measure(calls: int, profile: bool, tagged: bool) -> float:
 
             async def one() -> None:
                 scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                         "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                         "scheme": "http", "path": path, "raw_path": path.encode(),
                          "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
                          "server": ("127.0.0.1", 8080)}  # fmt: skip
                 pending = [{"type": "http.request", "body": body, "more_body": False}]
@@ -111,9 +133,10 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=5000)
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of one more round")
     ap.add_argument("--tagged", action="store_true", help="calls carry a user, body metadata and a tags header")
+    ap.add_argument("--api", choices=sorted(APIS), default="chat")
     args = ap.parse_args()
-    us = asyncio.run(measure(args.calls, args.profile, args.tagged)) * 1e6
-    print(orjson.dumps({"request_path_cpu_us_per_call": round(us, 1), "calls": args.calls}).decode())
+    us = asyncio.run(measure(args.calls, args.profile, args.tagged, args.api)) * 1e6
+    print(orjson.dumps({"request_path_cpu_us_per_call": round(us, 1), "calls": args.calls, "api": args.api}).decode())
 
 
 if __name__ == "__main__":

@@ -115,10 +115,12 @@ def last_json(text: str) -> dict | None:
 def parse_quota_text(text: str) -> dict | None:
     """bench/quota_lag.py prints sentences, not JSON (yet): pick its numbers out of them."""
     out: dict[str, Any] = {}
-    for scope in ("cross", "same"):
-        m = re.search(scope + r"-proxy[^\n]*?p50 ([\d.]+) ms\s+p99 ([\d.]+) ms", text)
-        if m:
-            out[f"{scope}_p50_ms"], out[f"{scope}_p99_ms"] = float(m[1]), float(m[2])
+    # The first lines are a key limit's; lines led by "end-user budget:" are an end user's budget (issue 16).
+    for lead, name in (("", ""), ("end-user budget: ", "end_user_")):
+        for scope in ("cross", "same"):
+            m = re.search(lead + scope + r"-proxy[^\n]*?p50 ([\d.]+) ms\s+p99 ([\d.]+) ms", text)
+            if m:
+                out[f"{name}{scope}_p50_ms"], out[f"{name}{scope}_p99_ms"] = float(m[1]), float(m[2])
     m = re.search(r"overshoot[^\n]*?max (-?\d+) tokens, mean (-?[\d.]+)", text)
     if m:
         out["overshoot_max_tokens"], out["overshoot_mean_tokens"] = int(m[1]), float(m[2])
@@ -172,10 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             ensure_wrk()
             mock_urls, mocks = targets.start_mocks(run_dir)
             log("[direct] mocks up")
-            res["proxy"]["direct"] = proxy_bench.run_target(targets.direct(mock_urls), args.duration, args.warmup,
-                                                            args.stream_calls, log)  # fmt: skip
+            direct = targets.direct(mock_urls)
+            res["proxy"]["direct"] = proxy_bench.run_target(direct, args.duration, args.warmup, args.stream_calls,
+                                                            log)  # fmt: skip
             res["proxy"]["direct"]["responses"] = proxy_bench.run_responses(
-                targets.direct(mock_urls), args.duration, args.warmup, args.stream_calls, log)  # fmt: skip
+                direct, args.duration, args.warmup, args.stream_calls, log)  # fmt: skip
+            res["proxy"]["direct"]["messages"] = proxy_bench.run_messages(direct, args.duration, args.warmup,
+                                                                          args.stream_calls, log)  # fmt: skip
             starters = {"proxy": targets.start_tollway, "litellm": targets.start_litellm,
                         "portkey": targets.start_portkey, "floor": targets.start_floor}  # fmt: skip
             for part in gateways:
@@ -200,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                         res["proxy"][name]["cache"] = proxy_bench.run_cache(t, args.duration, args.warmup, log)
                         res["proxy"][name]["responses"] = proxy_bench.run_responses(
                             t, args.duration, args.warmup, args.stream_calls, log)  # fmt: skip
+                    if t.messages:
+                        res["proxy"][name]["messages"] = proxy_bench.run_messages(t, args.duration, args.warmup,
+                                                                                  args.stream_calls, log)  # fmt: skip
                 except Exception as err:
                     res["errors"][part] = f"{type(err).__name__}: {err}"[:800]
                     log(f"[{part}] failed: {res['errors'][part]}")

@@ -1,4 +1,5 @@
-"""Time to first token through a streamed chat call: a blocking keep-alive socket client, one call at a time.
+"""Time to first token through a streamed call (chat, or Anthropic Messages): a blocking keep-alive socket
+client, one call at a time.
 
 wrk cannot see inside a response, so this measures the moment the first non-empty content delta arrives.
 The same client measures direct and proxied calls, so its own cost cancels out of the difference.
@@ -14,6 +15,10 @@ from urllib.parse import urlsplit
 
 FIRST_CONTENT = re.compile(rb'"content"\s*:\s*"[^"]')
 END = b"0\r\n\r\n"
+DONE = b"[DONE]"
+# Anthropic Messages: the first text delta, and the last event
+MESSAGES_FIRST = re.compile(rb'"text_delta"\s*,\s*"text"\s*:\s*"[^"]')
+MESSAGES_DONE = b'"type":"message_stop"'
 # the Responses API's typed events: the first text delta, and the final event instead of [DONE]
 RESPONSES_FIRST = re.compile(rb'"type"\s*:\s*"response\.output_text\.delta".{0,200}?"delta"\s*:\s*"[^"]')
 RESPONSES_DONE = b"event: response.completed"
@@ -34,7 +39,7 @@ def request_bytes(url: str, body: bytes, headers: dict[str, str]) -> bytes:
 
 
 def one_call(sock: socket.socket, req: bytes, first: re.Pattern[bytes] = FIRST_CONTENT,
-             done: bytes = b"[DONE]") -> tuple[float, float] | None:  # fmt: skip
+             done: bytes = DONE) -> tuple[float, float] | None:  # fmt: skip
     """(ttft s, total s) of one call on an open connection, or None if the server closed it or failed."""
     t0 = time.perf_counter()
     sock.sendall(req)
@@ -57,7 +62,7 @@ def one_call(sock: socket.socket, req: bytes, first: re.Pattern[bytes] = FIRST_C
 
 
 def measure(url: str, body: bytes, headers: dict[str, str], calls: int, warmup: int = 20,
-            first: re.Pattern[bytes] = FIRST_CONTENT, done: bytes = b"[DONE]") -> dict:  # fmt: skip
+            first: re.Pattern[bytes] = FIRST_CONTENT, done: bytes = DONE) -> dict:  # fmt: skip
     u = urlsplit(url)
     req = request_bytes(url, body, headers)
     sock = _connect(u.hostname or "127.0.0.1", u.port or 80)

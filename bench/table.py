@@ -152,6 +152,7 @@ def rows(res: dict) -> list[list[str]]:
     row("stream c=1: added TTFT p50 / p99 ms", pair(sd.get("ttft_p50_ms"), sd.get("ttft_p99_ms")) if sd else "-",
         {g: pair(*_stream_added(res, g), sign=True) for g in GATEWAYS})  # fmt: skip
     responses_rows(res, row)
+    messages_rows(res, row)
     cache = res.get("proxy", {}).get("tollway", {}).get("cache") or {}
     c1, cmax, d1 = cache.get("cache_c1"), cache.get("cache_max"), _sc(res, "direct", "c1_instant")
     if c1 and d1:
@@ -221,6 +222,28 @@ def rows(res: dict) -> list[list[str]]:
         row("quota lag p50 / p99 ms (max overshoot)", "", {"tollway": cell}, "p99 <=500",
             _met(_le(p99, 500) if isinstance(p99, (int, float)) else None))  # fmt: skip
     return out
+
+
+def _within(v: float | None, of: float | None, share: float) -> bool | None:
+    return None if v is None or of is None else v <= max(of, 0.0) * share
+
+
+def messages_rows(res: dict, row: Any) -> None:
+    """Anthropic's /v1/messages, same run as chat: its added latency against chat's (the issue's 10%)."""
+    m = {"proxy": {g: r["messages"] for g, r in res.get("proxy", {}).items() if isinstance(r.get("messages"), dict)}}
+    if "tollway" not in m["proxy"]:
+        return
+    a1, chat1 = added(m, "tollway", "c1_instant"), added(res, "tollway", "c1_instant")
+    row("/v1/messages c=1 instant: added p50 / p99 ms", "", {"tollway": pair(*a1, sign=True)},
+        "p50 <=110% chat's", _met(_within(a1[0], chat1[0], 1.10)))  # fmt: skip
+    r, share = rps(m, "tollway", "max_instant"), share_of_direct(m, "tollway", "max_instant")
+    cell = "-" if r is None else f"{num(r, 0)} ({share:.0%})" if share is not None else num(r, 0)
+    row("/v1/messages c=64 instant: req/s (of direct)", num(rps(m, "direct", "max_instant"), 0), {"tollway": cell})
+    sd = m["proxy"].get("direct", {}).get("stream") or {}
+    ms, cs = _stream_added(m, "tollway"), _stream_added(res, "tollway")
+    row("/v1/messages stream c=1: added TTFT p50 / p99 ms",
+        pair(sd.get("ttft_p50_ms"), sd.get("ttft_p99_ms")) if "ttft_p50_ms" in sd else "-",
+        {"tollway": pair(*ms, sign=True)}, "p50 <=110% chat's", _met(_within(ms[0], cs[0], 1.10)))  # fmt: skip
 
 
 def render(res: dict) -> str:

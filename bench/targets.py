@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 ENVS = REPO / "bench" / "envs"
 MOCKS = {"instant": 0.0, "50ms": 50.0}
 UPSTREAM_MODEL = "gpt-4o-mini"
+ANTHROPIC_MODEL = "claude-sonnet-4-5"
+MOCK_PROVIDER_KEY = "bench-provider-key"  # the mock's Messages API wants one, as Anthropic's does
+ANTHROPIC_HEADERS = {"x-api-key": MOCK_PROVIDER_KEY, "anthropic-version": "2023-06-01"}
 ADMIN_TOKEN = "bench-admin-token"
 
 
@@ -34,6 +37,9 @@ class Target:
     models: dict[str, str]  # mock kind -> model name to send
     headers: dict[str, str] = field(default_factory=dict)
     mock_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # mock kind -> extra headers
+    messages: dict[str, str] = field(default_factory=dict)  # mock kind -> /v1/messages URL (where served)
+    messages_models: dict[str, str] = field(default_factory=dict)  # mock kind -> model name to send there
+    messages_headers: dict[str, str] = field(default_factory=dict)
     proc: Proc | None = None  # the process whose CPU is the gateway's (None for direct)
     procs: list[Proc] = field(default_factory=list)  # everything to stop, in start order
 
@@ -74,7 +80,8 @@ def start_mocks(run_dir: Path) -> tuple[dict[str, str], list[Proc]]:
 
 def direct(mock_urls: dict[str, str]) -> Target:
     return Target("direct", {k: u + "/chat/completions" for k, u in mock_urls.items()},
-                  {k: UPSTREAM_MODEL for k in MOCKS})  # fmt: skip
+                  {k: UPSTREAM_MODEL for k in MOCKS}, messages={k: u + "/messages" for k, u in mock_urls.items()},
+                  messages_models={k: ANTHROPIC_MODEL for k in MOCKS}, messages_headers=ANTHROPIC_HEADERS)  # fmt: skip
 
 
 def same_url(base: str) -> dict[str, str]:
@@ -88,10 +95,30 @@ def tollway_config(mock_urls: dict[str, str]) -> dict:
     """Both mocks as providers, one public model each, and a plan whose limits are on but never reached."""
     price = [{"effective_from": "2025-01-01", "input": "0.40", "output": "1.60", "cached_input": "0.10"}]
     return {
-        "providers": {f"mock-{k}": {"base_url": u, "timeout_s": 60} for k, u in mock_urls.items()},
+        "providers": {
+            **{f"mock-{k}": {"base_url": u, "timeout_s": 60} for k, u in mock_urls.items()},
+            **{
+                f"mock-{k}-anthropic": {
+                    "base_url": u,
+                    "api": "anthropic",
+                    "timeout_s": 60,
+                    "headers": {"x-api-key": MOCK_PROVIDER_KEY},
+                }
+                for k, u in mock_urls.items()
+            },
+        },
         "models": {
-            f"bench-{k}": {"routes": [{"provider": f"mock-{k}", "model": UPSTREAM_MODEL}], "prices": price}
-            for k in mock_urls
+            **{
+                f"bench-{k}": {"routes": [{"provider": f"mock-{k}", "model": UPSTREAM_MODEL}], "prices": price}
+                for k in mock_urls
+            },
+            **{
+                f"bench-claude-{k}": {
+                    "routes": [{"provider": f"mock-{k}-anthropic", "model": ANTHROPIC_MODEL}],
+                    "prices": price,
+                }
+                for k in mock_urls
+            },
         },
         "plans": {
             "bench": {
@@ -165,7 +192,10 @@ def start_tollway(run_dir: Path, mock_urls: dict[str, str], variant: str = "", n
             p.stop()
         raise
     proxy.url = base
-    return Target(name, same_url(base), {k: f"bench-{k}" for k in MOCKS}, headers, proc=proxy, procs=procs)
+    return Target(name, same_url(base), {k: f"bench-{k}" for k in MOCKS}, headers, proc=proxy, procs=procs,
+                  messages={k: base + "/messages" for k in MOCKS}, messages_models={k: f"bench-claude-{k}" for k in MOCKS},
+                  messages_headers={"x-api-key": key,
+                  "anthropic-version": "2023-06-01"})  # fmt: skip
 
 
 def start_floor(run_dir: Path, mock_urls: dict[str, str]) -> Target:

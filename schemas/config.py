@@ -49,6 +49,8 @@ class Limits(_Strict):
     tpm: int | None = _count()
     tokens_per_month: int | None = _count()
     budget_usd_per_month: Decimal | None = _usd()
+    # Not a limit: one alert when a UTC day's spend crosses it (billing's alerts; never gates a call).
+    daily_alert_usd: Decimal | None = _usd()
 
     @field_validator("rpm", "rpd", "tpm", "tokens_per_month", mode="before")
     @classmethod

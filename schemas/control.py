@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from schemas.budgets import Budget
 from schemas.config import GatewayConfig, Limits
 
 CONTROL_TOPIC = "tollway.control.v1"
@@ -51,11 +52,12 @@ class KeyState(_Msg):
 
 
 class QuotaSignal(_Msg):
-    """A team's or key's monthly quota state. `state="ok"` with `used_*` set is a usage update: billing
-    sends those for entities near a limit, so a proxy can count locally on top of billing's total."""
+    """A team's, key's or budget's (schemas/budgets.py: end_user, tag) monthly quota state. `state="ok"` with
+    `used_*` set is a usage update: billing sends those for entities near a limit, so a proxy can count locally
+    on top of billing's total."""
 
     kind: Literal["quota"] = "quota"
-    scope: Literal["team", "key"]
+    scope: Literal["team", "key", "end_user", "tag"]
     id: str
     state: Literal["ok", "exhausted"]
     reason: str | None = None
@@ -84,22 +86,27 @@ class Snapshot(_Msg):
 
 
 class BudgetAlert(BaseModel):
-    """On `tollway.alerts.v1` (and the optional webhook): a team or key crossed a threshold of a monthly limit.
-    Exactly one per (scope, id, period, metric, threshold)."""
+    """On `tollway.alerts.v1` (and the optional webhook): a team, key or budget crossed a threshold of a monthly
+    limit, or a UTC day's spend crossed its `daily_alert_usd` (metric "daily_usd", period the day YYYY-MM-DD,
+    threshold 100). Exactly one per (scope, id, period, metric, threshold). A budget's alert names its entity
+    (`end_user`, or `tag` and `value`)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     kind: Literal["budget_alert"] = "budget_alert"
     alert_id: str
-    scope: Literal["team", "key"]
+    scope: Literal["team", "key", "end_user", "tag"]
     id: str
     team_id: str
     period: str
-    metric: Literal["budget_usd", "tokens"]
+    metric: Literal["budget_usd", "tokens", "daily_usd"]
     threshold_pct: int
     used: Decimal
     limit: Decimal
     crossed_at: datetime
+    end_user: str | None = None
+    tag: str | None = None
+    value: str | None = None
 
 
 def monthly_limits(config: GatewayConfig, scope: str, plan: str | None, own: Limits) -> Limits:
@@ -115,19 +122,19 @@ def monthly_limits(config: GatewayConfig, scope: str, plan: str | None, own: Lim
     return merged.overlay(own)
 
 
-ControlMessage = Annotated[TeamState | KeyState | QuotaSignal | Snapshot, Field(discriminator="kind")]
+ControlMessage = Annotated[TeamState | KeyState | QuotaSignal | Snapshot | Budget, Field(discriminator="kind")]
 _adapter: TypeAdapter[ControlMessage] = TypeAdapter(ControlMessage)
 
 
-def encode(msg: TeamState | KeyState | QuotaSignal | Snapshot) -> bytes:
+def encode(msg: TeamState | KeyState | QuotaSignal | Snapshot | Budget) -> bytes:
     return orjson.dumps(msg.model_dump(mode="json"))
 
 
-def decode(raw: bytes) -> TeamState | KeyState | QuotaSignal | Snapshot:
+def decode(raw: bytes) -> TeamState | KeyState | QuotaSignal | Snapshot | Budget:
     return _adapter.validate_json(raw)
 
 
-def message_key(msg: TeamState | KeyState | QuotaSignal | Snapshot) -> bytes:
+def message_key(msg: TeamState | KeyState | QuotaSignal | Snapshot | Budget) -> bytes:
     """Kafka key: the entity id, so a compacted topic keeps the latest state of each entity."""
     match msg:
         case TeamState():
@@ -138,3 +145,5 @@ def message_key(msg: TeamState | KeyState | QuotaSignal | Snapshot) -> bytes:
             return f"quota:{msg.scope}:{msg.id}".encode()
         case Snapshot():
             return b"snapshot"
+        case Budget():
+            return ("budget:" + ":".join(msg.slot)).encode()

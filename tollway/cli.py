@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tollway import prices_cli
 
     prices_cli.register(sub)
+    from tollway import budgets_cli
+
+    budgets_cli.register(sub)
     return p
 
 
@@ -55,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from tollway import prices_cli
 
         return prices_cli.run(args)
+    if args.command == "budgets":
+        from tollway import budgets_cli
+
+        return budgets_cli.run(args)
     if args.command == "keys":
         from tollway import keys_cli
 

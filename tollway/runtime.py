@@ -22,7 +22,7 @@ import httpx
 import structlog
 
 from schemas.clickhouse import Store
-from schemas.config import ConfigError, GatewayConfig, load_config
+from schemas.config import ConfigError, GatewayConfig, Provider, load_config
 from schemas.settings import CommonSettings
 from tollway.broker import BundledBroker, wait_for_broker
 from tollway.servers import QuietServer, make_server, start_server, stop_server
@@ -55,9 +55,16 @@ async def check_prices_or_exit(store: Store, config: GatewayConfig, by: str) -> 
     log.info("price_versions_checked", newly_recorded=recorded)
 
 
+DEMO_PROVIDER_KEY = "mock-provider-key"  # the mock's Messages API wants a key, as Anthropic's does; any will do
+
+
+def demo_headers(p: Provider) -> dict[str, str]:
+    return {**p.headers, "x-api-key": DEMO_PROVIDER_KEY} if p.api == "anthropic" else p.headers
+
+
 def demo_config(config: GatewayConfig, mock_url: str) -> GatewayConfig:
     """Every provider pointed at the bundled mock upstream: the whole path works with no internet."""
-    providers = {name: p.model_copy(update={"base_url": mock_url, "api_key_env": None})
+    providers = {name: p.model_copy(update={"base_url": mock_url, "api_key_env": None, "headers": demo_headers(p)})
                  for name, p in config.providers.items()}  # fmt: skip
     return config.model_copy(update={"providers": providers})
 

@@ -20,6 +20,7 @@ import orjson
 import structlog
 from aiokafka import AIOKafkaProducer
 
+from schemas.budgets import describe
 from schemas.clickhouse import Store
 from schemas.control import ALERTS_TOPIC, BudgetAlert
 from services.billing import metrics
@@ -56,7 +57,8 @@ class Alerts:
 
     async def load(self, period: str) -> None:
         rows = await self._store.query_dicts(
-            f"SELECT {', '.join(COLUMNS)} FROM {{db}}.quota_alerts FINAL WHERE period = {{p:String}}",
+            # the month's alerts and its days' (daily spend alerts are keyed by the day, YYYY-MM-DD)
+            f"SELECT {', '.join(COLUMNS)} FROM {{db}}.quota_alerts FINAL WHERE startsWith(period, {{p:String}})",
             parameters={"p": period},
         )
         self._claimed = {(r["period"], r["scope"], r["entity_id"], r["metric"], int(r["threshold"])) for r in rows}
@@ -77,15 +79,17 @@ class Alerts:
     def claimed(self, key: AlertKey) -> bool:
         return key in self._claimed
 
-    async def raise_alert(self, key: AlertKey, team_id: str, used: Decimal, limit: Decimal) -> BudgetAlert | None:
-        """Claim (durably) and send; None when this threshold was already alerted this period."""
+    async def raise_alert(self, key: AlertKey, team_id: str, used: Decimal, limit: Decimal,
+                          **named: str) -> BudgetAlert | None:  # fmt: skip
+        """Claim (durably) and send; None when this threshold was already alerted this period. `named`: a
+        budget's entity for people (end_user, or tag and value; schemas.budgets.describe)."""
         if key in self._claimed:
             return None
         self._claimed.add(key)
         period, scope, entity_id, metric, threshold = key
         alert = BudgetAlert(alert_id=alert_id(key), scope=scope, id=entity_id, team_id=team_id, period=period,  # type: ignore[arg-type]
                             metric=metric, threshold_pct=threshold, used=used, limit=limit,  # type: ignore[arg-type]
-                            crossed_at=datetime.now(UTC))  # fmt: skip
+                            crossed_at=datetime.now(UTC), **named)  # fmt: skip
         await self._write(alert, delivered=False)
         self._spawn(alert)
         return alert
@@ -133,4 +137,5 @@ class Alerts:
     def _alert_from_row(r: dict) -> BudgetAlert:
         return BudgetAlert(alert_id=r["alert_id"], scope=r["scope"], id=r["entity_id"], team_id=r["team_id"],
                            period=r["period"], metric=r["metric"], threshold_pct=int(r["threshold"]), used=r["used"],
-                           limit=r["limit_value"], crossed_at=r["crossed_at"].replace(tzinfo=UTC))  # fmt: skip
+                           limit=r["limit_value"], crossed_at=r["crossed_at"].replace(tzinfo=UTC),
+                           **describe((r["scope"], r["entity_id"])))  # fmt: skip

@@ -24,7 +24,9 @@ from services.billing.accounts import Accounts
 from services.billing.admission import Admission
 from services.billing.alerts import Alerts
 from services.billing.api import admin, health, invoices, quota, reports, usage
+from services.billing.api import budgets as budgets_api
 from services.billing.api import reconcile as reconcile_api
+from services.billing.budgets import Budgets
 from services.billing.control import ControlPublisher
 from services.billing.errors import install_error_handlers
 from services.billing.invoices import Invoices
@@ -40,10 +42,12 @@ def create_app(settings: BillingSettings, config: GatewayConfig, store: Store, b
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         accounts = Accounts(store, config)
         await accounts.load()
+        budgets = Budgets(store, accounts)
+        await budgets.load()
         publisher = ControlPublisher(bootstrap, wait_s=settings.control_publish_wait_s)
         await publisher.start()
         alerts = Alerts(store, bootstrap, settings.alert_webhook_url, settings.alert_webhook_attempts)
-        quota_service = QuotaService(settings, config, store, accounts, publisher, alerts, bootstrap)
+        quota_service = QuotaService(settings, config, store, accounts, publisher, alerts, bootstrap, budgets)
         stop = asyncio.Event()
         task: asyncio.Task[None] | None = None
         try:
@@ -51,6 +55,7 @@ def create_app(settings: BillingSettings, config: GatewayConfig, store: Store, b
             await alerts.start(quota_service.book.period)
             app.state.accounts = accounts
             app.state.publisher = publisher
+            app.state.budgets = budgets
             app.state.quota = quota_service
             app.state.alerts = alerts
             app.state.invoices = Invoices(app.state.store, config, grace_s=settings.invoice_grace_s)
@@ -76,6 +81,7 @@ def create_app(settings: BillingSettings, config: GatewayConfig, store: Store, b
     install_error_handlers(app)
     app.add_middleware(Admission, settings=settings)
     app.include_router(admin.router)
+    app.include_router(budgets_api.router)
     app.include_router(usage.router)
     app.include_router(quota.router)
     app.include_router(invoices.router)

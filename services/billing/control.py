@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import structlog
 from aiokafka import AIOKafkaProducer
 
+from schemas.budgets import Budget
 from schemas.control import CONTROL_TOPIC, KeyState, QuotaSignal, Snapshot, TeamState, encode, message_key
 from services.billing import metrics
 
@@ -33,9 +34,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("tollway.billing")
 
-ControlMsg = TeamState | KeyState | QuotaSignal | Snapshot
+ControlMsg = TeamState | KeyState | QuotaSignal | Snapshot | Budget
 # What a full-state republish needs, asked for when it happens (the quota states change all the time).
-FullState = Callable[[], tuple["Accounts", list[QuotaSignal], Callable[[KeyState], KeyState] | None]]
+FullState = Callable[[], tuple["Accounts", list[QuotaSignal | Budget], Callable[[KeyState], KeyState] | None]]
 
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 5.0
@@ -119,7 +120,7 @@ class ControlPublisher:
     async def publish_full_state(
         self,
         accounts: Accounts,
-        quota: list[QuotaSignal] | None = None,
+        quota: list[QuotaSignal | Budget] | None = None,
         key_state: Callable[[KeyState], KeyState] | None = None,
         wait_s: float | None = None,
     ) -> bool:
@@ -227,7 +228,7 @@ class ControlPublisher:
             entry.delivered()
 
     def _queue_full_state(
-        self, accounts: Accounts, quota: list[QuotaSignal], key_state: Callable[[KeyState], KeyState] | None
+        self, accounts: Accounts, quota: list[QuotaSignal | Budget], key_state: Callable[[KeyState], KeyState] | None
     ) -> _Entry:
         teams = accounts.teams()
         keys = [key_state(k) for k in accounts.keys()] if key_state else accounts.keys()

@@ -19,7 +19,7 @@ from schemas.money import plain
 from schemas.periods import bounds
 from schemas.quota import limit_reached
 
-Scope = Literal["team", "key"]
+Scope = Literal["team", "key", "end_user", "tag"]  # end_user, tag: schemas/budgets.py
 Entity = tuple[Scope, str]
 ZERO = Decimal(0)
 
@@ -49,6 +49,7 @@ class Counted:
     usd: Decimal
     at: datetime  # occurred_at
     counted_at: datetime  # billing's clock
+    budgets: tuple[Entity, ...] = ()  # the budgeted end user / tag values it counted against
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,18 +86,20 @@ class QuotaBook:
         return event_id in self._seen
 
     def add(self, event_id: str, team_id: str, key_id: str, tokens: int, usd: Decimal, at: datetime,
-            counted_at: datetime | None = None) -> bool:  # fmt: skip
-        """Count one event for its team and key; False (and nothing counted) if it was counted before."""
+            counted_at: datetime | None = None, budgets: tuple[Entity, ...] = ()) -> bool:  # fmt: skip
+        """Count one event for its team, key and budgeted entities; False (and nothing counted) if it was counted
+        before."""
         if event_id in self._seen:
             return False
         self._seen[event_id] = None
         if len(self._seen) > self.max_ids:
             self._seen.popitem(last=False)
-        self.tail[event_id] = Counted(sys.intern(team_id), sys.intern(key_id), tokens, usd, at, counted_at or at)
+        self.tail[event_id] = Counted(sys.intern(team_id), sys.intern(key_id), tokens, usd, at, counted_at or at,
+                                      budgets)  # fmt: skip
         if len(self.tail) > self.max_tail:
             self.tail.popitem(last=False)
             self._overflowed += 1
-        for entity in (("team", team_id), ("key", key_id)):
+        for entity in (("team", team_id), ("key", key_id), *budgets):
             self.usage.setdefault(entity, Usage()).add(tokens, usd, at)  # type: ignore[arg-type]
         return True
 
@@ -117,7 +120,7 @@ class QuotaBook:
                 dropped += 1
         usage = {entity: Usage(u.tokens, u.usd, u.events, u.last_at) for entity, u in settled.items()}
         for c in self.tail.values():
-            for entity in (("team", c.team_id), ("key", c.key_id)):
+            for entity in (("team", c.team_id), ("key", c.key_id), *c.budgets):
                 usage.setdefault(entity, Usage()).add(c.tokens, c.usd, c.at)  # type: ignore[arg-type]
         none = Usage()
         changed = {e for e in usage.keys() | self.usage.keys()
@@ -127,6 +130,21 @@ class QuotaBook:
 
     def get(self, entity: Entity) -> Usage:
         return self.usage.get(entity) or Usage()
+
+
+@dataclass(slots=True)
+class DailySpend:
+    """One UTC day's spend per entity with a daily alert threshold: the ledger's as of the seed, plus what the
+    stream counts after it (the same dedup as the month's: only events `QuotaBook.add` counted arrive here)."""
+
+    day: str  # YYYY-MM-DD
+    usd: dict[Entity, Decimal] = field(default_factory=dict)
+
+    def add(self, entity: Entity, usd: Decimal) -> None:
+        self.usd[entity] = self.usd.get(entity, ZERO) + usd
+
+    def get(self, entity: Entity) -> Decimal:
+        return self.usd.get(entity, ZERO)
 
 
 def _amounts(u: Usage) -> tuple[int, Decimal]:

@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from schemas.budgets import Budget, describe, team_of
 from schemas.clickhouse import Store
 from schemas.clock import future_cutoff, utc
 from schemas.config import GatewayConfig, Limits
@@ -43,11 +44,12 @@ from schemas.periods import bounds, period_of
 from schemas.prices import PriceBook, price
 from schemas.quota import has_monthly_limit, quota_tokens
 from schemas.reconnect import partitions_of, reconnecting
-from services.billing import ledger, metrics
+from services.billing import budget_ledger, ledger, metrics
 from services.billing.accounts import Accounts
 from services.billing.alerts import Alerts
+from services.billing.budgets import Budgets
 from services.billing.control import ControlPublisher
-from services.billing.quota import Entity, QuotaBook, Usage, crossed_thresholds, exhausted_by, near_limit
+from services.billing.quota import DailySpend, Entity, QuotaBook, Usage, crossed_thresholds, exhausted_by, near_limit
 from services.billing.settings import BillingSettings
 
 log = structlog.get_logger("tollway.billing.quota")
@@ -87,7 +89,8 @@ async def ingested_between(store: Store, period: str, after: datetime,
 
 class QuotaService:
     def __init__(self, settings: BillingSettings, config: GatewayConfig, store: Store, accounts: Accounts,
-                 publisher: ControlPublisher, alerts: Alerts, bootstrap: str) -> None:  # fmt: skip
+                 publisher: ControlPublisher, alerts: Alerts, bootstrap: str,
+                 budgets: Budgets | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.config = config
         self.store = store
@@ -95,9 +98,11 @@ class QuotaService:
         self.publisher = publisher
         self.alerts = alerts
         self.bootstrap = bootstrap
+        self.budgets = budgets or Budgets(store, accounts)  # end-user and tag budgets (schemas/budgets.py)
         self.book_ = PriceBook(config)
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # billing's clock: the period rolls on it
         self.book = QuotaBook(period_of(self.clock()))
+        self.daily = DailySpend(self.clock().date().isoformat())  # entities with a daily_alert_usd
         self.states: dict[Entity, QuotaSignal] = {}  # last exhausted/restored signal per entity
         self.counted: dict[Entity, list[str]] = {}  # ids counted since the entity's last acknowledgement
         self.last_update: dict[Entity, float] = {}
@@ -124,8 +129,28 @@ class QuotaService:
         if scope == "team":
             team = self.accounts.find_team(entity_id)
             return None if team is None else monthly_limits(self.config, "team", team.plan, team.limits)
-        key = self.accounts.get_key(entity_id)
-        return None if key is None else monthly_limits(self.config, "key", key.plan, key.limits)
+        if scope == "key":
+            key = self.accounts.get_key(entity_id)
+            return None if key is None else monthly_limits(self.config, "key", key.plan, key.limits)
+        budget = self.budgets.index.get(entity)
+        return None if budget is None else budget.limits
+
+    def daily_alert(self, entity: Entity) -> Decimal | None:
+        """The entity's daily spend alert threshold: a team's from its limits (plan, own), a budget's own."""
+        if entity[0] == "team":
+            limits = self.limits(entity)
+            return None if limits is None else limits.daily_alert_usd
+        if entity[0] == "key":
+            return None
+        budget = self.budgets.index.get(entity)
+        return None if budget is None else budget.daily_alert_usd
+
+    def team_of(self, entity: Entity) -> str:
+        if entity[0] == "team":
+            return entity[1]
+        if entity[0] == "key":
+            return getattr(self.accounts.get_key(entity[1]), "team_id", "")
+        return team_of(entity[1])
 
     def state_of(self, entity: Entity) -> tuple[str, str | None]:
         sig = self.states.get(entity)
@@ -161,8 +186,14 @@ class QuotaService:
         cutoff = self.clock() - self.settle
         t0 = time.perf_counter()
         settled = await ledger_month_to_date(self.store, period, cutoff)
+        if len(self.budgets.index):
+            start, end = bounds(period)
+            settled.update(await budget_ledger.budget_spend(self.store, self.budgets.index, start, end, cutoff))
         # From the previous cutoff less the settle: a row stamped just before it may have become visible after.
         in_ledger, progress = await ingested_between(self.store, period, previous - self.settle, cutoff)
+        # The day's spend converges the same way, when some team or budget has a daily alert threshold.
+        now = self.clock()
+        daily = await self._daily_ledger(now, cutoff) if self._wants_daily() else None
         self._converge_took = time.perf_counter() - t0
         metrics.QUOTA_CONVERGE_SECONDS.observe(self._converge_took)
         async with self._book_lock:
@@ -173,6 +204,8 @@ class QuotaService:
                 self.meter_progress = progress
             done = self.book.converge(settled, in_ledger, self.meter_progress,
                                       timedelta(seconds=self.settings.quota_tail_max_s))  # fmt: skip
+            if daily is not None and now.date().isoformat() >= self.daily.day:
+                self.daily = self._daily_from(now.date().isoformat(), daily)
         metrics.QUOTA_TAIL_DROPPED.inc(done.dropped)
         if done.changed or done.dropped:
             log.info("quota_converged", period=period, cutoff=cutoff.isoformat(), changed=len(done.changed),
@@ -181,6 +214,31 @@ class QuotaService:
             for entity in done.changed:
                 await self.evaluate(entity)
                 self._spawn_alerts(entity)
+            for entity in set(self.daily.usd) - done.changed:  # a daily threshold set, or crossed by the ledger
+                self._spawn_alerts(entity)
+
+    def _wants_daily(self) -> bool:
+        return any(b.daily_alert_usd is not None for b in self.budgets.index) or any(
+            self.daily_alert(("team", t.team_id)) is not None for t in self.accounts.teams()
+        )
+
+    async def _daily_ledger(self, now: datetime, cutoff: datetime) -> dict[Entity, Decimal]:
+        """Today's (UTC, billing's clock) spend per team and budgeted entity in the ledger as of `cutoff`."""
+        start = datetime(now.year, now.month, now.day, tzinfo=UTC)
+        end = start + timedelta(days=1)
+        spend = await budget_ledger.team_spend(self.store, start, end, cutoff)
+        if len(self.budgets.index):
+            found = await budget_ledger.budget_spend(self.store, self.budgets.index, start, end, cutoff)
+            spend.update({entity: u.usd for entity, u in found.items()})
+        return spend
+
+    def _daily_from(self, day: str, spend: dict[Entity, Decimal]) -> DailySpend:
+        """The day's spend the way month-to-date is made: the ledger's plus the stream's tail of that day."""
+        for c in self.book.tail.values():
+            if c.at.date().isoformat() == day:
+                for entity in (("team", c.team_id), *c.budgets):
+                    spend[entity] = spend.get(entity, Decimal(0)) + c.usd  # type: ignore[index]
+        return DailySpend(day, {e: usd for e, usd in spend.items() if self.daily_alert(e) is not None})
 
     async def _converge_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -199,10 +257,11 @@ class QuotaService:
             except Exception as err:  # ClickHouse trouble: keep the totals, try again next round
                 log.warning("quota_converge_failed", error=str(err)[:300])
 
-    def full_state(self) -> list[QuotaSignal]:
-        """Current quota states for the full-state republish: every exhausted entity, and a usage update
-        for every entity near a limit."""
-        out = [s for s in self.states.values() if s.state == "exhausted" and s.period == self.book.period]
+    def full_state(self) -> list[Budget | QuotaSignal]:
+        """Current quota states for the full-state republish: every budget, every exhausted entity, and a
+        usage update for every entity near a limit."""
+        out: list[Budget | QuotaSignal] = list(self.budgets.index)
+        out += [s for s in self.states.values() if s.state == "exhausted" and s.period == self.book.period]
         for entity, usage in self.book.usage.items():
             limits = self.limits(entity)
             if entity not in self.states and limits and has_monthly_limit(limits):
@@ -298,8 +357,13 @@ class QuotaService:
         touched: dict[Entity, datetime] = {}
         gated: dict[Entity, bool] = {}
         counted_at = self.clock()
+        today = self.daily.day
+        index = self.budgets.index
         for e in current:
-            entities: tuple[Entity, Entity] = (("team", e.team_id), ("key", e.key_id))
+            budgets: tuple[Entity, ...] = ()
+            if index.has_team(e.team_id):
+                budgets = tuple(entity for entity, _ in index.entities(e.team_id, e.end_user, e.metadata))
+            entities: tuple[Entity, ...] = (("team", e.team_id), ("key", e.key_id), *budgets)
             if e.event_id in seeded:
                 metrics.QUOTA_EVENTS.labels(outcome="seeded").inc()
                 self._acknowledge(entities, e.event_id, gated)  # in billing's total: a proxy may forget it
@@ -307,18 +371,21 @@ class QuotaService:
             priced = price(e, self.book_)
             tokens = quota_tokens(e.status, e.prompt_tokens, e.completion_tokens)
             if not self.book.add(e.event_id, e.team_id, e.key_id, tokens, priced.cost.total, e.occurred_at,
-                                 counted_at):  # fmt: skip
+                                 counted_at, budgets):  # fmt: skip
                 metrics.QUOTA_EVENTS.labels(outcome="duplicate").inc()
                 self._acknowledge(entities, e.event_id, gated)
                 continue
             metrics.QUOTA_EVENTS.labels(outcome="counted").inc()
             self._acknowledge(entities, e.event_id, gated)
             finished = e.occurred_at + timedelta(milliseconds=e.latency_ms)
+            same_day = e.occurred_at.date().isoformat() == today
             for entity in entities:
                 touched[entity] = finished
+                if same_day and self.daily_alert(entity) is not None:
+                    self.daily.add(entity, priced.cost.total)
         return touched
 
-    def _acknowledge(self, entities: tuple[Entity, Entity], event_id: str, gated: dict[Entity, bool]) -> None:
+    def _acknowledge(self, entities: tuple[Entity, ...], event_id: str, gated: dict[Entity, bool]) -> None:
         """Queue the id for the proxies' not-yet-counted ledgers (only entities they gate have one).
         `gated` caches the limit lookup for one batch."""
         for entity in entities:
@@ -386,17 +453,23 @@ class QuotaService:
         limits = self.limits(entity)
         if limits is None:
             return
-        team_id = entity[1] if entity[0] == "team" else getattr(self.accounts.get_key(entity[1]), "team_id", "")
-        todo = [c for c in crossed_thresholds(self.book.get(entity), limits, self.settings.alert_thresholds)
-                if not self.alerts.claimed((self.book.period, entity[0], entity[1], c[0], c[1]))]  # fmt: skip
+        todo: list[tuple[tuple[str, str, str, str, int], Decimal, Decimal]] = []
+        for metric, pct, used, limit in crossed_thresholds(
+            self.book.get(entity), limits, self.settings.alert_thresholds
+        ):
+            todo.append(((self.book.period, entity[0], entity[1], metric, pct), used, limit))
+        daily = self.daily_alert(entity)
+        if daily is not None and self.daily.get(entity) >= daily:
+            todo.append(((self.daily.day, entity[0], entity[1], "daily_usd", 100), self.daily.get(entity), daily))
+        todo = [t for t in todo if not self.alerts.claimed(t[0])]
         if not todo:
             return
+        team_id, named = self.team_of(entity), describe(entity)
 
         async def send() -> None:
-            for metric, pct, used, limit in todo:
+            for key, used, limit in todo:
                 try:
-                    await self.alerts.raise_alert((self.book.period, entity[0], entity[1], metric, pct), team_id,
-                                                  used, limit)  # fmt: skip
+                    await self.alerts.raise_alert(key, team_id, used, limit, **named)
                 except Exception as err:
                     log.warning("budget_alert_claim_failed", error=str(err)[:200])
 
@@ -410,6 +483,8 @@ class QuotaService:
         now = self.clock()
         if period_of(now) > self.book.period:
             await self.rollover(period_of(now))
+        if now.date().isoformat() > self.daily.day:
+            self.daily = DailySpend(now.date().isoformat())  # a new UTC day: nothing spent in it yet
         mono = time.monotonic()
         near_s = self.settings.quota_update_interval_ms / 1000
         ack_s = self.settings.quota_ack_interval_ms / 1000
@@ -475,8 +550,22 @@ class QuotaService:
 
     async def on_account_change(self, entity: Entity) -> None:
         """A changed plan or limit can exhaust or restore an entity right away."""
+        if entity[0] == "team" and self.daily_alert(entity) is not None and entity not in self.daily.usd:
+            self._converge_due.set()  # a daily threshold just set: today's spend so far, from the ledger
         await self.evaluate(entity)
         self._spawn_alerts(entity)
+
+    async def on_budget_change(self, budget: Budget) -> None:
+        """A budget was set or deleted: judge its entities on what is counted now (a deleted one is restored);
+        a new one's month-to-date (and day's spend) comes from the ledger, at a convergence started right away."""
+        entity = budget.entity()
+        if entity is not None:
+            entities = [entity]
+        else:  # a team default: every end user of the team billing is counting
+            entities = [e for e in self.book.usage if e[0] == "end_user" and team_of(e[1]) == budget.team_id]
+        for e in entities:
+            await self.on_account_change(e)
+        self._converge_due.set()
 
     def key_state(self, key: KeyState) -> KeyState:
         return key.model_copy(update={"expired": True}) if key.key_id in self.expiry_announced else key

@@ -15,7 +15,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from schemas.config import GatewayConfig
-from services.proxy.errors import GatewayError, InvalidRequest, error_response
+from services.proxy import messages
+from services.proxy.errors import GatewayError, InvalidRequest, Shape, error_response
 from services.proxy.handler import ProxyHandler
 from services.proxy.responses import ResponsesHandler
 from services.proxy.settings import ProxySettings
@@ -33,6 +34,8 @@ class ProxyApp(FastAPI):
         ("POST", "/v1/embeddings"): ProxyHandler.embeddings,
         ("GET", "/v1/models"): ProxyHandler.models,
         ("POST", "/v1/responses"): lambda _h, r: r.app.state.responses.create(r),
+        ("POST", "/v1/messages"): messages.create,
+        ("POST", "/v1/messages/count_tokens"): messages.count_tokens,
     }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -55,6 +58,13 @@ def _responses_route(name: str) -> Callable[[Request], Awaitable[Response]]:
         return await getattr(request.app.state.responses, name)(request)
 
     return route
+
+
+def _route(serve: Callable[[ProxyHandler, Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await serve(request.app.state.handler, request)
+
+    return endpoint
 
 
 def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, replay_spool: bool = False) -> FastAPI:
@@ -86,6 +96,8 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
     app.router.add_route("/v1/chat/completions", chat, methods=["POST"])
     app.router.add_route("/v1/embeddings", embeddings, methods=["POST"])
     app.router.add_route("/v1/models", models, methods=["GET"])
+    for path, serve in (("/v1/messages", messages.create), ("/v1/messages/count_tokens", messages.count_tokens)):
+        app.router.add_route(path, _route(serve), methods=["POST"])
     # the follow-ups on a stored response: path parameters, off the hot path, so FastAPI's router serves them
     responses = {"create": ("", ["POST"]), "retrieve": ("/{response_id}", ["GET"]),
                  "delete": ("/{response_id}", ["DELETE"]), "cancel": ("/{response_id}/cancel", ["POST"]),
@@ -125,16 +137,19 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
         return error_response(exc, request.headers.get("x-request-id"))
 
+    def shape_of(request: Request) -> Shape:  # Anthropic's clients read Anthropic's errors under its paths
+        return "anthropic" if request.url.path.startswith("/v1/messages") else "openai"
+
     @app.exception_handler(404)
     async def not_found(request: Request, exc: Exception) -> Response:
         err = InvalidRequest(f"Unknown endpoint {request.method} {request.url.path}", code="unknown_url")
         err.status = 404
-        return error_response(err)
+        return error_response(err, shape=shape_of(request))
 
     @app.exception_handler(405)
     async def bad_method(request: Request, exc: Exception) -> Response:
         err = InvalidRequest(f"Method {request.method} not allowed on {request.url.path}", code="method_not_allowed")
         err.status = 405
-        return error_response(err)
+        return error_response(err, shape=shape_of(request))
 
     return app

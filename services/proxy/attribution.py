@@ -12,7 +12,7 @@ the handler puts them in the usage event's `end_user` and `metadata`.
   * the key's metadata (set by an admin at key creation) wins over both: a caller cannot re-label its
     spend into another cost centre the admin fixed;
   * end user: the first string present of `user`, `safety_identifier` (OpenAI), `metadata.user_id`
-    (Anthropic), cut to 256 characters (as `user` always was).
+    (Anthropic), cut to 256 characters (as `user` always was); `metadata.user_id` is never also a tag.
 The body's `metadata` is forwarded upstream unchanged: it is the caller's request to the provider.
 
 The common call carries neither header nor metadata: that path is a few dict lookups and one pass over the
@@ -30,6 +30,7 @@ from typing import Any
 from schemas.tags import MAX_END_USER_CHARS, MAX_TAGS, key_problem, value_problem
 from services.proxy.errors import InvalidRequest
 
+END_USER_KEY = "user_id"  # metadata.user_id: Anthropic's end-user field
 TAGS_HEADER = b"x-tollway-tags"  # ASGI servers hand header names over lower-cased
 # names already found valid: callers reuse a handful, so the pattern match is done once per name
 _VALID_NAMES: set[str] = set()
@@ -69,7 +70,7 @@ def _end_user(body: dict[str, Any], meta: Any) -> str | None:
     if isinstance(v, str):
         return v[:MAX_END_USER_CHARS]
     if isinstance(meta, dict):
-        v = meta.get("user_id")
+        v = meta.get(END_USER_KEY)
         if isinstance(v, str):
             return v[:MAX_END_USER_CHARS]
     return None
@@ -93,7 +94,9 @@ def _body_tags(meta: Any) -> dict[str, str]:
         raise InvalidTag(f"'metadata' holds {len(meta)} entries; at most {MAX_TAGS} are allowed.")
     for name, value in meta.items():
         _check(name, value, "'metadata'")
-    return dict(meta)
+    # `user_id` is who the call is for (Anthropic's field, read as the end user), not a cost centre: as a tag it
+    # would make one tag value per user (Claude Code puts a session id there)
+    return {k: v for k, v in meta.items() if k != END_USER_KEY}
 
 
 def _header_tags(header: str) -> dict[str, str]:

@@ -63,6 +63,12 @@ def authenticate(request: Request, view: KeyView) -> KeyState:
         raise InvalidApiKey("Missing API key. Pass it as 'Authorization: Bearer <key>' or 'X-API-Key'.")
     key = view.lookup(secret)
     if key is None:
+        # Claude Code and the Anthropic SDK may send both headers, the bearer holding some other token
+        # (an OAuth login): the x-api-key one is then the gateway key
+        other = request.headers.get("x-api-key")
+        if other and other != secret:
+            key = view.lookup(other)
+    if key is None:
         # Never echo the secret, not even partly: the message is the same for unknown, revoked, expired.
         raise InvalidApiKey("Incorrect API key provided, or the key was revoked or has expired.")
     return key

@@ -1,9 +1,12 @@
-"""Typed gateway errors, rendered in OpenAI's shape `{"error": {"message", "type", "code"}}`.
+"""Typed gateway errors, rendered in OpenAI's shape `{"error": {"message", "type", "code"}}`, or on the
+Anthropic Messages endpoints in Anthropic's `{"type": "error", "error": {"type", "message"}}`.
 
 Nothing else in the proxy builds error JSON: raise a GatewayError and let `error_response` render it.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import orjson
 from starlette.responses import Response
@@ -74,12 +77,46 @@ def error_body(message: str, type_: str, code: str) -> bytes:
     return orjson.dumps(error_json(message, type_, code))
 
 
-def error_response(err: GatewayError, request_id: str | None = None) -> Response:
+Shape = Literal["openai", "anthropic"]
+
+# HTTP status -> Anthropic's error.type (anthropic.types.shared.ErrorObject). The status already says which
+# class an error is in, so one table covers every GatewayError; same status and headers in either shape.
+ANTHROPIC_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_type(status: int) -> str:
+    return ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def anthropic_error_body(message: str, status: int, request_id: str | None = None) -> bytes:
+    body: dict[str, object] = {"type": "error", "error": {"type": anthropic_type(status), "message": message}}
+    if request_id:
+        body["request_id"] = request_id
+    return orjson.dumps(body)
+
+
+def error_response(err: GatewayError, request_id: str | None = None, shape: Shape = "openai") -> Response:
     headers = dict(err.headers)
     if request_id:
         headers["x-request-id"] = request_id
+    body = (
+        anthropic_error_body(err.message, err.status, request_id)
+        if shape == "anthropic"
+        else error_body(err.message, err.type, err.code)
+    )
     return Response(
-        error_body(err.message, err.type, err.code),
+        body,
         status_code=err.status,
         media_type="application/json",
         headers=headers,

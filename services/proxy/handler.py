@@ -27,6 +27,7 @@ from services.proxy.errors import (
     InvalidRequest,
     PayloadTooLarge,
     RateLimited,
+    Shape,
     UsageUnrecordable,
     error_response,
 )
@@ -215,7 +216,7 @@ class ProxyHandler:
                                     "was not made. Retry later.", headers={"retry-after": "5"})  # fmt: skip
         await self.rate_limit(call, policy, body)
         # Monthly quota (QuotaExceeded): reserves the call's worst case, settled in finish().
-        self.s.quota.admit(call.draft.event_id, key, body)
+        self.s.quota.admit(call.draft.event_id, key, body, call.draft.end_user, call.draft.metadata)
 
     async def rate_limit(self, call: Call, policy: Policy, body: dict[str, Any]) -> None:
         """Per key and per team: rpm, rpd, tpm. Raises RateLimited (429 + Retry-After); otherwise leaves
@@ -267,13 +268,13 @@ class ProxyHandler:
         metrics.requests_by(call.endpoint, model if route else "unknown", d.provider, d.status).inc()
         metrics.latency_by(call.endpoint).observe(d.latency_ms / 1000)
 
-    def fail(self, call: Call, err: GatewayError, route: ModelRoute | None = None) -> Response:
+    def fail(self, call: Call, err: GatewayError, route: ModelRoute | None = None, shape: Shape = "openai") -> Response:
         rejected = err.code in ("rate_limit_exceeded", "insufficient_quota")
         call.draft.status = "rejected" if rejected else "error"
         call.draft.error_code = err.code
         self.finish(call, err.status, route)
         err.headers = {**call.headers, **err.headers}
-        return error_response(err, call.request_id)
+        return error_response(err, call.request_id, shape)
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, CHAT, "/chat/completions", "chat")

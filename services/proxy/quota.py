@@ -11,6 +11,9 @@ handler's single exit). So a limit bites here the moment local counting crosses 
 when billing's exhausted signal lands; concurrent calls overshoot by at most what was reserved in flight
 when the limit was reached (per proxy), plus what other proxies served before the signal reached them.
 That holds with billing down or lagging, up to `pending_max_s` (docs/metering.md, "Quota = ledger").
+End-user and tag budgets (schemas/budgets.py, `Budget` control messages) are entities like teams and keys:
+a call counts against its end user's and its tags' budgets when they have one; a call without one adds no
+state. Their states are capped at `BUDGET_STATES_MAX` (idle ones evicted oldest first; see `_touch`).
 The month is billing's (the latest period its signals carry), not this host's clock: a proxy whose clock runs
 into the next month early does not drop billing's totals and exhausted states, nor one that lags keep them.
 This clock rules only when it is in a later month and billing has been silent for `BILLING_SILENT_S` (down
@@ -31,6 +34,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 
 from schemas.billed import billed_model
+from schemas.budgets import Budget, BudgetIndex
 from schemas.config import GatewayConfig, Limits
 from schemas.control import KeyState, QuotaSignal, Snapshot, TeamState, monthly_limits
 from schemas.periods import period_of
@@ -112,6 +116,11 @@ class QuotaGate:
     # replay with room to spare. Memory: ~200 B per entry, i.e. ~35 MB at 200 gated calls/s for 15 minutes.
     PENDING_MAX_S = 900.0
     BILLING_SILENT_S = 3600.0
+    # End-user / tag budget states kept (~1 KB each idle, measured with tracemalloc over 50k end users: ~50 MB
+    # at the cap): a team's default budget makes every end user an entity. Past the cap, idle ones (nothing
+    # reserved, pending or exhausted) go, oldest first; one evicted loses only billing's last total, which
+    # billing re-sends with its next update for it.
+    BUDGET_STATES_MAX = 50_000
 
     def __init__(self, config: GatewayConfig, default_max_tokens: int = 1024,
                  pending_max_s: float = PENDING_MAX_S) -> None:  # fmt: skip
@@ -127,6 +136,8 @@ class QuotaGate:
         self.teams: dict[str, TeamState] = {}
         self._limits: dict[str, tuple[Any, Limits]] = {}
         self._team_limits: dict[str, tuple[TeamState, Limits]] = {}  # per team state object, like keys'
+        self.budgets = BudgetIndex()
+        self._budget_lru: OrderedDict[Entity, None] = OrderedDict()
         self._gen = 0
 
     # -- control topic ------------------------------------------------------------------------------
@@ -134,6 +145,8 @@ class QuotaGate:
     def on_control(self, msg: Any) -> None:
         if isinstance(msg, TeamState):
             self.teams[msg.team_id] = msg
+        elif isinstance(msg, Budget):
+            self.budgets.put(msg)
         elif isinstance(msg, QuotaSignal):
             self._on_signal(msg)
         elif isinstance(msg, Snapshot):
@@ -149,7 +162,7 @@ class QuotaGate:
         self._billing_heard = time.monotonic()
         if msg.period is not None and (self.billing_period is None or msg.period > self.billing_period):
             self.billing_period = msg.period
-        st = self.states.setdefault((msg.scope, msg.id), EntityState())
+        st = self._state((msg.scope, msg.id))
         if msg.used_tokens is not None:
             st.billing_tokens, st.billing_usd, st.billing_period = msg.used_tokens, msg.used_usd or ZERO, msg.period
         for event_id in msg.counted:
@@ -192,19 +205,23 @@ class QuotaGate:
             usd = entry.worst_case_usd(most.prompt_tokens, most.completion_tokens)
         return most.prompt_tokens + most.completion_tokens, usd
 
-    def admit(self, event_id: str, key: KeyState, body: dict[str, Any]) -> None:
-        """Raise QuotaExceeded, or reserve the call's worst case under its event id."""
+    def admit(self, event_id: str, key: KeyState, body: dict[str, Any], end_user: str | None = None,
+              tags: dict[str, str] | None = None) -> None:  # fmt: skip
+        """Raise QuotaExceeded, or reserve the call's worst case under its event id. `end_user` and `tags`:
+        the call's, for their budgets (schemas/budgets.py)."""
         team_limits, key_limits = self.limits(key)
         scoped = [(("key", key.key_id), key_limits)]
         if team_limits is not None:
             scoped.append((("team", key.team_id), team_limits))
+        if self.budgets.has_team(key.team_id):
+            scoped += [(entity, b.limits) for entity, b in self.budgets.entities(key.team_id, end_user, tags or {})]
         scoped = [(e, lim) for e, lim in scoped if has_monthly_limit(lim)]
         if not scoped:
             return
         now = self.clock()
         period, mono = self.period(now), time.monotonic()
         for entity, lim in scoped:
-            st = self.states.setdefault(entity, EntityState())
+            st = self._state(entity)
             st.prune(mono, self.pending_max_s)
             source = None
             if st.exhausted is not None and st.exhausted.period == period:
@@ -234,7 +251,7 @@ class QuotaGate:
         if not st.first_429_seen and st.crossed_at is not None:
             st.first_429_seen = True
             FIRST_429.observe(max(0.0, (now - st.crossed_at).total_seconds()))
-        what = "team" if entity[0] == "team" else "API key"
+        what = {"team": "team", "key": "API key", "end_user": "end user", "tag": "tag value"}.get(entity[0], entity[0])
         raise QuotaExceeded(
             f"You exceeded the monthly quota of this {what}; it resets at the start of next month (UTC) "
             "or when the limit is raised.",
@@ -257,7 +274,7 @@ class QuotaGate:
         now, mono = self.clock(), time.monotonic()
         period = self.period(now)
         for entity in r.entities:
-            st = self.states[entity]
+            st = self._state(entity)
             st.reserved_tokens -= r.tokens
             st.reserved_usd -= r.usd
             if not tokens:
@@ -272,7 +289,35 @@ class QuotaGate:
                 if lim is not None and limit_reached(lim, used_t, used_u):
                     st.crossed_at, st.first_429_seen = now, False
 
+    def _state(self, entity: Entity) -> EntityState:
+        st = self.states.get(entity)
+        if st is None:
+            st = self.states[entity] = EntityState()
+        if entity[0] in ("end_user", "tag"):
+            self._touch(entity)
+        return st
+
+    def _touch(self, entity: Entity) -> None:
+        """Budget states, most recently used last; past the cap the oldest idle ones go (a few per call, so
+        no call pays for a long scan)."""
+        lru = self._budget_lru
+        lru[entity] = None
+        lru.move_to_end(entity)
+        for _ in range(4):
+            if len(lru) <= self.BUDGET_STATES_MAX:
+                return
+            old = next(iter(lru))
+            st = self.states.get(old)
+            lru.move_to_end(old)
+            if st is not None and (st.exhausted is not None or st.pending or st.reserved_tokens or st.reserved_usd):
+                continue
+            del lru[old]
+            self.states.pop(old, None)
+
     def _limit_of(self, entity: Entity) -> Limits | None:
+        if entity[0] in ("end_user", "tag"):
+            b = self.budgets.get(entity)
+            return None if b is None else b.limits
         if entity[0] == "key":
             hit = self._limits.get(entity[1])
             return hit[1][1] if hit else None

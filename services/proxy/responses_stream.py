@@ -138,24 +138,32 @@ class ResponsesRelay:
         return raw
 
     async def events(self) -> AsyncIterator[bytes]:
+        """The events, as they come. The final one goes out only after the call is recorded (`finish`): a
+        client holding a whole answer while the process dies before its event is in the spool would be a call
+        answered and never billed (tests/e2e/test_pipeline_kill9.py)."""
         out = self.out
         try:
             block = self._first
             self._first = None
             while block is not None:
-                yield self._relay(block)
-                if out.completed:
-                    return  # the final event: nothing the client needs comes after it
+                raw = self._relay(block)
+                if out.completed:  # the final event: nothing the client needs comes after it
+                    self.finish(False)
+                    yield raw
+                    return
+                yield raw
                 block = await self._block()
             out.upstream_broken = True
-            yield error_event("upstream_stream_broken", "The upstream provider ended the stream early.", self._seq)
+            last = error_event("upstream_stream_broken", "The upstream provider ended the stream early.", self._seq)
         except TRANSPORT_ERRORS:
             out.upstream_broken = True
-            yield error_event("upstream_stream_broken", "The upstream provider's stream broke.", self._seq)
+            last = error_event("upstream_stream_broken", "The upstream provider's stream broke.", self._seq)
         except StreamTooLarge:
             out.upstream_broken = out.too_large = True
-            yield error_event("upstream_response_too_large",
-                              "The upstream provider's stream exceeded the gateway's bounds.", self._seq)  # fmt: skip
+            last = error_event("upstream_response_too_large",
+                               "The upstream provider's stream exceeded the gateway's bounds.", self._seq)  # fmt: skip
+        self.finish(False)
+        yield last
 
     def finish(self, client_gone: bool) -> None:
         if self._finished:

@@ -97,11 +97,15 @@ class StreamRelay:
                 yield line[5:].strip()
 
     async def events(self) -> AsyncIterator[bytes]:
+        """The chunks, as they come. The last one goes out only after the call is recorded (`finish`): a
+        client holding a whole answer while the process dies before its event is in the spool would be a call
+        answered and never billed (tests/e2e/test_pipeline_kill9.py)."""
         out = self.out
         try:
             async for payload in self._payloads():
                 if payload == b"[DONE]":
                     out.completed = True
+                    self.finish(False)
                     yield DONE
                     return
                 try:
@@ -133,18 +137,20 @@ class StreamRelay:
                 yield _sse(payload)
             if out.finished:  # some providers end without [DONE]; the SDKs read it as the end either way
                 out.completed = True
-                yield DONE
+                last = DONE
             else:
                 out.upstream_broken = True
-                yield _sse(error_body("The upstream provider ended the stream early.", "api_error",
-                                      "upstream_stream_broken"))  # fmt: skip
+                last = _sse(error_body("The upstream provider ended the stream early.", "api_error",
+                                       "upstream_stream_broken"))  # fmt: skip
         except TRANSPORT_ERRORS:
             out.upstream_broken = True
-            yield _sse(error_body("The upstream provider's stream broke.", "api_error", "upstream_stream_broken"))
+            last = _sse(error_body("The upstream provider's stream broke.", "api_error", "upstream_stream_broken"))
         except StreamTooLarge:
             out.upstream_broken = out.too_large = True
-            yield _sse(error_body("The upstream provider's stream exceeded the gateway's bounds.", "api_error",
-                                  "upstream_response_too_large"))  # fmt: skip
+            last = _sse(error_body("The upstream provider's stream exceeded the gateway's bounds.", "api_error",
+                                   "upstream_response_too_large"))  # fmt: skip
+        self.finish(False)
+        yield last
 
     def finish(self, client_gone: bool) -> None:
         if self._finished:

@@ -74,6 +74,9 @@ def provider_usage(data: Any) -> TokenUsage | None:
     return usage_of(usage) if isinstance(usage, dict) else None
 
 
+PROMPT_EXTRAS = ("system", "tools")  # read by the model besides the messages: a Messages system prompt, tool specs
+
+
 def prompt_estimate(body: dict[str, Any]) -> int:
     """The prompt's tokens from the request alone: the billed estimate and the quota's worst case both use it.
     `input` is an embeddings or Responses input (a string or items); a Responses `instructions` is prompt too."""
@@ -81,6 +84,9 @@ def prompt_estimate(body: dict[str, Any]) -> int:
     instructions = body.get("instructions")
     if isinstance(instructions, str):
         chars += len(instructions)
+    for field in PROMPT_EXTRAS:
+        if body.get(field):
+            chars += len(orjson.dumps(body[field]))
     return max(1, chars // CHARS_PER_TOKEN)
 
 

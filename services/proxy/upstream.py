@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -146,10 +147,23 @@ def _json(raw: bytes) -> Any:
 
 
 _endpoints: dict[tuple[int, str], tuple[Target, Endpoint]] = {}
+# (target, path, caller headers) -> head, for the few headers a caller may pass on (anthropic-version and
+# -beta): bounded, since their values are the caller's; a new value costs one head build (microseconds)
+_variants: OrderedDict[tuple[int, str, tuple[tuple[str, str], ...]], tuple[Target, Endpoint]] = OrderedDict()
+MAX_VARIANTS = 256
 
 
-def _endpoint(target: Target, path: str) -> Endpoint:
+def _endpoint(target: Target, path: str, extra: dict[str, str] | None = None) -> Endpoint:
     # Target holds a dict (unhashable): keyed by identity, checked against the object, built once per route
+    if extra:
+        vkey = (id(target), path, tuple(extra.items()))
+        hit = _variants.get(vkey)
+        if hit is None or hit[0] is not target:
+            hit = (target, endpoint(target.base_url, path, {**target.headers, **extra}))
+            _variants[vkey] = hit
+            if len(_variants) > MAX_VARIANTS:
+                _variants.popitem(last=False)
+        return hit[1]
     hit = _endpoints.get((id(target), path))
     if hit is None or hit[0] is not target:
         hit = (target, endpoint(target.base_url, path, target.headers))
@@ -157,11 +171,13 @@ def _endpoint(target: Target, path: str) -> Endpoint:
     return hit[1]
 
 
-async def post_json(pool: Http1Pool, target: Target, path: str, body: bytes,
-                    budget_s: float | None = None) -> UpstreamReply:  # fmt: skip
+async def post_json(pool: Http1Pool, target: Target, path: str, body: bytes, budget_s: float | None = None,
+                    headers: dict[str, str] | None = None) -> UpstreamReply:  # fmt: skip
+    """`headers`: the caller's own headers to pass on, over the target's (never its key: the caller picks)."""
     timeout = target.timeout_s if budget_s is None else max(min(target.timeout_s, budget_s), 0.001)
     try:
-        status, raw, retry_after = await pool.post(_endpoint(target, path), body, timeout, target.connect_timeout_s)
+        status, raw, retry_after = await pool.post(_endpoint(target, path, headers), body, timeout,
+                                                   target.connect_timeout_s)  # fmt: skip
     except UpstreamTooLarge as err:
         raise too_large(target, err) from err
     except PLAIN_ERRORS as err:
@@ -170,10 +186,11 @@ async def post_json(pool: Http1Pool, target: Target, path: str, body: bytes,
 
 
 async def open_stream(session: aiohttp.ClientSession, target: Target, path: str, body: bytes,
-                      budget_s: float | None = None) -> aiohttp.ClientResponse:  # fmt: skip
+                      budget_s: float | None = None, headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:  # fmt: skip
     """Start a streamed call; on a non-2xx answer read the error body, close, and raise."""
     try:
-        resp = await session.post(_url(target.base_url, path), data=body, headers=target.headers,
+        resp = await session.post(_url(target.base_url, path), data=body,
+                                  headers={**target.headers, **headers} if headers else target.headers,
                                   timeout=_stream_timeout(target, budget_s))  # fmt: skip
     except TRANSPORT_ERRORS as err:
         raise transport_failure(target, err) from err

@@ -1,5 +1,6 @@
 """kill -9 of `tollway up` under load, then a restart on the same data dir: every answered call is billed
-exactly once (the proxy spool refills the fresh in-memory broker; event_id dedup absorbs the repeats)."""
+exactly once (the proxy spool refills the fresh in-memory broker; event_id dedup absorbs the repeats).
+The load mixes chat completions with Anthropic Messages calls, plain and streamed."""
 
 from __future__ import annotations
 
@@ -47,18 +48,24 @@ def test_kill_9_of_tollway_up_under_load_then_restart_bills_every_answered_call_
                 while not stop.is_set():
                     rid = f"w{worker}-{i}"
                     i += 1
-                    # workers 0, 3: chat; 1, 4: /v1/responses; 2, 5: /v1/responses streamed
-                    api = worker % 3
+                    # by worker % 6: 0, 3 chat; 1 /v1/responses, 2 streamed; 4 Anthropic /v1/messages, 5 streamed
+                    api = worker % 6
+                    messages = [{"role": "user", "content": rid}]
                     try:
-                        if api == 0:
+                        if api in (0, 3):
                             r = c.post("/chat/completions", headers={"x-request-id": rid},
-                                       json={"model": "gpt-4.1", "messages": [{"role": "user", "content": rid}]})  # fmt: skip
-                        else:
+                                       json={"model": "gpt-4.1", "messages": messages})  # fmt: skip
+                        elif api in (1, 2):
                             r = c.post("/responses", headers={"x-request-id": rid},
                                        json={"model": "gpt-4.1", "input": rid, "stream": api == 2})  # fmt: skip
+                        else:
+                            r = c.post("/messages", headers={"x-request-id": rid},
+                                       json={"model": "claude-sonnet-4.5", "max_tokens": 64, "messages": messages,
+                                             "stream": api == 5})  # fmt: skip
                     except httpx.HTTPError:
                         return  # the server died under us: this call was not answered
-                    if r.status_code == 200 and (api != 2 or "event: response.completed" in r.text):
+                    whole = {2: "event: response.completed", 5: '"type":"message_stop"}'}
+                    if r.status_code == 200 and (api not in whole or whole[api] in r.text):
                         answered.append(rid)
 
         threads = [threading.Thread(target=load, args=(w,)) for w in range(6)]
@@ -73,7 +80,7 @@ def test_kill_9_of_tollway_up_under_load_then_restart_bills_every_answered_call_
         for t in threads:
             t.join(15)
         assert len(answered) >= 300
-        assert {rid.split("-")[0] for rid in answered} >= {"w0", "w1", "w2"}  # chat, responses, responses streamed
+        assert {rid.split("-")[0] for rid in answered} == {f"w{w}" for w in range(6)}  # every kind answered
 
         stack = start_stack(tmp_path, env)  # same data dir and ports: same spool, same proxy instance
         deadline = time.monotonic() + 60

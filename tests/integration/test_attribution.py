@@ -107,7 +107,7 @@ async def test_tagged_calls_land_with_tags_and_end_user_and_every_grouping_agree
                         ({"safety_identifier": "bob", "metadata": {"project": "apollo", "cost_centre": "evil"}}, {},
                          "bob", {"project": "apollo", "cost_centre": "cc-1"}),
                         ({"metadata": {"user_id": "carol", "project": "apollo"}}, {},
-                         "carol", {"user_id": "carol", "project": "apollo", "cost_centre": "cc-1"}),
+                         "carol", {"project": "apollo", "cost_centre": "cc-1"}),  # user_id: the end user, no tag
                         ({}, {}, None, {"cost_centre": "cc-1"}),
                     ]  # fmt: skip
                     calls = []

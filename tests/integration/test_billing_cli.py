@@ -15,6 +15,7 @@ from schemas.clickhouse import Store
 from schemas.config import load_config
 from services.billing.app import create_app
 from services.billing.settings import BillingSettings
+from tollway import budgets_cli as budgets_cli_module
 from tollway import keys_cli
 from tollway.broker import free_port
 from tollway.servers import make_server
@@ -157,3 +158,33 @@ async def test_invoices_and_roi_cli_show_export_and_finalize(billing_url, capsys
     assert code == 0 and json.loads(out)["savings_usd"] == "0.00"
     code, out, err = await run(report_cli, "report", "roi", "--team", tid, "--period", "2026-08", "--csv")
     assert code == 0 and out.splitlines()[-1].split(",")[2] == "TOTAL"
+
+
+async def budgets_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="tollway")
+    budgets_cli_module.register(parser.add_subparsers(dest="command", required=True))
+    code = await asyncio.to_thread(budgets_cli_module.run, parser.parse_args(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_budgets_set_list_delete_by_team_name(billing_url, capsys, unique):
+    code, out, err = await cli(capsys, "keys", "create", "--team", f"b-{unique}")
+    team_id = json.loads(out)["team_id"]
+    code, out, err = await budgets_cli(capsys, "budgets", "set", "--team", f"b-{unique}", "--end-user", "alice",
+                                       "--usd", "2.50", "--daily-alert-usd", "1")  # fmt: skip
+    assert code == 0, err
+    got = json.loads(out)
+    assert (got["team_id"], got["scope"], got["value"], got["budget_usd_per_month"]) == (team_id, "end_user", "alice",
+                                                                                          "2.5")  # fmt: skip
+    code, out, err = await budgets_cli(capsys, "budgets", "set", "--team", team_id, "--tag", "project=apollo",
+                                       "--tokens", "1000")  # fmt: skip
+    assert code == 0, err
+    code, out, _ = await budgets_cli(capsys, "budgets", "list", "--team", team_id)
+    assert sorted((b["scope"], b["value"]) for b in json.loads(out)) == [("end_user", "alice"), ("tag", "apollo")]
+    code, out, err = await budgets_cli(capsys, "budgets", "delete", "--team", team_id, "--tag", "project=apollo")
+    assert code == 0 and json.loads(out)["deleted"] is True, err
+    code, out, err = await budgets_cli(capsys, "budgets", "set", "--team", team_id, "--default-end-user")
+    assert code == 1 and out == "" and "budget_usd_per_month or tokens_per_month" in err
+    code, _, err = await budgets_cli(capsys, "budgets", "set", "--team", team_id, "--tag", "apollo", "--usd", "1")
+    assert code == 1 and "NAME=VALUE" in err

@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.config import load_config, parse_config
 from schemas.events import DLQ_TOPIC
-from schemas.prices import PriceBook
+from schemas.prices import PriceBook, price
 from services.billing.api.reconcile import reconcile_report
 from services.meter.rerate import rerate_period
 from services.meter.settings import MeterSettings
@@ -43,14 +44,33 @@ def events_for(team: str, n: int, instance: str, **over):
                        proxy_seq=i + 1, **over) for i in range(n)]  # fmt: skip
 
 
-async def test_replays_and_duplicates_of_thousands_leave_totals_and_rollups_unchanged(bootstrap, store, unique):
+# An Anthropic Messages call's event: cache reads and both cache writes inside its prompt, web searches
+MESSAGES_EVENT = {"endpoint": "messages", "requested_model": "claude-sonnet-4.5", "served_model": "claude-sonnet-4.5",
+                  "provider": "anthropic", "cached_tokens": 40, "cache_write_tokens": 20, "cache_write_1h_tokens": 10,
+                  "web_search_requests": 1, "service_tier": "standard"}  # fmt: skip
+
+
+async def dimension_totals(store, team: str):
+    rows = await store.query(
+        "SELECT sum(cached_tokens), sum(cache_write_tokens), sum(cache_write_1h_tokens), sum(web_search_requests) "
+        "FROM {db}.usage_events FINAL WHERE team_id = {t:String}",
+        {"t": team},
+    )
+    return rows[0]
+
+
+@pytest.mark.parametrize("shape", ["chat", "messages"])
+async def test_replays_and_duplicates_of_thousands_leave_totals_and_rollups_unchanged(bootstrap, store, unique, shape):
     topic, team = f"usage-{unique}", f"team_{unique}"
     await create_topic(bootstrap, topic)
-    events = events_for(team, 3_000, f"px-{unique}")
+    events = events_for(team, 3_000, f"px-{unique}", **(MESSAGES_EVENT if shape == "messages" else {}))
     payload = [(team.encode(), e.to_bytes()) for e in events]
     prompt = sum(e.prompt_tokens for e in events)
     completion = sum(e.completion_tokens for e in events)
-    cost = (prompt * Decimal("2.00") + completion * Decimal("8.00")) / MILLION
+    book = PriceBook(CONFIG)
+    cost = sum((price(e, book).cost.total for e in events), Decimal(0))  # each event priced once
+    if shape == "chat":
+        assert cost == (prompt * Decimal("2.00") + completion * Decimal("8.00")) / MILLION
     async with meter_task(settings(unique, topic), CONFIG, store, bootstrap):
         await produce(bootstrap, topic, payload)
         await produce(bootstrap, topic, payload[:2_000])  # a replay
@@ -63,6 +83,8 @@ async def test_replays_and_duplicates_of_thousands_leave_totals_and_rollups_unch
         raw = await store.query("SELECT count() FROM {db}.usage_events WHERE team_id = {t:String}", {"t": team})
         assert raw[0][0] >= 3_000  # copies stored (unless a background merge already collapsed them)...
         assert await totals(store, team) == (3_000, prompt, completion, cost, 0)  # ...and each event counts once
+        assert await dimension_totals(store, team) == tuple(sum(getattr(e, f) for e in events) for f in (
+            "cached_tokens", "cache_write_tokens", "cache_write_1h_tokens", "web_search_requests"))  # fmt: skip
 
         async def clean():
             return await reconcile_report(store, PERIOD, team)

@@ -22,7 +22,7 @@ from services.proxy.app import create_app
 from services.proxy.settings import ProxySettings
 from tests.support.events import make_event
 from tests.support.meter_harness import meter_task
-from tests.support.stack import gateway_config, mock_upstream, publish_key, wait_key_active
+from tests.support.stack import gateway_config, messages_gateway_config, mock_upstream, publish_key, wait_key_active
 from tests.support.waiting import eventually
 from tollway.broker import BundledBroker, free_port
 from tollway.topics import ensure_topics
@@ -31,8 +31,12 @@ CHAT = {"model": "gpt-4.1", "messages": [{"role": "user", "content": "Hello ther
 RESPONSES = {"model": "gpt-4.1", "input": "Hello there, how are you?"}
 
 
-async def calls(client: httpx.AsyncClient, secret: str, n: int, api: str = "chat") -> list[int]:
-    """`responses`: /v1/responses, every other call streamed (answered = its response.completed arrived)."""
+MESSAGES = {"model": "claude-sonnet-4.5", "max_tokens": 64, "messages": CHAT["messages"]}
+
+
+async def calls(client: httpx.AsyncClient, secret: str, n: int, api: str = "chat", first: int = 0) -> list[int]:
+    """`responses`: /v1/responses, every other call streamed (answered = its response.completed arrived);
+    `messages`: Anthropic Messages calls, every other one streamed (answered = message_stop seen)."""
     sem = asyncio.Semaphore(16)
 
     async def one(i: int) -> int:
@@ -41,14 +45,18 @@ async def calls(client: httpx.AsyncClient, secret: str, n: int, api: str = "chat
             if api == "chat":
                 r = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
                 return r.status_code
-            r = await client.post("/v1/responses", json={**RESPONSES, "stream": i % 2 == 1}, headers=headers)
-            completed = i % 2 == 0 or "event: response.completed" in r.text
-            return r.status_code if completed else 599
+            if api == "responses":
+                r = await client.post("/v1/responses", json={**RESPONSES, "stream": i % 2 == 1}, headers=headers)
+                completed = i % 2 == 0 or "event: response.completed" in r.text
+                return r.status_code if completed else 599
+            r = await client.post("/v1/messages", json={**MESSAGES, "stream": i % 2 == 1}, headers=headers)
+            complete = i % 2 == 0 or r.text.rstrip().endswith('data: {"type":"message_stop"}')
+            return r.status_code if complete else 599
 
-    return await asyncio.gather(*(one(i) for i in range(n)))
+    return await asyncio.gather(*(one(i) for i in range(first, first + n)))
 
 
-@pytest.mark.parametrize("api", ["chat", "responses"])
+@pytest.mark.parametrize("api", ["chat", "responses", "messages"])
 async def test_broker_down_then_back_every_answered_call_is_billed_once(store, tmp_path, unique, api):
     broker = BundledBroker(port=free_port(), log_path=tmp_path / "tansu.log")
     await asyncio.to_thread(broker.start)
@@ -67,7 +75,7 @@ async def test_broker_down_then_back_every_answered_call_is_billed_once(store, t
         secret, _ = await publish_key(broker.bootstrap, team)
         async with mock_upstream() as upstream_url, meter_task(meter_s, load_config("tollway.yaml"), store,
                                                                broker.bootstrap):  # fmt: skip
-            config = gateway_config(upstream_url)
+            config = messages_gateway_config(upstream_url)
             app = create_app(settings, config, broker.bootstrap)
             async with app.router.lifespan_context(app):
                 async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as c:
@@ -76,7 +84,7 @@ async def test_broker_down_then_back_every_answered_call_is_billed_once(store, t
                     await eventually(count, lambda n: n == 50, timeout_s=30)
 
                     broker.kill()  # the broker is gone: the proxy keeps serving, the spool takes the events
-                    assert set(await calls(c, secret, 150, api)) == {200}
+                    assert set(await calls(c, secret, 150, api, 50)) == {200}
                     ready = await c.get("/readyz")
                     assert ready.status_code == 200
                     assert ready.json()["spool"]["pending_events"] >= 150
@@ -88,10 +96,17 @@ async def test_broker_down_then_back_every_answered_call_is_billed_once(store, t
                     await broker_back(broker)
                     await publish_key(broker.bootstrap, team, secret=secret)  # what billing republishes on start
                     await wait_key_active(c, secret, timeout_s=30)
-                    assert set(await calls(c, secret, 50, api)) == {200}
+                    assert set(await calls(c, secret, 50, api, 200)) == {200}
                     await eventually(count, lambda n: n >= 250, timeout_s=60)
                     await eventually(lambda: _v(app.state.proxy.emitter.queued), lambda q: q == 0, timeout_s=30)
         assert await count() == 250
+        rows = await store.query("SELECT request_id, endpoint, stream FROM {db}.usage_events FINAL "
+                                 "WHERE team_id = {t:String}", {"t": team})  # fmt: skip
+        assert sorted(r[0] for r in rows) == sorted(f"r{i}" for i in range(250))  # each call once, by its id
+        endpoint = {"chat": "chat.completions", "responses": "responses", "messages": "messages"}[api]
+        assert {r[1] for r in rows} == {endpoint} and {r[2] for r in rows} == (
+            {False} if api == "chat" else {False, True}
+        )
         await refresh_all(store)
         report = await reconcile_report(store, period, team)
         assert report["ok"] and report["sequence_gaps"] == 0, report

@@ -81,6 +81,19 @@ async def test_client_leaving_mid_stream_stops_the_upstream_and_still_bills_once
     assert len(live.events_of(key.team_id)) == 1  # exactly one event, however the stream ended
 
 
+async def test_a_streamed_chat_call_is_recorded_before_the_client_holds_its_last_chunk(live):
+    """A process killed just after the client has [DONE] must still bill the call: the event is in the spool
+    before [DONE] goes out (the window tests/e2e/test_pipeline_kill9.py found for /v1/messages)."""
+    secret, key = live.key()
+    recorded_at_done = None
+    async with live.client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
+                                  headers={"authorization": f"Bearer {secret}"}) as r:  # fmt: skip
+        async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                recorded_at_done = len(live.events_of(key.team_id))  # no await: what was there on arrival
+    assert recorded_at_done == 1
+
+
 async def test_client_leaving_before_the_first_byte_is_still_one_event(live):
     secret, key = live.key()
     body = {**CHAT, "stream": True, "mock": {"latency_ms": 300}}

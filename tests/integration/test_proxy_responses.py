@@ -121,6 +121,18 @@ async def test_a_streamed_create_passes_typed_events_through_and_bills_from_resp
     assert e["reasoning_tokens"] == 8 and e["ttft_ms"] is not None and 0 < e["ttft_ms"] <= e["latency_ms"]
 
 
+async def test_a_streamed_create_is_recorded_before_the_client_holds_response_completed(live):
+    """A process killed just after the client has the final event must still bill the call."""
+    secret, key = live.key()
+    recorded_at_end = None
+    async with live.client.stream("POST", "/v1/responses", json={**HELLO, "stream": True},
+                                  headers=auth(secret)) as r:  # fmt: skip
+        async for line in r.aiter_lines():
+            if '"type":"response.completed"' in line:
+                recorded_at_end = len(live.events_of(key.team_id))  # no await: what was there on arrival
+    assert recorded_at_end == 1
+
+
 async def test_an_upstream_cut_before_response_completed_is_a_broken_stream_billed_on_an_estimate(live):
     secret, key = live.key()
     body = {**HELLO, "stream": True, "mock": {"stream_chunks": 20, "disconnect_after_chunks": 3}}

@@ -41,6 +41,23 @@ def gateway_config(upstream_url: str) -> GatewayConfig:
     })  # fmt: skip
 
 
+MOCK_PROVIDER_KEY = "mock-provider-key"  # the mock's Messages API wants a key, as Anthropic's does
+
+
+def messages_gateway_config(upstream_url: str) -> GatewayConfig:
+    """gateway_config plus claude-sonnet-4.5 served natively on /v1/messages (priced as in tollway.yaml)."""
+    base = gateway_config(upstream_url)
+    extra = parse_config({
+        "providers": {"anthropic": {"base_url": upstream_url, "api": "anthropic", "timeout_s": 5,
+                                    "headers": {"x-api-key": MOCK_PROVIDER_KEY}}},
+        "models": {"claude-sonnet-4.5": {"routes": [{"provider": "anthropic", "model": "claude-sonnet-4-5"}],
+                                         "prices": [{"effective_from": "2025-09-29", "input": "3.00",
+                                                     "output": "15.00", "cached_input": "0.30"}]}},
+    })  # fmt: skip
+    return base.model_copy(update={"providers": {**base.providers, **extra.providers},
+                                   "models": {**base.models, **extra.models}})  # fmt: skip
+
+
 async def publish_key(bootstrap: str, team_id: str, *, revoked: bool = False, expires_at: datetime | None = None,
                       secret: str | None = None, key_id: str | None = None) -> tuple[str, KeyState]:  # fmt: skip
     """Do what billing does for a new key: put its state (hash only) on the control topic."""

@@ -110,6 +110,16 @@ def test_quota_lag_sentences_are_parsed() -> None:
     got = run.parse_quota_text(text)
     assert got == {"cross_p50_ms": 41.5, "cross_p99_ms": 97.0, "same_p50_ms": 0.4, "same_p99_ms": 1.1,
                    "overshoot_max_tokens": 12, "overshoot_mean_tokens": 3.5}  # fmt: skip
+    text = text.replace("cross-proxy", "      key limit: cross-proxy").replace(
+        "same-proxy", "      key limit: same-proxy"
+    )
+    text += (
+        "end-user budget: cross-proxy crossing->first 429 (billing signal path): p50 50.0 ms  p99 99.5 ms  max 1 ms\n"
+        "end-user budget: same-proxy crossing->first 429 (local counting):       p50 0.5 ms  p99 1.5 ms\n"
+    )
+    got = run.parse_quota_text(text)
+    assert got is not None and (got["cross_p50_ms"], got["end_user_cross_p50_ms"], got["end_user_same_p99_ms"]) == (
+        41.5, 50.0, 1.5)  # fmt: skip
 
 
 def test_profile_summary_ranks_frames_by_self_and_inclusive_time() -> None:
@@ -133,17 +143,20 @@ def test_streaming_percentiles() -> None:
 def test_bench_gateway_config_is_a_valid_tollway_config() -> None:
     cfg = targets.tollway_config({"instant": "http://127.0.0.1:1/v1", "50ms": "http://127.0.0.1:2/v1"})
     parsed = GatewayConfig.model_validate(cfg)
-    assert set(parsed.models) == {"bench-instant", "bench-50ms"} and parsed.default_plan == "bench"
+    assert set(parsed.models) == {"bench-instant", "bench-50ms", "bench-claude-instant", "bench-claude-50ms"}
+    assert parsed.default_plan == "bench"
+    assert parsed.model_endpoints("bench-claude-instant") == ("messages",)  # routed natively, /v1/messages only
 
 
 async def test_request_path_harness_answers_and_restores_the_upstream_hop() -> None:
     from bench import request_path
-    from services.proxy import handler
+    from services.proxy import handler, messages
 
-    real = handler.post_json
+    real = handler.post_json, messages.post_json
     per_call = await request_path.measure(30)
     assert 0 < per_call < 0.1  # seconds of CPU per call; it raises if any call was not a 200
-    assert handler.post_json is real
+    assert 0 < await request_path.measure(30, api="messages") < 0.1  # /v1/messages, the same way
+    assert (handler.post_json, messages.post_json) == real
 
 
 def test_bench_fixtures_of_their_own_are_valid_contract_objects() -> None:
@@ -154,6 +167,21 @@ def test_bench_fixtures_of_their_own_are_valid_contract_objects() -> None:
     assert (e.team_id, e.key_id, e.prompt_tokens, e.completion_tokens, e.proxy_seq) == ("team-7", "k7", 107, 7, 8)
     config = quota_lag.gateway_config("http://127.0.0.1:1/v1")
     assert config.resolve("gpt-4.1") == "gpt-4.1" and config.plans["default"].tokens_per_month is None
+
+
+def test_table_shows_the_messages_rows_against_chats_added_latency() -> None:
+    res = fake_result()
+    sc = _scenario
+    res["proxy"]["direct"]["messages"] = {"scenarios": {"c1_instant": sc(0.2, 0.4, 4000), "max_instant": sc(10, 20, 5000)},
+                                          "stream": {"ttft_p50_ms": 0.5, "ttft_p99_ms": 0.9}}  # fmt: skip
+    res["proxy"]["tollway"]["messages"] = {"scenarios": {"c1_instant": sc(0.62, 1.3, 1500), "max_instant": sc(30, 40, 2000)},
+                                           "stream": {"ttft_p50_ms": 1.9, "ttft_p99_ms": 3.0}}  # fmt: skip
+    lines = table.render(res).splitlines()
+    c1 = next(ln for ln in lines if ln.startswith("/v1/messages c=1"))
+    assert "+0.42 / +0.90" in c1 and c1.endswith("yes")  # 0.42 ms added vs chat's 0.40: within 10%
+    assert "2,000 (40%)" in next(ln for ln in lines if ln.startswith("/v1/messages c=64"))
+    stream = next(ln for ln in lines if ln.startswith("/v1/messages stream"))
+    assert "+1.40 / +2.10" in stream and stream.endswith("NO")  # 1.4 ms vs chat's 0.5: not within 10%
 
 
 def test_responses_rows_and_first_delta_match() -> None:

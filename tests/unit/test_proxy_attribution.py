@@ -53,6 +53,12 @@ def test_end_user_first_present_wins(body: dict, expected: str) -> None:
     assert attribute(body, {}, {})[0] == expected
 
 
+def test_anthropic_metadata_user_id_is_the_end_user_and_never_a_tag() -> None:
+    # Claude Code sends a session id there: as a tag it would be one tag value per session
+    end_user, tags = attribute({"metadata": {"user_id": "session-1", "project": "apollo"}}, {}, {})
+    assert end_user == "session-1" and tags == {"project": "apollo"}
+
+
 @pytest.mark.parametrize(
     ("body", "header", "named"),
     [
