@@ -72,19 +72,59 @@ class Plan(Limits):
     models: list[str] | None = Field(default=None, description="public names or aliases a key may use; None = all")
 
 
-class Price(_Strict):
-    """USD per 1M tokens, in force from `effective_from` (UTC date) until the next entry."""
+def _decimal(v: object) -> object:
+    # YAML turns 2.5 into a float; go through str so 0.1 stays exactly 0.1.
+    return Decimal(str(v)) if isinstance(v, float) else v
 
-    effective_from: date = date(2000, 1, 1)
+
+class Rates(_Strict):
+    """One set of token prices, USD per 1M tokens: a price's base set, a service tier's and a long-context tier's
+    (schemas/prices.py resolves and applies them). An unset cache price is the set's `input`: what those tokens
+    cost before the split existed (they are inside prompt_tokens), so an old entry prices every call as before."""
+
     input: Decimal = Field(ge=0)
     output: Decimal = Field(default=Decimal(0), ge=0)
-    cached_input: Decimal | None = Field(default=None, ge=0)
+    cached_input: Decimal | None = Field(default=None, ge=0, description="cache reads; default input")
+    cache_write: Decimal | None = Field(default=None, ge=0, description="5-minute cache writes; default input")
+    cache_write_1h: Decimal | None = Field(default=None, ge=0, description="1-hour cache writes; default input")
 
-    @field_validator("input", "output", "cached_input", mode="before")
+    @field_validator("input", "output", "cached_input", "cache_write", "cache_write_1h", mode="before")
     @classmethod
     def _no_float(cls, v: object) -> object:
-        # YAML turns 2.5 into a float; go through str so 0.1 stays exactly 0.1.
-        return Decimal(str(v)) if isinstance(v, float) else v
+        return _decimal(v)
+
+
+class LongContext(Rates):
+    """Prices for a call whose prompt_tokens (all input, cache reads and writes included) exceed the threshold:
+    the whole call is priced at these, as Anthropic and Google bill long prompts."""
+
+    above_prompt_tokens: int = Field(ge=1, le=MAX_COUNT)
+
+
+class Price(Rates):
+    """USD per 1M tokens (the `Rates`), per-call fees, and the tiers, in force from `effective_from` (UTC date)
+    until the next entry. A service tier the event names (`service_tier`) picks its own rates; an unknown or
+    empty tier is priced at the base rates (and the long-context tier, when the prompt is over it). The fees
+    are per call and the same in every tier."""
+
+    effective_from: date = date(2000, 1, 1)
+    request: Decimal | None = Field(default=None, ge=0, description="USD per billable request; default 0")
+    web_search: Decimal | None = Field(default=None, ge=0, description="USD per 1,000 web searches; default 0")
+    long_context: LongContext | None = None
+    service_tiers: dict[str, Rates] = Field(default_factory=dict, description="e.g. flex, priority, batch")
+
+    @field_validator("request", "web_search", mode="before")
+    @classmethod
+    def _no_float_fee(cls, v: object) -> object:
+        return _decimal(v)
+
+    @field_validator("service_tiers")
+    @classmethod
+    def _tier_names(cls, v: dict[str, Rates]) -> dict[str, Rates]:
+        for name in v:
+            if not name or len(name) > 64:
+                raise ValueError(f"a service tier name must have 1 to 64 characters, got {name!r}")
+        return v
 
 
 # The wire API a provider speaks, and the proxy endpoints each serves natively (one fact, one place: the

@@ -13,24 +13,34 @@ from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
 
-from schemas.config import GatewayConfig, ModelConfig, Price
+from schemas.config import GatewayConfig, LongContext, ModelConfig, Price, Rates
+from schemas.prices import price_identity
 
 ZERO = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
 class CatalogPrice:
-    """One catalog price in the book's dimensions (USD per 1M tokens), from `start` (None: since always)."""
+    """One catalog price in the book's dimensions (USD per 1M tokens; request per call, web_search per 1,000),
+    from `start` (None: since always)."""
 
     start: date | None
     input: Decimal
     output: Decimal = ZERO
     cached_input: Decimal | None = None
-    unheld: tuple[str, ...] = ()  # catalog dimensions the book cannot hold yet (cache writes, tiers, ...)
+    unheld: tuple[str, ...] = ()  # catalog dimensions the book cannot hold (audio, storage, several tiers, ...)
+    cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
+    request: Decimal | None = None
+    web_search: Decimal | None = None
+    long_context: LongContext | None = None
+    service_tiers: tuple[tuple[str, Rates], ...] = ()  # (tier name, rates), by name
 
     def as_price(self, effective_from: date) -> Price:
         return Price(effective_from=effective_from, input=self.input, output=self.output,
-                     cached_input=self.cached_input)  # fmt: skip
+                     cached_input=self.cached_input, cache_write=self.cache_write, cache_write_1h=self.cache_write_1h,
+                     request=self.request, web_search=self.web_search, long_context=self.long_context,
+                     service_tiers=dict(self.service_tiers))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,21 +105,35 @@ def book_at(prices: list[Price], day: date) -> Price | None:
     return found
 
 
-def _units(p: Price) -> tuple[Decimal, Decimal, Decimal]:
-    # the priced meaning (schemas/prices.py): cached_input defaults to input; 2 and 2.00 are one price
-    cached = p.input if p.cached_input is None else p.cached_input
-    return p.input.normalize(), p.output.normalize(), cached.normalize()
-
-
 def same(a: Price, b: Price) -> bool:
-    return _units(a) == _units(b)
+    """The same price in every dimension: what the version hash covers (schemas/prices.py price_identity), so
+    2 and 2.00 are one price and an unset cache price equals one set to input."""
+    return price_identity(a) == price_identity(b)
+
+
+def _d(x: Decimal) -> str:
+    return format(x, "f")
+
+
+def _rates_text(r: Rates) -> str:
+    parts = [f"input {_d(r.input)}", f"output {_d(r.output)}"]
+    parts += [f"{name} {_d(v)}" for name in ("cached_input", "cache_write", "cache_write_1h")
+              if (v := getattr(r, name)) is not None]  # fmt: skip
+    return " ".join(parts)
 
 
 def show(p: Price | None) -> str:
     if p is None:
         return "none"
-    cached = "" if p.cached_input is None else f" cached_input {format(p.cached_input, 'f')}"
-    return f"input {format(p.input, 'f')} output {format(p.output, 'f')}{cached} from {p.effective_from}"
+    parts = [_rates_text(p)]
+    if p.request is not None:
+        parts.append(f"request {_d(p.request)}")
+    if p.web_search is not None:
+        parts.append(f"web_search {_d(p.web_search)}/1K")
+    if p.long_context is not None:
+        parts.append(f"above {p.long_context.above_prompt_tokens} prompt tokens: {_rates_text(p.long_context)}")
+    parts += [f"tier {name}: {_rates_text(r)}" for name, r in sorted(p.service_tiers.items())]
+    return "; ".join(parts) + f" from {p.effective_from}"
 
 
 @dataclass
@@ -137,8 +161,15 @@ def plan_model(name: str, m: ModelConfig, found: CatalogModel | None, today: dat
     if effective_from is not None:
         wanted = [(effective_from, p) for p in [found.at(effective_from)] if p is not None]
     else:
-        # the catalog's own start date, else today (a catalog price with no date is simply "now")
-        wanted = [(p.start or today, p) for p in found.from_day(today)]
+        # the catalog's own start date, else today (a catalog price with no date is simply "now"); a catalog
+        # price in force since a past day, for a model priced today, from today (a past date would reprice
+        # billed usage: that takes an explicit --effective-from, refused below)
+        def day_of(p: CatalogPrice) -> date:
+            if p.start is None or (p.start < today and out.current is not None):
+                return today
+            return p.start
+
+        wanted = [(day_of(p), p) for p in found.from_day(today)]
     if not wanted:
         out.note = f"the catalog has no price for {name} on that date"
         return out
@@ -150,6 +181,8 @@ def plan_model(name: str, m: ModelConfig, found: CatalogModel | None, today: dat
         there = book_at(book, day)
         if there is not None and same(there, new):
             continue
+        if day < today and (now := book_at(book, today)) is not None and same(now, new):
+            continue  # the catalog's price since a past day is the book's today: nothing to add
         if there is not None and there.effective_from == day:
             out.problem = (f"the book already has a different price dated {day} ({show(there)}); an import "
                            f"only adds entries: edit it by hand or import with another --effective-from")  # fmt: skip

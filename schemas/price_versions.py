@@ -51,7 +51,7 @@ def conflicts(config: GatewayConfig, recorded: Recorded, today: date) -> list[tu
 def refusal(e: CatalogEntry, was: UnitPrice) -> str:
     who = e.model if e.provider == "*" else f"{e.model} (route {e.provider})"
     return (f"the price of {who} in force from {e.effective_from} was edited in place ({_units(was)} -> "
-            f"{_units(e.unit)}): a price in force never changes; restore it, add a new entry with a later "
+            f"{_units(e.unit)}; version {was.version} -> {e.unit.version}): a price in force never changes; restore it, add a new entry with a later "
             f"effective_from, then run `tollway rerate --period YYYY-MM`")  # fmt: skip
 
 

@@ -10,6 +10,7 @@ config; otherwise nothing is written and the operator is told what to add by han
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from schemas.config import Price, parse_config
+from schemas.config import Price, Rates, parse_config
 
 
 class BookEditError(ValueError):
@@ -32,14 +33,27 @@ def _dec(d: Decimal) -> str:
     return format(d.normalize(), "f")  # 2.000000 (LiteLLM per token x 1M) is written 2
 
 
+def _rates(r: Rates) -> list[str]:
+    parts = [f'input: "{_dec(r.input)}"', f'output: "{_dec(r.output)}"']
+    parts += [f'{name}: "{_dec(v)}"' for name in ("cached_input", "cache_write", "cache_write_1h")
+              if (v := getattr(r, name)) is not None]  # fmt: skip
+    return parts
+
+
+def _name(n: str) -> str:
+    return n if re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", n) else json.dumps(n)
+
+
 def entry_line(p: Price) -> str:
-    parts = [
-        f"effective_from: {p.effective_from.isoformat()}",
-        f'input: "{_dec(p.input)}"',
-        f'output: "{_dec(p.output)}"',
-    ]
-    if p.cached_input is not None:
-        parts.append(f'cached_input: "{_dec(p.cached_input)}"')
+    """One flow mapping with every dimension the entry sets (nested flow mappings for the tiers)."""
+    parts = [f"effective_from: {p.effective_from.isoformat()}", *_rates(p)]
+    parts += [f'{name}: "{_dec(v)}"' for name in ("request", "web_search") if (v := getattr(p, name)) is not None]
+    if (lc := p.long_context) is not None:
+        parts.append("long_context: {" + ", ".join([f"above_prompt_tokens: {lc.above_prompt_tokens}", *_rates(lc)])
+                     + "}")  # fmt: skip
+    if p.service_tiers:
+        tiers = ", ".join(f"{_name(n)}: {{{', '.join(_rates(r))}}}" for n, r in p.service_tiers.items())
+        parts.append(f"service_tiers: {{{tiers}}}")
     return "{" + ", ".join(parts) + "}"
 
 

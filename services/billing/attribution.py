@@ -24,11 +24,10 @@ from typing import Any
 from schemas.clickhouse import Store
 from schemas.money import cents, plain, usd
 from schemas.periods import bounds
-from schemas.prices import MILLION
 from schemas.tags import MAX_END_USER_CHARS, MAX_VALUE_CHARS, NONE_LABEL, key_problem
 from services.billing import ledger
 from services.billing.errors import Conflict, InvalidRequest
-from services.billing.invoice_lines import ItemKey, items_of
+from services.billing.invoice_lines import ItemKey, exact_amount, item_key, items_of
 
 CENT = Decimal("0.01")
 ZERO = Decimal(0)
@@ -110,12 +109,11 @@ async def breakdown(store: Store, invoice: dict[str, Any], dim: Dimension) -> di
     for line in invoice["lines"]:
         if line["type"] != "usage":
             continue
-        key: ItemKey = (line["model"], line["price_version"], line["component"],
-                        Decimal(line["unit_price_usd_per_1m"]))  # fmt: skip
+        key: ItemKey = item_key(line)
         qty = {label: it[key][0] for label, it in items.items() if key in it}
         if sum(qty.values()) != line["quantity"]:  # cannot happen for one as_of; refuse rather than not foot
             raise Conflict(f"the ledger rows of invoice line {line['line']} changed while reading; retry")
-        shares = {label: Decimal(q) * key[3] / MILLION for label, q in qty.items()}
+        shares = {label: exact_amount(q, key) for label, q in qty.items()}
         for label, amount in share(Decimal(line["amount_usd"]), shares).items():
             amounts[label] += amount
             exact[label] += shares[label]

@@ -104,9 +104,13 @@ def build_queries(team_id: str | None, granularity: str, filtered: str | None = 
                   f"toUInt64(x.cache_hit) AS cache_hits, toUInt64(NOT x.priced) AS unpriced, x.prompt_tokens AS "
                   f"prompt_tokens, x.completion_tokens AS completion_tokens, x.cached_tokens AS cached_tokens, "
                   f"x.cost_usd AS cost FROM {eff})")  # fmt: skip
+        # what the hits would have cost, in every price dimension (as 034's cache_savings_hourly view)
         savings = (f"(SELECT toStartOfHour(x.occurred_at) AS hour, x.team_id AS team_id, (toDecimal128(x.input_tokens, "
                    f"0) * x.unit_input + toDecimal128(x.cached_input_tokens, 0) * x.unit_cached_input + toDecimal128("
-                   f"x.output_tokens, 0) * x.unit_output) / 1000000 AS savings_usd FROM {eff} AND x.cache_hit)")  # fmt: skip
+                   f"x.cache_write_input_tokens, 0) * x.unit_cache_write + toDecimal128(x.cache_write_1h_input_tokens, "
+                   f"0) * x.unit_cache_write_1h + toDecimal128(x.output_tokens, 0) * x.unit_output + toDecimal128("
+                   f"x.fee_requests, 0) * x.unit_request * 1000000 + toDecimal128(x.web_searches, 0) * "
+                   f"x.unit_web_search * 1000) / 1000000 AS savings_usd FROM {eff} AND x.cache_hit)")  # fmt: skip
         unpriced = (f"(SELECT x.occurred_at AS occurred_at, x.team_id AS team_id, x.requested_model AS requested_model, "
                     f"x.served_model AS served_model, x.prompt_tokens AS prompt_tokens, x.completion_tokens AS "
                     f"completion_tokens FROM {eff} AND NOT x.priced)")  # fmt: skip

@@ -4,9 +4,12 @@ Rounding rule (stated once, applied everywhere): every line amount is computed e
 quantity and unit price, then rounded ONCE to whole cents with ROUND_HALF_EVEN; subtotal, adjustments and
 total are plain sums of rounded lines, so the lines always add up to the total exactly.
 
-Items. A usage line is one item of a period: (model, price version, component, unit price per 1M). The unit
+Items. A usage line is one item of a period: (model, price version, component, unit price). The unit
 price is part of the key, so an in-place price edit under one version string gives two lines, never one.
-amount = round(tokens x unit / 1M).
+Components are the ledger's (input, cached input, cache write 5m, cache write 1h, output, requests, web
+search); a line exists only where its quantity is not zero. amount = round(quantity x unit / PER), PER being
+1M for tokens (`unit_price_usd_per_1m`), 1 for requests (`unit_price_usd_per_request`), 1,000 for web searches
+(`unit_price_usd_per_1k`); `price_basis` names it.
 
 Plan fee. The fee runs from the team's creation (nothing before it) and follows its plan history: one line
 per span of one plan, amount = round(monthly fee x seconds of the span / seconds of the month), exact
@@ -45,8 +48,8 @@ import orjson
 from schemas.clock import iso
 from schemas.money import cents, plain, usd
 from schemas.periods import bounds
-from schemas.prices import MILLION
-from services.billing.ledger import LedgerLine
+from schemas.prices import PER
+from services.billing.ledger import COMPONENTS, LedgerLine
 from services.billing.plan_history import PlanSpan
 
 ZERO = Decimal(0)
@@ -57,30 +60,64 @@ Billed = dict[ItemKey, tuple[int, Decimal]]  # -> (quantity, amount)
 NUMBER_PREFIX = {"invoice": "TW", "credit_note": "CN"}
 
 
+# Per-call fees a price may not have: without one (unit 0) they are no item, so an invoice has no line of them.
+_FEES = frozenset({"request", "web_search"})
+
+
 def items_of(lines: list[LedgerLine]) -> Items:
     out: dict[ItemKey, tuple[int, int]] = {}
     for line in lines:
+        if line.component in _FEES and not line.unit_usd_per_1m:
+            continue
         key = (line.model, line.price_version, line.component, line.unit_usd_per_1m)
         qty, requests = out.get(key, (0, 0))
         out[key] = (qty + line.quantity, requests + line.requests)
     return out
 
 
-def _exact(qty: int, unit: Decimal) -> Decimal:
-    return Decimal(qty) * unit / MILLION
+# Per component (the ledger's COMPONENTS): what a line says it counts, the field its unit price is in, and the
+# basis of that price. The token components keep the fields they always had.
+_TOKENS = ("tokens", "unit_price_usd_per_1m", "1M tokens")
+SHAPE: dict[str, tuple[str, str, str, str]] = {  # component -> (described as, unit, price field, price basis)
+    "input": ("input tokens", *_TOKENS), "cached_input": ("cached input tokens", *_TOKENS),
+    "cache_write": ("cache write 5m tokens", *_TOKENS), "cache_write_1h": ("cache write 1h tokens", *_TOKENS),
+    "output": ("output tokens", *_TOKENS),
+    "request": ("requests", "requests", "unit_price_usd_per_request", "request"),
+    "web_search": ("web searches", "web searches", "unit_price_usd_per_1k", "1K web searches"),
+}  # fmt: skip
+assert set(SHAPE) == set(COMPONENTS)
+
+
+def _exact(qty: int, unit: Decimal, comp: str) -> Decimal:
+    return Decimal(qty) * unit / PER[comp]
+
+
+def exact_amount(qty: int, key: ItemKey) -> Decimal:
+    """The exact amount of `qty` units of an item (its price's basis: per 1M tokens, per request, per 1K)."""
+    return _exact(qty, key[3], key[2])
+
+
+def item_key(line: dict[str, Any]) -> ItemKey:
+    """The item a usage line bills (its own fields; an adjustment's item is `_key_of(line, line["adjusts"])`)."""
+    return _key_of(line, line)
+
+
+def _priced_as(comp: str, unit: Decimal) -> dict[str, Any]:
+    _, counted, price_field, basis = SHAPE[comp]
+    return {"unit": counted, price_field: plain(unit), "price_basis": basis}
 
 
 def usage_lines(items: Items) -> list[dict[str, Any]]:
+    """One line per (model, price version, component, unit price) with a non-zero quantity."""
     lines = []
     for (model, version, comp, unit), (qty, requests) in sorted(items.items()):
         if qty == 0:
             continue
-        exact = _exact(qty, unit)
+        exact = _exact(qty, unit, comp)
         lines.append({
             "type": "usage", "model": model, "price_version": version, "component": comp,
-            "description": f"{model} {comp.replace('_', ' ')} tokens", "requests": requests,
-            "quantity": qty, "unit": "tokens", "unit_price_usd_per_1m": plain(unit),
-            "exact_amount_usd": plain(exact), "amount_usd": usd(cents(exact)),
+            "description": f"{model} {SHAPE[comp][0]}", "requests": requests, "quantity": qty,
+            **_priced_as(comp, unit), "exact_amount_usd": plain(exact), "amount_usd": usd(cents(exact)),
         })  # fmt: skip
     return lines
 
@@ -113,7 +150,8 @@ def plan_fee_lines(period: str, spans: list[PlanSpan], fees: dict[str, Decimal])
 
 
 def _key_of(line: dict[str, Any], source: dict[str, Any]) -> ItemKey:
-    return (source["model"], source["price_version"], source["component"], Decimal(line["unit_price_usd_per_1m"]))
+    comp = source["component"]
+    return (source["model"], source["price_version"], comp, Decimal(line[SHAPE[comp][2]]))
 
 
 def billed_items(period: str, finalized: dict[str, dict[str, Any]]) -> Billed:
@@ -145,9 +183,9 @@ def adjustment_lines(period: str, invoice: dict[str, Any] | None, now: Items, kn
         t, k = now.get(key, (0, 0))[0], known.get(key, (0, 0))[0]
         b_qty, b_amount = billed.get(key, (0, ZERO))
         late, rerate = t - k, k - b_qty
-        late_usd = cents(_exact(late, unit))
-        rerate_usd = cents(_exact(rerate, unit))
-        rounding_usd = cents(_exact(t, unit)) - b_amount - late_usd - rerate_usd
+        late_usd = cents(_exact(late, unit, comp))
+        rerate_usd = cents(_exact(rerate, unit, comp))
+        rounding_usd = cents(_exact(t, unit, comp)) - b_amount - late_usd - rerate_usd
         for reason, qty, amount in (("late usage", late, late_usd), ("re-rating", rerate, rerate_usd),
                                     ("rounding", 0, rounding_usd)):  # fmt: skip
             if qty == 0 and amount == 0:
@@ -156,13 +194,18 @@ def adjustment_lines(period: str, invoice: dict[str, Any] | None, now: Items, kn
             lines.append({
                 "type": "adjustment", "reason": reason,
                 "description": f"{reason}: {period}" + (f" invoice {number}" if number else "")
-                               + f" {model} {comp.replace('_', ' ')} tokens at {version} ({plain(unit)}/1M)",
+                               + f" {model} {SHAPE[comp][0]} at {version} ({plain(unit)}/{_per_text(comp)})",
                 "adjusts": {"invoice_id": invoice["invoice_id"] if invoice is not None else None,
                             "invoice_number": number, "period": period, "model": model, "price_version": version,
                             "component": comp},
-                "quantity": qty, "unit": "tokens", "unit_price_usd_per_1m": plain(unit), "amount_usd": usd(amount),
+                "quantity": qty, **_priced_as(comp, unit), "amount_usd": usd(amount),
             })  # fmt: skip
     return lines
+
+
+def _per_text(comp: str) -> str:
+    """How an adjustment's description names the price basis ('1M' as it always did for tokens)."""
+    return {"1M tokens": "1M", "request": "request", "1K web searches": "1K searches"}[SHAPE[comp][3]]
 
 
 def _sum(lines: list[dict[str, Any]], kind: str) -> Decimal:
@@ -213,7 +256,11 @@ def content_hash(invoice: dict[str, Any]) -> str:
 
 CSV_COLUMNS = ("invoice_id", "number", "status", "team_id", "period", "currency", "line", "type", "model",
                "price_version", "component", "description", "quantity", "unit", "unit_price_usd_per_1m",
-               "amount_usd", "adjusts_invoice", "adjusts_period", "kind", "reason", "month_seconds")  # fmt: skip
+               "amount_usd", "adjusts_invoice", "adjusts_period", "kind", "reason", "month_seconds",
+               "price_basis")  # fmt: skip
+# The CSV's one price column holds each line's price in its basis (`price_basis`): per 1M tokens, per request,
+# per 1K web searches, or a plan fee's per month.
+_PRICE_FIELDS = ("unit_price_usd_per_1m", "unit_price_usd_per_request", "unit_price_usd_per_1k", "unit_price_usd")
 
 
 def to_csv(invoices: list[dict[str, Any]]) -> str:
@@ -230,12 +277,13 @@ def to_csv(invoices: list[dict[str, Any]]) -> str:
             w.writerow([*head, line["line"], line["type"], line.get("model", ""),
                         line.get("price_version", ""), line.get("component", ""), line["description"],
                         line["quantity"], line["unit"],
-                        line.get("unit_price_usd_per_1m", line.get("unit_price_usd", "")), line["amount_usd"],
+                        next((line[f] for f in _PRICE_FIELDS if f in line), ""), line["amount_usd"],
                         adj.get("invoice_number") or "", adj.get("period", ""), kind, line.get("reason", ""),
-                        line.get("month_seconds", "")])  # fmt: skip
+                        line.get("month_seconds", ""), line.get("price_basis", "month" if line["type"] == "plan_fee"
+                                                                 else "")])  # fmt: skip
         for c in inv.get("credits") or []:
             w.writerow([*head, "", "credits", "", "", "", f"credits invoice {c['invoice_number']}", "", "", "",
-                        c["amount_usd"], c["invoice_number"], c["period"], kind, "", ""])  # fmt: skip
+                        c["amount_usd"], c["invoice_number"], c["period"], kind, "", "", ""])  # fmt: skip
         for total in ("subtotal", "adjustments", "total"):
-            w.writerow([*head, "", total, "", "", "", total, "", "", "", inv[f"{total}_usd"], "", "", kind, "", ""])
+            w.writerow([*head, "", total, "", "", "", total, "", "", "", inv[f"{total}_usd"], "", "", kind, "", "", ""])
     return buf.getvalue()

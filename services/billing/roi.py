@@ -5,10 +5,13 @@ Rows come from the ledger's effective rows (events FINAL + re-rating adjustments
 team-month is the ledger's exact amount. For each group (day, requested model, served model, status,
 effective unit prices):
   actual       = effective cost (cache hits and rejections cost 0);
-  own          = the tokens at the served model's effective unit prices (for a cache hit: the avoided cost);
+  own          = the quantities (every price dimension: schemas/prices.py) at the served model's effective unit
+                 prices (for a cache hit: the avoided cost);
   requested    = the tokens at the requested model's price that day (= own unless routing changed the model);
   baseline     = the tokens at the requested model's `baseline` price in force that day (effective-dated like
-                 prices; a model without one in force: its own price).
+                 prices; a model without one in force: its own price). A baseline is a Price: its cache
+                 writes, fees, service tiers and long-context rates apply as they would to a price (groups
+                 are split by service tier and by which long-context thresholds the prompts cross).
 savings = baseline - actual, split into
   cache     = own of cache hits,
   routing   = requested - own of calls served by another model than requested (fallback/routing),
@@ -37,10 +40,10 @@ from typing import Any
 from schemas.billed import billed_model
 from schemas.clickhouse import Store
 from schemas.clock import iso
-from schemas.config import GatewayConfig, Price
+from schemas.config import GatewayConfig
 from schemas.money import CENT, cents, plain, usd
 from schemas.periods import bounds, period_of
-from schemas.prices import MILLION, PriceBook, UnitPrice
+from schemas.prices import PriceBook, Quantities, UnitPrice, catalog, cost_at, price_set
 from services.billing import ledger
 
 ZERO = Decimal(0)
@@ -48,15 +51,19 @@ MIN_ANNUALISE_DAYS = 7
 ROUNDING_RULE = ("each model row: exact Decimal figures rounded once to 0.01 USD (ROUND_HALF_EVEN), savings = "
                  "rounded baseline - rounded actual; totals = sums of the rounded rows")  # fmt: skip
 
+# Every long-context threshold of the config (prices, route prices, baselines): a group's `over` counts those its
+# calls' prompts exceed, so the rates at any of these prices are the same for every call of the group.
 ROI_SQL = f"""
 SELECT toDate(x.occurred_at, 'UTC') AS day, x.requested_model AS requested_model, x.model AS billed_model,
-       x.provider AS provider, x.status AS status, x.unit_input AS unit_input, x.unit_output AS unit_output,
-       x.unit_cached_input AS unit_cached_input, count() AS requests,
+       x.provider AS provider, x.status AS status, x.service_tier AS service_tier,
+       arrayCount(t -> x.prompt_tokens > t, {{thresholds:Array(UInt64)}}) AS over,
+       {", ".join(f"x.{c} AS {c}" for c in ledger.UNIT_COLUMNS)}, count() AS requests,
        sum(x.input_tokens) AS input_qty, sum(x.cached_input_tokens) AS cached_qty, sum(x.output_tokens) AS output_qty,
-       sum(x.cost_usd) AS cost
+       sum(x.cache_write_input_tokens) AS cache_write_qty, sum(x.cache_write_1h_input_tokens) AS cache_write_1h_qty,
+       sum(x.fee_requests) AS request_qty, sum(x.web_searches) AS web_search_qty, sum(x.cost_usd) AS cost
 FROM {ledger.effective_sql(team=True)} AS x
 WHERE (x.billable OR x.status = 'cached') AND x.priced
-GROUP BY day, requested_model, billed_model, provider, status, unit_input, unit_output, unit_cached_input
+GROUP BY day, requested_model, billed_model, provider, status, service_tier, over, {", ".join(ledger.UNIT_COLUMNS)}
 """
 
 
@@ -73,11 +80,28 @@ class RoiRow:
     cached_tokens: int
     output_tokens: int
     cost: Decimal
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    fee_requests: int = 0  # calls with tokens: the request fee's quantity
+    web_searches: int = 0
+    service_tier: str = ""
+    prompt_tokens: int = 0  # a prompt size that crosses exactly the long-context thresholds the group's calls do
+
+    def quantities(self) -> Quantities:
+        return Quantities(self.input_tokens, self.cached_tokens, self.cache_write_tokens, self.cache_write_1h_tokens,
+                          self.output_tokens, self.fee_requests, self.web_searches)  # fmt: skip
 
 
-def _at(unit: UnitPrice | Price, inp: int, cached: int, out: int) -> Decimal:
-    cached_price = unit.cached_input if unit.cached_input is not None else unit.input
-    return (Decimal(inp) * unit.input + Decimal(cached) * cached_price + Decimal(out) * unit.output) / MILLION
+def _at(unit: UnitPrice, r: RoiRow) -> Decimal:
+    return cost_at(unit, r.quantities()).total
+
+
+def thresholds(config: GatewayConfig) -> list[int]:
+    """Every long-context threshold a price or baseline of the config has, ascending."""
+    found = {e.prices.long_context[0] for e in catalog(config) if e.prices.long_context is not None}
+    found |= {p.long_context.above_prompt_tokens for m in config.models.values() for p in m.baseline or ()
+              if p.long_context is not None}  # fmt: skip
+    return sorted(found)
 
 
 def _pct(part: Decimal, whole: Decimal) -> str:
@@ -100,13 +124,14 @@ def compute(rows: list[RoiRow], config: GatewayConfig, team_id: str, period: str
         served = billed_model(r.served_model, r.requested_model)
         requested = config.resolve(r.requested_model) or served
         when = datetime(r.day.year, r.day.month, r.day.day, tzinfo=UTC)
-        toks = (r.input_tokens, r.cached_tokens, r.output_tokens)
-        own = _at(r.unit, *toks)
+        own = _at(r.unit, r)
         actual = ZERO if r.status == "cached" else r.cost
-        req_unit = book.at(requested, "*", when) if requested != served else None
-        req_cost = _at(req_unit, *toks) if req_unit is not None else own
+        req_entry = book.at(requested, "*", when) if requested != served else None
+        req_cost = _at(req_entry.select(r.service_tier, r.prompt_tokens), r) if req_entry is not None else own
         base_price = config.models[requested].baseline_at(r.day) if requested in config.models else None
-        baseline = _at(base_price, *toks) if base_price is not None else req_cost
+        # A baseline is a Price like any other: the same dimensions, tiers and long-context rates.
+        baseline = (_at(price_set(requested, "baseline", base_price).select(r.service_tier, r.prompt_tokens), r)
+                    if base_price is not None else req_cost)  # fmt: skip
         cache = own if r.status == "cached" else ZERO
         routing = req_cost - own if requested != served else ZERO
         exact["actual"] += actual
@@ -116,7 +141,7 @@ def compute(rows: list[RoiRow], config: GatewayConfig, team_id: str, period: str
             "actual": ZERO, "baseline": ZERO, "cache": ZERO, "routing": ZERO})  # fmt: skip
         m["requests"] += r.requests
         m["cache_hits"] += r.requests if r.status == "cached" else 0
-        m["prompt_tokens"] += r.input_tokens + r.cached_tokens
+        m["prompt_tokens"] += r.input_tokens + r.cached_tokens + r.cache_write_tokens + r.cache_write_1h_tokens
         m["cached_tokens"] += r.cached_tokens
         m["completion_tokens"] += r.output_tokens
         for k, v in (("actual", actual), ("baseline", baseline), ("cache", cache), ("routing", routing)):
@@ -161,15 +186,22 @@ def compute(rows: list[RoiRow], config: GatewayConfig, team_id: str, period: str
 
 async def roi_report(store: Store, config: GatewayConfig, team_id: str, period: str) -> dict[str, Any]:
     start, end = bounds(period)
-    raw = await store.query_dicts(ROI_SQL, parameters={"team": team_id, "start": start, "end": end})
+    limits = thresholds(config)
+    raw = await store.query_dicts(ROI_SQL, parameters={"team": team_id, "start": start, "end": end,
+                                                       "thresholds": limits})  # fmt: skip
     rows = [
         RoiRow(r["day"], r["requested_model"], r["billed_model"], r["provider"], r["status"],
-               UnitPrice("stored", Decimal(r["unit_input"]), Decimal(r["unit_output"]), Decimal(r["unit_cached_input"])),
-               int(r["requests"]), int(r["input_qty"]), int(r["cached_qty"]), int(r["output_qty"]),
-               Decimal(r["cost"]))
+               UnitPrice("stored", *(Decimal(r[f"unit_{d}"]) for d in _UNIT_ORDER)), int(r["requests"]),
+               int(r["input_qty"]), int(r["cached_qty"]), int(r["output_qty"]), Decimal(r["cost"]),
+               int(r["cache_write_qty"]), int(r["cache_write_1h_qty"]), int(r["request_qty"]),
+               int(r["web_search_qty"]), r["service_tier"], limits[r["over"] - 1] + 1 if r["over"] else 0)
         for r in raw
     ]  # fmt: skip
     return compute(rows, config, team_id, period, datetime.now(UTC))
+
+
+# UnitPrice's fields after its version, in order
+_UNIT_ORDER = ("input", "output", "cached_input", "cache_write", "cache_write_1h", "request", "web_search")
 
 
 ROI_CSV_COLUMNS = ("team_id", "period", "model", "requests", "cache_hits", "prompt_tokens", "cached_tokens",

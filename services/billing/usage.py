@@ -14,6 +14,12 @@ Fields per group and in totals:
       the calls and tokens cost_usd prices (status ok/error, priced), so tokens x unit price == cost_usd;
   cache_hits, cache_hit_prompt_tokens, cache_hit_completion_tokens: answered from the gateway cache,
       billed zero;
+  cache_write_tokens, cache_write_1h_tokens, web_search_requests: every call's, as reported;
+  billed_cache_write_tokens, billed_cache_write_1h_tokens, billed_fee_requests (billable calls with tokens),
+      billed_web_search_requests: the other quantities cost_usd prices (billed_input_tokens excludes cache
+      reads and writes), so each quantity x its unit price sums to cost_usd;
+  cost_input_usd, cost_cached_input_usd, cost_cache_write_usd, cost_cache_write_1h_usd, cost_output_usd,
+      cost_request_usd, cost_web_search_usd: cost_usd by dimension (re-rating included); they sum to it;
   unpriced_requests: calls stored without a price (billed zero until `tollway rerate` prices them);
   quoted_requests, quoted_usd: the calls the proxy told a provisional cost (x-tollway-cost-usd, usage.cost) and
       the sum of what it told; quote_differences: those whose billed amount (cost_usd's share, 0 when not
@@ -64,12 +70,25 @@ METRICS_SQL = """
     sumIf(toDecimal128OrZero(x.quoted_cost_usd, 18), x.quoted_cost_usd != '') AS quoted_usd,
     countIf(x.quoted_cost_usd != ''
             AND toDecimal128OrZero(x.quoted_cost_usd, 18) != if(x.billable, x.cost_usd, toDecimal128(0, 18)))
-        AS quote_differences"""
+        AS quote_differences,
+    sum(x.cache_write_tokens) AS cache_write_tokens,
+    sum(x.cache_write_1h_tokens) AS cache_write_1h_tokens,
+    sum(x.web_searches) AS web_search_requests,
+    sumIf(x.cache_write_input_tokens, x.billable) AS billed_cache_write_tokens,
+    sumIf(x.cache_write_1h_input_tokens, x.billable) AS billed_cache_write_1h_tokens,
+    sumIf(x.fee_requests, x.billable) AS billed_fee_requests,
+    sumIf(x.web_searches, x.billable) AS billed_web_search_requests,""" + ",".join(
+    f"\n    sumIf(x.{c}, x.billable) AS {c}" for c in ledger.COST_COLUMNS
+)
+# Added with the price dimensions (issue 15): the new counts, and cost_usd by dimension (they sum to it).
+DIMENSION_INT_FIELDS = ("cache_write_tokens", "cache_write_1h_tokens", "web_search_requests",
+                        "billed_cache_write_tokens", "billed_cache_write_1h_tokens", "billed_fee_requests",
+                        "billed_web_search_requests")  # fmt: skip
 INT_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "unpriced_requests",
               "billed_requests", "billed_input_tokens", "billed_cached_input_tokens", "billed_output_tokens",
               "cache_hits", "cache_hit_prompt_tokens", "cache_hit_completion_tokens", "quoted_requests",
-              "quote_differences")  # fmt: skip
-MONEY_FIELDS = ("cost_usd", "adjustments_usd", "quoted_usd")
+              "quote_differences", *DIMENSION_INT_FIELDS)  # fmt: skip
+MONEY_FIELDS = ("cost_usd", "adjustments_usd", "quoted_usd", *ledger.COST_COLUMNS)
 # What DateTime64 can hold; outside it ClickHouse would fail or wrap, so it is the caller's error.
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 LATEST = datetime(2299, 12, 31, tzinfo=UTC)
@@ -154,7 +173,8 @@ def _metrics(row: dict[str, Any]) -> dict[str, Any]:
 PUBLIC_FIELDS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost_usd",
                  "unpriced_requests", "adjustments_usd", "billed_requests", "billed_input_tokens",
                  "billed_cached_input_tokens", "billed_output_tokens", "cache_hits", "cache_hit_prompt_tokens",
-                 "cache_hit_completion_tokens", "quoted_requests", "quoted_usd", "quote_differences")  # fmt: skip
+                 "cache_hit_completion_tokens", "quoted_requests", "quoted_usd", "quote_differences",
+                 *DIMENSION_INT_FIELDS, *ledger.COST_COLUMNS)  # fmt: skip
 
 
 def _public(m: dict[str, Any]) -> dict[str, Any]:

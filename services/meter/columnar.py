@@ -19,7 +19,9 @@ row, and every other record goes through the reference itself, so the outcome ne
   nulls only where allowed, counts that fit their columns, valid UTF-8. NaN/Infinity (pyarrow parses them,
   orjson does not) and timestamps in any form but the proxy's `YYYY-MM-DDTHH:MM:SS[.ffffff]Z` from 1970 on
   go to the reference.
-- Prices are looked up once per (model, provider, UTC day). Costs are exact: tokens x the price as an integer
+- Prices are looked up once per (model, provider, UTC day, service tier); a row's long-context tier is one
+  compare of its prompt_tokens with the group's threshold. Every dimension (schemas/prices.py DIMENSIONS) is
+  priced by the same kernels. Costs are exact: tokens x the price as an integer
   in uint64 when every row's product fits (then no Decimal step can round), else decimal256 with a bound on
   the digits of the sum (Decimal's default context keeps 28). A price with more fractional digits than its
   column (encode.py truncates those) or a cost that would round sends the row to the reference.
@@ -44,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from schemas.clock import FUTURE_TOLERANCE_S, future_cutoff
-from schemas.prices import PriceBook
+from schemas.prices import DIMENSIONS, MILLION, PER, PriceBook, UnitPrice
 from schemas.usage_row import EVENT, Field
 from services.meter.batch import PricedBatch
 from services.meter.dead_letters import DeadLetter
@@ -92,9 +94,8 @@ _FREE = pa.array(["cached", "rejected"])  # priced, at zero cost (schemas/prices
 
 _UNIT = pa.decimal128(38, 12)
 _COST = pa.decimal128(38, 18)
-_PER_TOKEN = pa.decimal256(40, 18)  # unit price / 1e6, exact for a unit with at most 12 fractional digits
+_PER_UNIT = pa.decimal256(40, 18)  # unit price per token (per request, per search): exact, <= 15 fractional digits
 _TOKENS = pa.decimal256(20, 0)
-_U64_THIRD = (2**64 - 1) // 3
 _TS = pa.timestamp("ms", tz="UTC")
 _MS_PER_DAY = 86_400_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -299,58 +300,97 @@ def _digits_ok(d: Decimal) -> bool:
     return isinstance(exp, int) and exp >= -12 and len(digits) <= 28
 
 
-def _groups(model: pa.Array, provider: pa.Array, day: pa.Array, book: PriceBook) -> tuple[pa.Array, dict]:
-    """Per-row group id and per-group price columns (few groups: models x providers x days in the batch)."""
-    m = pc.dictionary_encode(model)
-    p = pc.dictionary_encode(provider)
+# The dimensions, in schemas/prices.py's order, and each one's price as "per 1M units" (a request fee x 1e6, a
+# web search fee per 1,000 x 1e3), so one integer scale and one 1e-6 step price them all.
+_DIMS = DIMENSIONS
+_TO_MILLION = {d: MILLION / PER[d] for d in _DIMS}
+_U64_PART = (2**64 - 1) // len(_DIMS)  # each product's room so that the sum of all of them fits uint64
+_NEVER = 2**64 - 1  # a long-context threshold no prompt exceeds
+
+
+def _groups(model: pa.Array, provider: pa.Array, day: pa.Array, tier: pa.Array, prompt: pa.Array,
+            book: PriceBook) -> tuple[pa.Array, dict]:  # fmt: skip
+    """Per-row price-set id and per-set price columns. A group is (model, provider, UTC day, service tier): few
+    per batch. Each group has two sets, its rates at or under the long-context threshold and above it (the same
+    set twice when the price has no long-context tier or the service tier picks the rates)."""
+    m, p, tr = pc.dictionary_encode(model), pc.dictionary_encode(provider), pc.dictionary_encode(tier)
     first_day = pc.min(day).as_py() or 0
     days = pc.subtract(day, first_day)
-    n_p, n_d = len(p.dictionary), pc.max(days).as_py() + 1
-    key = pc.add(pc.multiply(pc.cast(m.indices, _I64), n_p * n_d),
-                 pc.add(pc.multiply(pc.cast(p.indices, _I64), n_d), days))  # fmt: skip
+    n_p, n_t, n_d = len(p.dictionary), len(tr.dictionary), pc.max(days).as_py() + 1
+    key = pc.add(pc.multiply(pc.add(pc.multiply(pc.add(pc.multiply(pc.cast(m.indices, _I64), n_p),
+                 pc.cast(p.indices, _I64)), n_t), pc.cast(tr.indices, _I64)), n_d), days)  # fmt: skip
     uniq = pc.unique(key)
     gid = pc.index_in(key, value_set=uniq)
-    cols: dict[str, list] = {k: [] for k in ("has", "ok", "version", "in", "out", "cached", "in_m", "out_m",
-                                              "cached_m", "max_total")}  # fmt: skip
-    exponents: list[int] = []
-    models, providers = m.dictionary.to_pylist(), p.dictionary.to_pylist()
+    models, providers, tiers = m.dictionary.to_pylist(), p.dictionary.to_pylist(), tr.dictionary.to_pylist()
+    units: list[UnitPrice | None] = []
+    thresholds: list[int] = []
     for k in uniq.to_pylist():
-        mi, rest = divmod(k, n_p * n_d)
-        pi, di = divmod(rest, n_d)
-        unit = book.at(models[mi], providers[pi], _EPOCH + timedelta(days=first_day + di))
-        prices = (unit.input, unit.output, unit.cached_input) if unit else (Decimal(0),) * 3
+        rest, di = divmod(k, n_d)
+        rest, ti = divmod(rest, n_t)
+        mi, pi = divmod(rest, n_p)
+        entry = book.at(models[mi], providers[pi], _EPOCH + timedelta(days=first_day + di))
+        if entry is None:
+            units += [None, None]
+            thresholds.append(_NEVER)
+            continue
+        short = entry.select(tiers[ti], 0)
+        lc = entry.long_context if short is entry.base else None
+        units += [short, short if lc is None else lc[1]]
+        thresholds.append(_NEVER if lc is None else lc[0])
+    above = pc.greater(prompt, pc.take(pa.array(thresholds, _U64), gid))
+    sid = pc.add(pc.multiply(pc.cast(gid, _I64), 2), pc.cast(above, _I64))
+
+    cols: dict[str, list] = {k: [] for k in ("has", "ok", "version", "tier", "max_total")}
+    cols |= {f"{d}{x}": [] for d in _DIMS for x in ("", "_m")}
+    exponents: list[int] = []
+    per_millions: list[list[Decimal]] = []
+    for unit in units:
+        prices = [unit.of(d) for d in _DIMS] if unit else [Decimal(0)] * len(_DIMS)
         ok = all(_digits_ok(x) for x in prices)
         if not ok:
-            prices = (Decimal(0),) * 3  # placeholder: these rows go to the reference
+            prices = [Decimal(0)] * len(_DIMS)  # placeholder: these rows go to the reference
         cols["has"].append(unit is not None)
         cols["ok"].append(ok)
         cols["version"].append(unit.version if unit else "")
-        for name, x in zip(("in", "out", "cached"), prices, strict=True):
-            cols[name].append(x)
-            cols[f"{name}_m"].append(x.scaleb(-6))
-        # Decimal adds the three costs at the smallest exponent; an exact sum that keeps <= 28 digits there
-        # (and fits Decimal(38, 18)) means no step rounded: each product's coefficient (tokens x the unit's) is
-        # at most that sum's, and dividing by 1e6 only moves the exponent.
-        min_exp = min(x.as_tuple().exponent for x in prices)  # type: ignore[type-var]
+        cols["tier"].append(unit.tier if unit else "")
+        per_million = [x * _TO_MILLION[d] for d, x in zip(_DIMS, prices, strict=True)]
+        for d, x, xm in zip(_DIMS, prices, per_million, strict=True):
+            cols[d].append(x)
+            cols[f"{d}_m"].append(xm.scaleb(-6))  # per unit
+        # Decimal adds the costs at the smallest exponent; an exact sum that keeps <= 28 digits there (and fits
+        # Decimal(38, 18)) means no step rounded: each product's coefficient (count x the unit's) is at most
+        # that sum's, and dividing by 1e6 (1e3, 1) only moves the exponent.
+        min_exp = min(x.as_tuple().exponent for x in per_million)  # type: ignore[type-var]
         exponents.append(min_exp)  # type: ignore[arg-type]
         cols["max_total"].append(min(Decimal(10) ** 20, Decimal(10) ** (22 + min_exp)))
-    # The same prices as integers at one scale for the batch, and the most tokens each may multiply in uint64
-    # with room for the sum of three: within those, every product and the sum stay far below 10**28 digits.
+        per_millions.append(per_million)
+    # The same prices (per 1M units) as integers at one scale for the batch, and the most units each may multiply
+    # in uint64 with room for the sum of all: within those, every product and the sum stay below 10**28.
     scale = max(0, -min(exponents))
-    for name in ("in", "out", "cached"):
-        ints = [int(x.scaleb(scale)) for x in cols[name]]
-        cols[f"{name}_max"] = [_U64_THIRD // u if u else _U64_THIRD for u in ints]
-        cols[f"{name}_int"] = [u if u <= _U64_THIRD else 0 for u in ints]  # beyond: only 0 tokens take this way
+    for i, d in enumerate(_DIMS):
+        ints = [int(pm[i].scaleb(scale)) for pm in per_millions]
+        cols[f"{d}_max"] = [_U64_PART // u if u else _U64_PART for u in ints]
+        cols[f"{d}_int"] = [u if u <= _U64_PART else 0 for u in ints]  # beyond: only 0 units take this way
     arrays = {
         "has": pa.array(cols["has"], _BOOL), "ok": pa.array(cols["ok"], _BOOL),
-        "version": pa.array(cols["version"], _STR),
-        **{k: pa.array(cols[k], _UNIT) for k in ("in", "out", "cached")},
-        **{f"{k}_m": pa.array(cols[f"{k}_m"], _PER_TOKEN) for k in ("in", "out", "cached")},
+        "version": pa.array(cols["version"], _STR), "tier": pa.array(cols["tier"], _STR),
+        **{d: pa.array(cols[d], _UNIT) for d in _DIMS},
+        **{f"{d}_m": pa.array(cols[f"{d}_m"], _PER_UNIT) for d in _DIMS},
         "max_total": pa.array(cols["max_total"], pa.decimal256(40, 18)),
-        **{f"{k}_{x}": pa.array(cols[f"{k}_{x}"], _U64) for k in ("in", "out", "cached") for x in ("int", "max")},
+        **{f"{d}_{x}": pa.array(cols[f"{d}_{x}"], _U64) for d in _DIMS for x in ("int", "max")},
+        **{f"{d}_any": any(cols[d]) for d in _DIMS},
         "scale": scale,
     }  # fmt: skip
-    return gid, arrays
+    return sid, arrays
+
+
+def _zeros(t: pa.DataType, n: int) -> pa.Array:
+    """n zeros of a decimal type without a kernel (a decimal's zero is all-zero bytes)."""
+    return pa.Array.from_buffers(t, n, [None, pa.py_buffer(bytes(t.byte_width * n))])
+
+
+def _sum(arrays: list) -> Any:
+    return reduce(pc.add, arrays)
 
 
 def _fast_rows(table: pa.Table, index: np.ndarray, partitions: np.ndarray, offsets: np.ndarray, book: PriceBook,
@@ -367,42 +407,53 @@ def _fast_rows(table: pa.Table, index: np.ndarray, partitions: np.ndarray, offse
     served, requested = t["served_model"].chunk(0), t["requested_model"].chunk(0)
     model = pc.if_else(pc.equal(served, ""), requested, served)
     day = pc.divide(ms, _MS_PER_DAY)  # integer division; ms >= 0 here
-    gid, g = _groups(model, t["provider"].chunk(0), day, book)
+    prompt, completion, cached, cw, cw1h = (t[c].chunk(0) for c in ("prompt_tokens", "completion_tokens",
+                                            "cached_tokens", "cache_write_tokens", "cache_write_1h_tokens"))  # fmt: skip
+    web = pc.cast(t["web_search_requests"].chunk(0), _U64)
+    gid, g = _groups(model, t["provider"].chunk(0), day, t["service_tier"].chunk(0), prompt, book)
     has = pc.take(g["has"], gid)
-    prompt, completion, cached = (t[c].chunk(0) for c in ("prompt_tokens", "completion_tokens", "cached_tokens"))
     charge = pc.and_(has, pc.invert(pc.is_in(t["status"].chunk(0), value_set=_FREE)))
     zero = pa.scalar(0, _U64)
-    # OpenAI counts cached tokens inside prompt_tokens: bill them once, at the cached rate (prices.cost_of).
+    any_tokens = pc.or_(pc.not_equal(prompt, zero), pc.not_equal(completion, zero))
+    # The input parts carved out of prompt_tokens, clipped in order (schemas/prices.py quantities).
     cached_eff = pc.min_element_wise(cached, prompt)
-    tokens = {
-        "in": pc.if_else(charge, pc.subtract(prompt, cached_eff), zero),
-        "out": pc.if_else(charge, completion, zero),
-        "cached": pc.if_else(charge, cached_eff, zero),
-    }
+    rest = pc.subtract(prompt, cached_eff)
+    cw_eff = pc.min_element_wise(cw, rest)
+    rest = pc.subtract(rest, cw_eff)
+    cw1h_eff = pc.min_element_wise(cw1h, rest)
+    counts = {
+        "input": pc.subtract(rest, cw1h_eff), "cached_input": cached_eff, "cache_write": cw_eff,
+        "cache_write_1h": cw1h_eff, "output": completion,
+        "request": pc.cast(any_tokens, _U64), "web_search": web,
+    }  # fmt: skip
+    tokens = {d: pc.if_else(charge, counts[d], zero) for d in _DIMS}
     priceable = pc.or_(pc.invert(has), pc.take(g["ok"], gid))
     if pc.all(reduce(pc.and_, [pc.less_equal(v, pc.take(g[f"{k}_max"], gid)) for k, v in tokens.items()])).as_py():
-        # The common case: tokens x price-as-integer in uint64, then read as a decimal at the prices' scale.
+        # The common case: units x price-as-integer in uint64, then read as a decimal at the prices' scale.
         ints = {k: pc.multiply(v, pc.take(g[f"{k}_int"], gid)) for k, v in tokens.items()}
-        ints["total"] = pc.add(pc.add(ints["in"], ints["cached"]), ints["out"])
+        ints["total"] = _sum([ints[d] for d in _DIMS])
         at_scale = pa.decimal128(38, g["scale"] + 6)
-        costs = {k: pc.cast(pc.cast(v, pa.decimal128(20, 0)).view(at_scale), _COST) for k, v in ints.items()}
+        # (a dimension the whole batch has none of, e.g. web searches in chat traffic, skips the decimal casts)
+        costs = {k: pc.cast(pc.cast(v, pa.decimal128(20, 0)).view(at_scale), _COST) if pc.max(v).as_py() else
+                 _zeros(_COST, len(v)) for k, v in ints.items()}  # fmt: skip
         total = costs.pop("total")
         keep = priceable
     else:
         # Counts too big for that: exact decimal256, and a bound on the sum's digits (see _groups).
         costs = {k: pc.multiply(pc.cast(v, _TOKENS), pc.take(g[f"{k}_m"], gid)) for k, v in tokens.items()}
-        total = pc.add(pc.add(costs["in"], costs["cached"]), costs["out"])
+        total = _sum([costs[d] for d in _DIMS])
         keep = pc.and_(priceable, pc.less(total, pc.take(g["max_total"], gid)))
     if not pc.all(keep).as_py():
-        t, ms, gid, has, total = (x.filter(keep) for x in (t, ms, gid, has, total))
+        t, ms, gid, has, total, any_tokens = (x.filter(keep) for x in (t, ms, gid, has, total, any_tokens))
         costs = {k: v.filter(keep) for k, v in costs.items()}
         index = index[keep.to_numpy(zero_copy_only=False)]
 
-    any_tokens = pc.or_(pc.not_equal(t["prompt_tokens"], zero), pc.not_equal(t["completion_tokens"], zero))
-    priced = pc.or_(has, pc.invert(any_tokens)).combine_chunks()  # no price and no tokens: "none", priced
+    priced = pc.or_(has, pc.invert(any_tokens))  # no price and no tokens: "none", priced
     version = pc.if_else(has, pc.take(g["version"], gid), pc.if_else(any_tokens, "", "none"))
+    tier = pc.if_else(has, pc.take(g["tier"], gid), "")
     zero_unit = pa.scalar(Decimal(0), _UNIT)
-    units = {k: pc.if_else(has, pc.take(g[k], gid), zero_unit) for k in ("in", "out", "cached")}
+    units = {d: pc.if_else(has, pc.take(g[d], gid), zero_unit) if g[f"{d}_any"] else _zeros(_UNIT, t.num_rows)
+             for d in _DIMS}  # fmt: skip
     now_ms = int(now.timestamp() * 1000)
     n = t.num_rows
     columns = {
@@ -412,10 +463,9 @@ def _fast_rows(table: pa.Table, index: np.ndarray, partitions: np.ndarray, offse
         "occurred_at": pc.cast(ms, _TS),
         "metadata": pa.MapArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], _STR),
                                             pa.array([], _STR), type=SCHEMA.field("metadata").type),
-        "priced": priced, "price_version": version,
-        "unit_input": units["in"], "unit_output": units["out"], "unit_cached_input": units["cached"],
-        "cost_input": pc.cast(costs["in"], _COST), "cost_cached_input": pc.cast(costs["cached"], _COST),
-        "cost_output": pc.cast(costs["out"], _COST), "cost_total": pc.cast(total, _COST),
+        "priced": priced, "price_version": version, "price_tier": tier,
+        **{f"unit_{d}": units[d] for d in _DIMS}, **{f"cost_{d}": pc.cast(costs[d], _COST) for d in _DIMS},
+        "cost_total": pc.cast(total, _COST),
         "kafka_partition": pa.array(partitions[index]), "kafka_offset": pa.array(offsets[index]),
         "ingested_at": pa.nulls(n, _TS),  # stamped per insert attempt (encode.ipc)
         "row_version": pc.if_else(priced, pa.scalar(row_version(True, now_ms), _U64),

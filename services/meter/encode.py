@@ -34,6 +34,17 @@ class ArrowEncodeError(ValueError):
 
 
 def _decimal_array(col: Sequence[Any], t: pa.Decimal128Type) -> pa.Array:
+    """A Decimal column. Its values repeat (the reference shares one price tail per distinct price input, and
+    most dimensions of most calls are 0): each distinct value is converted once and the column taken from
+    them, a dict lookup per row instead of pyarrow's Decimal conversion (about 5x less CPU a value)."""
+    distinct: dict[Any, int] = {}
+    index = [distinct.setdefault(x, len(distinct)) for x in col]  # equal values store alike (2 == 2.00)
+    if len(distinct) * 4 > len(col):
+        return _decimal_values(col, t)
+    return _decimal_values(list(distinct), t).take(pa.array(index, pa.int32()))
+
+
+def _decimal_values(col: Sequence[Any], t: pa.Decimal128Type) -> pa.Array:
     try:
         return pa.array(col, type=t)
     except pa.ArrowInvalid:

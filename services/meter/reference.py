@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from schemas.clock import FUTURE_TOLERANCE_S, future_cutoff
 from schemas.events import UsageEvent
-from schemas.prices import ZERO, PriceBook, Priced, price_of
+from schemas.prices import DIMENSIONS, ZERO, PriceBook, Priced, price_of
 from services.meter.batch import PricedBatch
 from services.meter.dead_letters import DeadLetter
 from services.meter.encode import ArrowEncodeError, table_of
@@ -36,21 +36,28 @@ _COST_LIMIT = Decimal(10) ** 20  # cost columns are Decimal(38, 18)
 _OCCURRED, _SERVED, _REQUESTED, _PROVIDER, _STATUS = (
     AT[n] for n in ("occurred_at", "served_model", "requested_model", "provider", "status")
 )
-_PROMPT, _COMPLETION, _CACHED = (AT[n] for n in ("prompt_tokens", "completion_tokens", "cached_tokens"))
+_PROMPT, _COMPLETION, _CACHED, _CW, _CW1H, _WEB, _TIER = (AT[n] for n in (
+    "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "cache_write_1h_tokens",
+    "web_search_requests", "service_tier"))  # fmt: skip
 # A row is the event's fields, then this tail (the price), then where it was read and its version.
-_TAIL = ("priced", "price_version", "unit_input", "unit_output", "unit_cached_input", "cost_input",
-         "cost_cached_input", "cost_output", "cost_total")  # fmt: skip
+# The dimensions in the order of their columns (schemas/usage_row.py METER), every one of schemas.prices'.
+_UNITS = tuple(c[5:] for c in COLUMNS if c.startswith("unit_"))
+_COSTS = tuple(c[5:] for c in COLUMNS if c.startswith("cost_") and c != "cost_total")
+assert set(_UNITS) == set(_COSTS) == set(DIMENSIONS)
+_TAIL = ("priced", "price_version", "price_tier", *(f"unit_{d}" for d in _UNITS), *(f"cost_{d}" for d in _COSTS),
+         "cost_total")  # fmt: skip
 assert COLUMNS[len(EVENT_COLUMNS) :] == (*_TAIL, "kafka_partition", "kafka_offset", "ingested_at", "row_version")
 _TOTAL = _TAIL.index("cost_total")
+_HELD_UNITS = (ZERO,) * len(_UNITS)
 
 
 def price_tail(p: Priced) -> tuple:
     """A row's price columns (`_TAIL`), for a priced or a held (no price in force) event."""
     unit, cost = p.unit, p.cost
+    costs = tuple(getattr(cost, d) for d in _COSTS)
     if unit is None:
-        return (False, "", ZERO, ZERO, ZERO, cost.input, cost.cached_input, cost.output, cost.total)
-    return (True, unit.version, unit.input, unit.output, unit.cached_input, cost.input, cost.cached_input,
-            cost.output, cost.total)  # fmt: skip
+        return (False, "", "", *_HELD_UNITS, *costs, cost.total)
+    return (True, unit.version, unit.tier, *(getattr(unit, d) for d in _UNITS), *costs, cost.total)
 
 
 def priced_row(e: UsageEvent, p: Priced, partition: int, offset: int, now: datetime, version: int) -> tuple:
@@ -159,10 +166,11 @@ def decode_rows(
         # Priced rows share one tail per distinct price input (the same Decimal objects), so the Decimal work
         # is done once per (model, provider, day, status, tokens) in a batch.
         pk = (f[_SERVED] or f[_REQUESTED], f[_PROVIDER], when.date(), f[_STATUS], f[_PROMPT], f[_COMPLETION],
-              f[_CACHED])  # fmt: skip
+              f[_CACHED], f[_CW], f[_CW1H], f[_WEB], f[_TIER])  # fmt: skip
         tail = tails.get(pk)
         if tail is None:
-            tail = tails[pk] = price_tail(price_of(pk[0], pk[1], when, pk[3], pk[4], pk[5], pk[6], book))
+            tail = tails[pk] = price_tail(price_of(pk[0], pk[1], when, pk[3], pk[4], pk[5], pk[6], book, pk[7],
+                                                   pk[8], pk[9], pk[10]))  # fmt: skip
         if tail[_TOTAL] >= _COST_LIMIT:
             # Only an absurd catalog price gets here, but such a cost would fail the batch's insert on every
             # retry (Decimal(38, 18) holds < 10^20): a dead letter with the reason, never a stuck meter.

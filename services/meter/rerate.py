@@ -22,7 +22,7 @@ from schemas.billed import billed_model
 from schemas.clickhouse import Store
 from schemas.events import UsageEvent
 from schemas.periods import bounds, checked_period
-from schemas.prices import PriceBook, price
+from schemas.prices import DIMENSIONS, PriceBook, price
 from schemas.usage_row import EVENT
 from services.meter import metrics
 from services.meter.reference import priced_row
@@ -30,10 +30,14 @@ from services.meter.row import COLUMNS, row_version
 
 log = structlog.get_logger("tollway.meter.rerate")
 
+# The dimensions in their column order (the adjustment's unit_<d> and delta_<d>, the event's cost_<d>).
+_UNIT_DIMS = ("input", "output", "cached_input", "cache_write", "cache_write_1h", "request", "web_search")
+_DELTA_DIMS = ("input", "cached_input", "output", "cache_write", "cache_write_1h", "request", "web_search")
+assert set(_UNIT_DIMS) == set(_DELTA_DIMS) == set(DIMENSIONS)
 ADJ_COLUMNS = (
     "adjustment_id", "event_id", "seq", "occurred_at", "team_id", "key_id", "model", "provider",
-    "corrects_price_version", "price_version", "unit_input", "unit_output", "unit_cached_input", "delta_input",
-    "delta_cached_input", "delta_output", "delta_total", "reason", "run_id", "created_at",
+    "corrects_price_version", "price_version", "price_tier", *(f"unit_{d}" for d in _UNIT_DIMS),
+    *(f"delta_{d}" for d in _DELTA_DIMS), "delta_total", "reason", "run_id", "created_at",
 )  # fmt: skip
 _EVENT_FIELDS = set(UsageEvent.model_fields)
 _NONE_STORED = {f.name: f.stored_none for f in EVENT if f.stored_none is not None}  # stored "" means None
@@ -79,25 +83,24 @@ async def price_held(store: Store, book: PriceBook, limit: int = 50_000) -> tupl
     return len(priced), held
 
 
-_RERATE_SQL = """
+# The event's counts and stored costs, and the sum of its adjustments per dimension (a.d_<dim>).
+_COUNTS = ("status", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
+           "cache_write_1h_tokens", "web_search_requests", "service_tier")  # fmt: skip
+_RERATE_SQL = f"""
 SELECT e.event_id AS event_id, e.occurred_at AS occurred_at, e.team_id AS team_id, e.key_id AS key_id,
        e.requested_model AS requested_model, e.served_model AS served_model, e.provider AS provider,
-       e.status AS status, e.prompt_tokens AS prompt_tokens, e.completion_tokens AS completion_tokens,
-       e.cached_tokens AS cached_tokens, e.price_version AS price_version, e.unit_input AS unit_input,
-       e.unit_output AS unit_output, e.unit_cached_input AS unit_cached_input, e.cost_input AS cost_input,
-       e.cost_cached_input AS cost_cached_input, e.cost_output AS cost_output,
-       a.n AS n, a.v AS a_version, a.ui AS a_input, a.uo AS a_output, a.uc AS a_cached,
-       a.di AS d_input, a.dc AS d_cached, a.do AS d_output
+       {", ".join(f"e.{c} AS {c}" for c in _COUNTS)}, e.price_version AS price_version,
+       {", ".join(f"e.cost_{d} AS cost_{d}" for d in _DELTA_DIMS)},
+       a.n AS n, a.v AS a_version, {", ".join(f"a.d_{d} AS d_{d}" for d in _DELTA_DIMS)}
 FROM (
-    SELECT * FROM {db}.usage_events FINAL
-    WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')} AND priced
+    SELECT * FROM {{db}}.usage_events FINAL
+    WHERE occurred_at >= {{start:DateTime64(3, 'UTC')}} AND occurred_at < {{end:DateTime64(3, 'UTC')}} AND priced
 ) AS e
 LEFT JOIN (
-    SELECT event_id, count() AS n, argMax(price_version, seq) AS v, argMax(unit_input, seq) AS ui,
-           argMax(unit_output, seq) AS uo, argMax(unit_cached_input, seq) AS uc, sum(delta_input) AS di,
-           sum(delta_cached_input) AS dc, sum(delta_output) AS do
-    FROM {db}.usage_adjustments FINAL
-    WHERE occurred_at >= {start:DateTime64(3, 'UTC')} AND occurred_at < {end:DateTime64(3, 'UTC')}
+    SELECT event_id, count() AS n, argMax(price_version, seq) AS v,
+           {", ".join(f"sum(delta_{d}) AS d_{d}" for d in _DELTA_DIMS)}
+    FROM {{db}}.usage_adjustments FINAL
+    WHERE occurred_at >= {{start:DateTime64(3, 'UTC')}} AND occurred_at < {{end:DateTime64(3, 'UTC')}}
     GROUP BY event_id
 ) AS a ON e.event_id = a.event_id
 """
@@ -133,15 +136,14 @@ async def rerate_period(store: Store, book: PriceBook, period: str) -> RerateRes
         result.examined += 1
         adjusted = r["n"] > 0
         version = r["a_version"] if adjusted else r["price_version"]
-        cur = (r["cost_input"] + (r["d_input"] if adjusted else 0), r["cost_cached_input"] + (r["d_cached"] if adjusted else 0),
-               r["cost_output"] + (r["d_output"] if adjusted else 0))  # fmt: skip
+        cur = tuple(r[f"cost_{d}"] + (r[f"d_{d}"] if adjusted else 0) for d in _DELTA_DIMS)
         ev = UsageEvent.model_construct(**{k: r[k] for k in ("occurred_at", "requested_model", "served_model",
-                                        "provider", "status", "prompt_tokens", "completion_tokens", "cached_tokens")})  # fmt: skip
+                                                             "provider", *_COUNTS)})  # fmt: skip
         p = price(ev, book)
         if p.unit is None:
             continue  # the price was removed from the catalog: leave the billed amount alone
-        new_units = (p.unit.input, p.unit.output, p.unit.cached_input)
-        new_cost = (p.cost.input, p.cost.cached_input, p.cost.output)
+        new_units = tuple(p.unit.of(d) for d in _UNIT_DIMS)
+        new_cost = tuple(getattr(p.cost, d) for d in _DELTA_DIMS)
         if new_cost == cur:
             continue  # no money moves (same price, or nothing billable at either price): nothing to correct
         seq = int(r["n"]) + 1
@@ -150,11 +152,15 @@ async def rerate_period(store: Store, book: PriceBook, period: str) -> RerateRes
         # A -> B -> A -> B writes three rows, not one), the version it moves from and the one it moves to with
         # the money moved. A re-run from the same state writes the same id (collapsed: idempotent); two rows can
         # share an id only if they are the same correction, so a collapse can never drop a different one.
+        # (The first three unit prices and deltas alone for an older price's adjustment: its id is unchanged.)
+        u = p.unit
+        older = not u.tier and u.cache_write == u.cache_write_1h == u.input and not u.request and not u.web_search
+        named = (*new_units[:3], *d[:3]) if older and not any(d[3:]) else (*new_units, *d)
         ident = "|".join([str(r["event_id"]), str(seq), version, p.unit.version,
-                          *(format(x.normalize(), "f") for x in (*new_units, *d))])  # fmt: skip
+                          *(format(x.normalize(), "f") for x in named)])  # fmt: skip
         model = billed_model(r["served_model"], r["requested_model"])
         out.append([hashlib.sha256(ident.encode()).hexdigest(), r["event_id"], seq, r["occurred_at"], r["team_id"],
-                    r["key_id"], model, r["provider"], version, p.unit.version, *new_units, *d, sum(d),
+                    r["key_id"], model, r["provider"], version, p.unit.version, p.unit.tier, *new_units, *d, sum(d),
                     f"rerate {period}", result.run_id, now])  # fmt: skip
         result.adjusted += 1
         result.delta_total += sum(d)

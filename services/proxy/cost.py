@@ -25,7 +25,7 @@ import orjson
 
 from schemas.config import GatewayConfig
 from schemas.money import plain
-from schemas.prices import PriceBook, Priced, UnitPrice, price_of
+from schemas.prices import PriceBook, Priced, PriceSet, price_usage
 from services.proxy.tokens import TokenUsage
 
 COST_HEADER = "x-tollway-cost-usd"
@@ -41,9 +41,9 @@ class QuoteBook(PriceBook):
 
     def __init__(self, config: GatewayConfig) -> None:
         super().__init__(config)
-        self._memo: dict[tuple[str, str, date], UnitPrice | None] = {}
+        self._memo: dict[tuple[str, str, date], PriceSet | None] = {}
 
-    def at(self, model: str, provider: str, when: datetime) -> UnitPrice | None:
+    def at(self, model: str, provider: str, when: datetime) -> PriceSet | None:
         key = (model, provider, when.date())
         try:
             return self._memo[key]
@@ -57,11 +57,10 @@ class QuoteBook(PriceBook):
 
 def provisional_cost(book: PriceBook, model: str, provider: str, when: datetime, status: str, usage: TokenUsage,
                      service_tier: str = "") -> Priced:  # fmt: skip
-    """THE pricing call of the proxy, the meter's function on the call's values. `service_tier` is for the
-    extended pricing (service tiers, cache writes, web search): today's book prices input, cached input and
-    output only, exactly as the meter does."""
-    return price_of(model, provider, when, status, usage.prompt_tokens, usage.completion_tokens,
-                    usage.cached_tokens, book)  # fmt: skip
+    """THE pricing call of the proxy: the meter's own function (schemas.prices.price_usage) on the call's
+    values, in every dimension (cache reads and writes, output, request fee, web searches; long-context and
+    service-tier prices)."""
+    return price_usage(book, model, provider, when, status, usage, service_tier)
 
 
 class Quote(NamedTuple):  # a tuple: a frozen dataclass costs ~1 us more to build, on every answered call

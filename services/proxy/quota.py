@@ -38,7 +38,7 @@ from schemas.budgets import Budget, BudgetIndex
 from schemas.config import GatewayConfig, Limits
 from schemas.control import KeyState, QuotaSignal, Snapshot, TeamState, monthly_limits
 from schemas.periods import period_of
-from schemas.prices import MILLION, PriceBook, cost_of
+from schemas.prices import PriceBook, price_usage
 from schemas.quota import has_monthly_limit, limit_reached, quota_tokens
 from services.proxy.draft import UsageDraft
 from services.proxy.errors import QuotaExceeded
@@ -199,10 +199,10 @@ class QuotaGate:
     def worst_case(self, body: dict[str, Any]) -> tuple[int, Decimal]:
         most = worst_case_tokens(body, self.default_max_tokens)
         model = self.config.resolve(str(body.get("model", ""))) or ""
-        unit = self.prices.at(model, "*", datetime.now(UTC)) if model else None
+        entry = self.prices.at(model, "*", datetime.now(UTC)) if model else None
         usd = ZERO
-        if unit is not None:
-            usd = (Decimal(most.prompt_tokens) * unit.input + Decimal(most.completion_tokens) * unit.output) / MILLION
+        if entry is not None:
+            usd = entry.worst_case_usd(most.prompt_tokens, most.completion_tokens)
         return most.prompt_tokens + most.completion_tokens, usd
 
     def admit(self, event_id: str, key: KeyState, body: dict[str, Any], end_user: str | None = None,
@@ -269,9 +269,10 @@ class QuotaGate:
             usd = Decimal(event.quoted_cost_usd)
         elif tokens:
             model = billed_model(event.served_model, event.requested_model)
-            unit = self.prices.at(model, event.provider, datetime.now(UTC))
-            if unit is not None:
-                usd = cost_of(event.prompt_tokens, event.completion_tokens, event.cached_tokens, unit).total
+            priced = price_usage(self.prices, model, event.provider, datetime.now(UTC), event.status, event,
+                                 event.service_tier)  # fmt: skip
+            if priced.unit is not None:
+                usd = priced.cost.total
         now, mono = self.clock(), time.monotonic()
         period = self.period(now)
         for entity in r.entities:

@@ -28,7 +28,16 @@ from tests.e2e.conftest import Stack, stack_env, start_stack, stop_stack
 MODEL = "claude-sonnet-4.5"
 MILLION = Decimal(1_000_000)
 # tollway.yaml's list prices for MODEL, USD per 1M tokens, restated so the test checks the meter
-UNIT = {"input": Decimal("3.00"), "cached_input": Decimal("0.30"), "output": Decimal("15.00")}
+# (the 2026-12-01 entry: cache writes 1.25x / 2x input, web searches per 1,000; these calls stay under 200K)
+UNIT = {
+    "input": Decimal("3.00"),
+    "cached_input": Decimal("0.30"),
+    "output": Decimal("15.00"),
+    "cache_write": Decimal("3.75"),
+    "cache_write_1h": Decimal("6.00"),
+    "web_search": Decimal("10.00"),
+}
+PER = {c: (Decimal(1_000) if c == "web_search" else MILLION) for c in UNIT}
 DIMS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "cache_write_1h_tokens",
         "web_search_requests")  # fmt: skip
 ROW_SQL = """
@@ -44,15 +53,16 @@ print(json.dumps([dict(zip(cols, [v if isinstance(v, (int, str, bool)) else str(
 
 
 def components(d: dict[str, int]) -> dict[str, int]:
-    """Billed quantities per invoice component for one call's dimensions. Today cache writes are priced as
-    uncached input (inside prompt_tokens); the pricing work prices them (and web search) on their own: widen
-    this one function then."""
-    return {"input": d["prompt_tokens"] - d["cached_tokens"], "cached_input": d["cached_tokens"],
-            "output": d["completion_tokens"]}  # fmt: skip
+    """Billed quantities per invoice component for one call's dimensions: cache reads and writes are carved out
+    of prompt_tokens, each at its own price, and web searches are billed per 1,000."""
+    writes = d["cache_write_tokens"] + d["cache_write_1h_tokens"]
+    return {"input": d["prompt_tokens"] - d["cached_tokens"] - writes, "cached_input": d["cached_tokens"],
+            "cache_write": d["cache_write_tokens"], "cache_write_1h": d["cache_write_1h_tokens"],
+            "output": d["completion_tokens"], "web_search": d["web_search_requests"]}  # fmt: skip
 
 
 def cost(d: dict[str, int]) -> Decimal:
-    return sum((Decimal(q) * UNIT[c] / MILLION for c, q in components(d).items()), Decimal(0))
+    return sum((Decimal(q) * UNIT[c] / PER[c] for c, q in components(d).items()), Decimal(0))
 
 
 def from_usage(u: Any) -> dict[str, int]:
@@ -252,7 +262,7 @@ def test_the_invoice_and_reconcile_agree_with_the_usage_api(billed):
     quantities = {c: sum(components(d)[c] for d in dims) for c in components(dims[0])}
     assert {c: x["quantity"] for c, x in lines.items()} == {c: q for c, q in quantities.items() if q}
     for c, x in lines.items():
-        assert Decimal(x["amount_usd"]) == (Decimal(x["quantity"]) * UNIT[c] / MILLION).quantize(
+        assert Decimal(x["amount_usd"]) == (Decimal(x["quantity"]) * UNIT[c] / PER[c]).quantize(
             Decimal("0.01"), ROUND_HALF_UP
         )
     rec = billed.reconcile

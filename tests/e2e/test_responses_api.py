@@ -22,6 +22,7 @@ from tests.e2e.conftest import stack_env, start_stack, stop_stack
 MODEL = "gpt-4.1"
 # tollway.yaml's list prices for gpt-4.1, USD per 1M tokens, restated so the test checks the meter
 INPUT, CACHED_INPUT, OUTPUT = Decimal("2.00"), Decimal("0.50"), Decimal("8.00")
+WEB_SEARCH = Decimal("10.00")  # per 1,000 (from 2026-12-01); no flex tier for gpt-4.1: flex calls at these rates
 MILLION = Decimal(1_000_000)
 
 QUERY = """
@@ -54,10 +55,12 @@ def seen_of(usage, output=(), tier: str = "default") -> Seen:
                 sum(1 for o in output if o.type == "web_search_call"), tier)  # fmt: skip
 
 
-def cost(prompt: int, completion: int, cached: int) -> Decimal:
-    """The priced dimensions of today (input, cached input, output): widen here when cache writes, tiers and
-    per-request fees get prices."""
-    return ((prompt - cached) * INPUT + cached * CACHED_INPUT + completion * OUTPUT) / MILLION
+def cost(prompt: int, completion: int, cached: int, searches: int = 0) -> Decimal:
+    """gpt-4.1's priced dimensions (input, cached input, output, web searches; it has no cache write price of its
+    own, no request fee, and its priority tier is not asked for here)."""
+    return (
+        (prompt - cached) * INPUT + cached * CACHED_INPUT + completion * OUTPUT
+    ) / MILLION + searches * WEB_SEARCH / 1000
 
 
 def rid(name: str) -> dict[str, str]:
@@ -140,7 +143,7 @@ def test_responses_calls_through_the_openai_sdk_are_billed_in_every_dimension(st
 
     # what billing says, while the stack runs: usage API and reconcile
     billed = {**seen}
-    total_cost = sum((cost(s.prompt, s.completion, s.cached) for s in billed.values()), Decimal(0))
+    total_cost = sum((cost(s.prompt, s.completion, s.cached, s.searches) for s in billed.values()), Decimal(0))
     calls = len(billed) + 1 + 5  # + the hang-up, + get, items, delete, get-deleted (404) and the other team's 404
     deadline = time.monotonic() + 30
     while True:
@@ -168,7 +171,7 @@ def test_responses_calls_through_the_openai_sdk_are_billed_in_every_dimension(st
         assert (e["prompt_tokens"], e["completion_tokens"], e["cached_tokens"], e["reasoning_tokens"],
                 e["web_search_requests"], e["service_tier"]) == (s.prompt, s.completion, s.cached, s.reasoning,
                                                                  s.searches, s.tier), (name, e)  # fmt: skip
-        assert Decimal(e["cost_total"]) == cost(s.prompt, s.completion, s.cached), (name, e)
+        assert Decimal(e["cost_total"]) == cost(s.prompt, s.completion, s.cached, s.searches), (name, e)
     (hung,) = by_id["hang-up"]
     assert hung["client_disconnected"] is True and hung["usage_source"] == "estimated" and hung["stream"] is True
     assert got_chars / 4 <= hung["completion_tokens"] < 400 and hung["prompt_tokens"] > 0
@@ -195,6 +198,7 @@ def test_responses_calls_through_the_openai_sdk_are_billed_in_every_dimension(st
     cached_total = sum(s.cached for s in billed.values())
     assert by_component["input"] == prompt - cached_total and by_component["cached_input"] == cached_total
     assert by_component["output"] == t["completion_tokens"]
+    assert by_component.get("web_search", 0) == sum(s.searches for s in billed.values())  # $10 per 1,000
     assert sum(Decimal(x["amount_usd"]) for x in usage_lines) == Decimal(row["billable_usd"])
 
 

@@ -17,7 +17,7 @@ MARCH = {"from": "2026-03-01", "to": "2026-03-31"}
 COLUMNS = (
     "event_id", "occurred_at", "request_id", "team_id", "key_id", "endpoint", "requested_model", "served_model",
     "provider", "status", "http_status", "prompt_tokens", "completion_tokens", "cached_tokens", "priced",
-    "price_version", "cost_total", "ingested_at", "row_version",
+    "price_version", "cost_total", "ingested_at", "row_version", "cost_input",
 )  # fmt: skip
 
 
@@ -39,7 +39,7 @@ def event(
     return [
         event_id or uuid.uuid4(), when, f"req-{uuid.uuid4().hex[:6]}", team_id, key_id, "chat.completions",
         requested, served, "openai", "ok", 200, prompt, completion, cached, priced, "v", Decimal(cost),
-        datetime.now(UTC), row_version,
+        datetime.now(UTC), row_version, Decimal(cost),  # all of it input: cost_total is the sum of the cost_ columns
     ]  # fmt: skip
 
 
@@ -101,6 +101,21 @@ async def test_duplicate_event_ids_count_once_and_cost_sums_exactly(billing, sto
         "quoted_requests": 0,
         "quoted_usd": "0",
         "quote_differences": 0,
+        # Added with the price dimensions: the other quantities and cost_usd by dimension.
+        "cache_write_tokens": 0,
+        "cache_write_1h_tokens": 0,
+        "web_search_requests": 0,
+        "billed_cache_write_tokens": 0,
+        "billed_cache_write_1h_tokens": 0,
+        "billed_fee_requests": 3,
+        "billed_web_search_requests": 0,
+        "cost_input_usd": "0.300000000000000001",
+        "cost_cached_input_usd": "0",
+        "cost_cache_write_usd": "0",
+        "cost_cache_write_1h_usd": "0",
+        "cost_output_usd": "0",
+        "cost_request_usd": "0",
+        "cost_web_search_usd": "0",
     }
     assert Decimal(body["totals"]["cost_usd"]) == Decimal("0.1") + Decimal("0.2") + Decimal("1e-18")
 

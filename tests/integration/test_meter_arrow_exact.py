@@ -49,6 +49,14 @@ def edge_values(team: str) -> list[bytes]:
     d = orjson.loads(make_event(team, event_id="01A2092E-F774-768F-8155-88505E895D73").to_bytes())
     d["event_id"] = d["event_id"].upper()  # normalised by pydantic
     values.append(orjson.dumps(d))
+    # Every price dimension (tollway.yaml's 2026-12-01 entries): cache writes, web searches, long context, a tier.
+    values += [e.to_bytes() for e in (
+        make_event(team, requested_model="claude-sonnet-4.5", served_model="claude-sonnet-4.5", provider="anthropic",
+                   prompt_tokens=250_001, completion_tokens=77, cached_tokens=1_000, cache_write_tokens=333,
+                   cache_write_1h_tokens=7, web_search_requests=2),
+        make_event(team, prompt_tokens=999, completion_tokens=3, cached_tokens=9, service_tier="priority",
+                   web_search_requests=1),
+    )]  # fmt: skip
     return values
 
 
@@ -84,12 +92,20 @@ async def insert_both_ways(store, values: list[bytes], team: str, book: PriceBoo
 
 async def test_arrow_insert_stores_exactly_what_the_column_insert_stored(store, unique):
     old, new = await insert_both_ways(store, edge_values(f"team_{unique}"), f"team_{unique}", PriceBook(CONFIG))
-    assert len(new) == len(old) == 15
+    assert len(new) == len(old) == 17
     assert new == old
     by = {c: i for i, c in enumerate(c for c in COLUMNS if c not in ("ingested_at", "team_id"))}
     for row in new:
-        for c in ("cost_input", "cost_cached_input", "cost_output", "cost_total", "unit_input"):
+        for c in ("cost_input", "cost_cached_input", "cost_output", "cost_total", "unit_input", "cost_cache_write",
+                  "cost_cache_write_1h", "cost_request", "cost_web_search", "unit_web_search"):  # fmt: skip
             assert isinstance(row[by[c]], Decimal)
+    long, tier = new[15], new[16]
+    assert (long[by["price_tier"]], tier[by["price_tier"]]) == ("long_context", "priority")
+    assert long[by["cost_cache_write"]] == 333 * Decimal("7.5") / 10**6  # above 200K: the long-context rate
+    assert long[by["cost_web_search"]] == 2 * Decimal(10) / 1000 and long[by["unit_cache_write_1h"]] == 12
+    assert tier[by["cost_input"]] == 990 * Decimal("3.5") / 10**6 and tier[by["unit_output"]] == 14
+    assert long[by["cost_total"]] == sum(long[by[f"cost_{d}"]] for d in ("input", "cached_input", "cache_write",
+                                         "cache_write_1h", "output", "request", "web_search"))  # fmt: skip
     huge = new[1]
     assert huge[by["cost_output"]] == Decimal(10**15 + 7) * Decimal("8.00") / Decimal(10**6)
     assert huge[by["cost_total"]] == huge[by["cost_input"]] + huge[by["cost_cached_input"]] + huge[by["cost_output"]]

@@ -275,7 +275,7 @@ async def test_reconcile_reports_a_sequence_gap(bootstrap, store, unique):
 
 async def test_responses_events_replayed_keep_every_dimension_once(bootstrap, store, unique):
     """/v1/responses events (cache reads, reasoning, web searches, a served tier, follow-ups at zero tokens)
-    through replays and duplicates: each dimension summed once, priced on input / cached input / output."""
+    through replays and duplicates: each dimension summed once, priced on input / cached input / output / web search."""
     topic, team = f"usage-{unique}", f"team_{unique}"
     await create_topic(bootstrap, topic)
     events = [make_event(team, endpoint="responses", prompt_tokens=200 + i % 9, completion_tokens=30 + i % 4,
@@ -285,8 +285,11 @@ async def test_responses_events_replayed_keep_every_dimension_once(bootstrap, st
     events += [make_event(team, endpoint="responses.get", prompt_tokens=0, completion_tokens=0,
                           proxy_instance=f"px-{unique}", proxy_seq=601 + i) for i in range(50)]  # fmt: skip
     payload = [(team.encode(), e.to_bytes()) for e in events]
+    # gpt-4.1 as tollway.yaml prices it from 2026-12-01: web searches at $10 per 1,000 (priced since issue 15's
+    # price dimensions), no flex tier (so flex calls are priced at the base rates)
     cost = sum(((e.prompt_tokens - e.cached_tokens) * Decimal("2.00") + e.cached_tokens * Decimal("0.50")
-                + e.completion_tokens * Decimal("8.00")) / MILLION for e in events)  # fmt: skip
+                + e.completion_tokens * Decimal("8.00")) / MILLION + e.web_search_requests * Decimal("10.00") / 1000
+               for e in events)  # fmt: skip
     async with meter_task(settings(unique, topic), CONFIG, store, bootstrap):
         await produce(bootstrap, topic, payload)
         await produce(bootstrap, topic, payload[100:400])

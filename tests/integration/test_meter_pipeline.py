@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
@@ -67,7 +68,11 @@ async def test_events_land_priced_in_clickhouse(bootstrap, store, meter, unique)
         "SELECT price_version, unit_input, unit_output, priced FROM {db}.usage_events FINAL "
         "WHERE team_id = {t:String} LIMIT 1", {"t": team},
     ))[0]  # fmt: skip
-    assert row.pop("price_version").startswith("gpt-4.1/*@2025-04-14#")  # the date and a hash of the unit prices
+    # the date of the entry in force (tollway.yaml's newest gpt-4.1 entry) and a hash of the unit prices
+    in_force = max(
+        p.effective_from for p in CONFIG.models["gpt-4.1"].prices if p.effective_from <= datetime.now(UTC).date()
+    )
+    assert row.pop("price_version").startswith(f"gpt-4.1/*@{in_force.isoformat()}#")
     assert row == {"unit_input": Decimal("2"), "unit_output": Decimal("8"), "priced": True}
 
 

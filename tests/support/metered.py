@@ -42,9 +42,12 @@ async def meter(store: Store, events: list[UsageEvent], config: GatewayConfig = 
 
 
 def repriced() -> GatewayConfig:
-    """tollway.yaml plus a gpt-4.1 price in force from REPRICE_FROM (a price change, then a rerate)."""
+    """tollway.yaml plus a gpt-4.1 price in force from REPRICE_FROM on (a price change, then a rerate): its later
+    entries (the 2026-12-01 one) give way, so calls of today are repriced too."""
     data = CONFIG.model_dump()
-    data["models"]["gpt-4.1"]["prices"].append(Price(effective_from=REPRICE_FROM, **NEW).model_dump())
+    gpt = data["models"]["gpt-4.1"]
+    gpt["prices"] = [p for p in gpt["prices"] if p["effective_from"] < REPRICE_FROM]
+    gpt["prices"].append(Price(effective_from=REPRICE_FROM, **NEW).model_dump())
     return GatewayConfig.model_validate(data)
 
 

@@ -97,6 +97,21 @@ def _row(g: object, requests: int, cost: str, unpriced: int = 0) -> dict[str, ob
         "quoted_requests": requests,
         "quoted_usd": Decimal(cost) + Decimal(unpriced),  # an unpriced call is told its amount here: 1 differs
         "quote_differences": unpriced,
+        # the price dimensions (issue 15): a cache write and a web search per request, cost split by dimension
+        "cache_write_tokens": 2 * requests,
+        "cache_write_1h_tokens": 0,
+        "web_search_requests": requests,
+        "billed_cache_write_tokens": 2 * (requests - unpriced),
+        "billed_cache_write_1h_tokens": 0,
+        "billed_fee_requests": requests - unpriced,
+        "billed_web_search_requests": requests - unpriced,
+        "cost_input_usd": Decimal(cost) / 2,
+        "cost_cached_input_usd": Decimal(0),
+        "cost_cache_write_usd": Decimal(0),
+        "cost_cache_write_1h_usd": Decimal(0),
+        "cost_output_usd": Decimal(0),
+        "cost_request_usd": Decimal(0),
+        "cost_web_search_usd": Decimal(cost) / 2,
     }
 
 
@@ -124,6 +139,20 @@ def test_report_totals_are_the_exact_sum_of_groups():
         "quoted_requests": 3,
         "quoted_usd": "1.3",
         "quote_differences": 1,
+        "cache_write_tokens": 6,
+        "cache_write_1h_tokens": 0,
+        "web_search_requests": 3,
+        "billed_cache_write_tokens": 4,
+        "billed_cache_write_1h_tokens": 0,
+        "billed_fee_requests": 2,
+        "billed_web_search_requests": 2,
+        "cost_input_usd": "0.15",
+        "cost_cached_input_usd": "0",
+        "cost_cache_write_usd": "0",
+        "cost_cache_write_1h_usd": "0",
+        "cost_output_usd": "0",
+        "cost_request_usd": "0",
+        "cost_web_search_usd": "0.15",
     }
     assert [g["day"] for g in report["groups"]] == ["2026-03-01", "2026-03-02"]
     assert report["groups"][0]["cost_usd"] == "0.1"

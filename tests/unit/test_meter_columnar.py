@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from types import SimpleNamespace
 from unittest.mock import patch
 
@@ -50,6 +51,30 @@ def odd_book() -> PriceBook:
 
 
 ODD_BOOK = odd_book()
+
+
+def dimension_book() -> PriceBook:
+    """Prices in every dimension (schemas/prices.py): cache writes, fees, a long-context tier that generated
+    prompts cross, service tiers; on the model and on a route, next to a plain older entry."""
+    raw = CONFIG.model_dump(mode="json")
+    model = raw["models"]["gpt-4.1"]
+    model["prices"] = [
+        {"effective_from": "2020-01-01", "input": "2.00", "output": "8.00", "cached_input": "0.50"},
+        {"effective_from": "2024-01-01", "input": "3", "output": "15", "cached_input": "0.30", "cache_write": "3.75",
+         "cache_write_1h": "6", "request": "0.0004", "web_search": "10",
+         "long_context": {"above_prompt_tokens": 2000, "input": "6", "output": "22.5", "cached_input": "0.6",
+                          "cache_write": "7.5", "cache_write_1h": "12"},
+         "service_tiers": {"flex": {"input": "1.5", "output": "7.5"},
+                           "priority": {"input": "5.000000000001", "output": "25", "cache_write": "0.000000000003"}}},
+    ]  # fmt: skip
+    for route in model.get("routes", []):
+        route["prices"] = [{"effective_from": "2025-06-01", "input": "1", "output": "2", "web_search": "25.5",
+                            "request": "0.01", "long_context": {"above_prompt_tokens": 100, "input": "2"},
+                            "service_tiers": {"batch": {"input": "0.5", "output": "1", "cached_input": "0.05"}}}]  # fmt: skip
+    return PriceBook(parse_config(raw))
+
+
+DIMENSION_BOOK = dimension_book()
 
 
 def iso(dt: datetime) -> str:
@@ -122,6 +147,9 @@ def event(draw) -> dict:
         stream=draw(st.booleans()), cache_hit=draw(st.booleans()),
         proxy_instance=draw(text(128)), proxy_seq=draw(TOKENS),
         usage_source=draw(st.sampled_from(["provider", "estimated"])),
+        cache_write_tokens=draw(TOKENS), cache_write_1h_tokens=draw(TOKENS),
+        web_search_requests=draw(st.one_of(st.integers(0, 40), st.sampled_from([2**32 - 1, 2**32]))),
+        service_tier=draw(st.one_of(st.sampled_from(["", "flex", "priority", "batch", "default"]), around(64))),
     )  # fmt: skip
     if draw(st.integers(0, 3)) == 0:  # a field or two of another type or value, missing fields, an extra field
         d.update(draw(st.dictionaries(st.sampled_from(FIELDS), BAD, max_size=2)))
@@ -199,6 +227,56 @@ def test_columnar_path_stores_what_the_reference_stores(values, split_min):
     with patch.object(columnar, "_SPLIT_MIN", split_min):
         fast = assert_same(values, BOOK)
     note(f"columnar rows: {'all' if fast == len(values) else 'some' if fast else 'none'}")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.builds(dumps, event()), min_size=1, max_size=30))
+def test_every_price_dimension_is_priced_the_same_on_both_paths(values):
+    fast = assert_same(values, DIMENSION_BOOK)
+    note(f"columnar rows: {'all' if fast == len(values) else 'some' if fast else 'none'}")
+
+
+def test_dimension_events_take_the_columnar_path_and_cost_what_prices_says():
+    # Proxy-shaped calls in every dimension: all priced in Arrow, each row's costs as schemas.prices has them.
+    from schemas.prices import price
+
+    when = datetime(2026, 11, 22, 12, tzinfo=UTC)
+    shapes = [dict(prompt_tokens=1500, completion_tokens=40, cached_tokens=500, cache_write_tokens=300,
+                   cache_write_1h_tokens=200, web_search_requests=3),
+              dict(prompt_tokens=2500, completion_tokens=10, cached_tokens=100, cache_write_tokens=2000),  # long
+              dict(prompt_tokens=900, completion_tokens=9, cache_write_tokens=100, service_tier="priority"),
+              dict(prompt_tokens=5000, completion_tokens=9, service_tier="flex"),  # a tier beats long context
+              dict(prompt_tokens=10, completion_tokens=1, cached_tokens=8, cache_write_tokens=8),  # over: clipped
+              dict(prompt_tokens=0, completion_tokens=0, status="error"),  # no tokens: no request fee
+              dict(prompt_tokens=3000, completion_tokens=5, status="cached")]  # fmt: skip
+    events = [make_event("t", occurred_at=when, served_model="gpt-4.1", provider="other", **k) for k in shapes]
+    values = [e.to_bytes() for e in events]
+    batch, dead = decode_and_price_columnar(records(values), DIMENSION_BOOK)
+    assert not dead and batch.columnar_rows == len(values)
+    rows = {r["event_id"]: r for r in batch.table.to_pylist()}
+    for e in events:
+        p, row = price(e, DIMENSION_BOOK), rows[e.event_id]
+        assert row["price_tier"] == p.unit.tier
+        for d in ("input", "cached_input", "cache_write", "cache_write_1h", "output", "request", "web_search"):
+            assert row[f"cost_{d}"] == getattr(p.cost, d), d
+            assert row[f"unit_{d}"] == p.unit.of(d), d
+        assert row["cost_total"] == p.cost.total
+    assert [rows[e.event_id]["price_tier"] for e in events] == [
+        "",
+        "long_context",
+        "priority",
+        "flex",
+        "",
+        "",
+        "long_context",
+    ]
+    assert (
+        rows[events[0].event_id]["cost_total"]
+        == (Decimal(500) * 3 + Decimal(500) * Decimal("0.3") + 300 * Decimal("3.75") + 200 * 6 + 40 * 15) / 10**6
+        + Decimal("0.0004")
+        + Decimal(3) * 10 / 1000
+    )
+    assert_same(values, DIMENSION_BOOK)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from schemas.config import load_config
 from schemas.events import UsageEvent
-from schemas.prices import PriceBook
+from schemas.prices import DIMENSIONS, PriceBook, price
 from services.meter.reference import decode_and_price
 from services.meter.row import EVENT_COLUMNS, event_row, model_row
 from tests.support.events import make_event
@@ -70,3 +70,25 @@ def test_a_latency_pydantic_refuses_never_takes_the_fast_path(value):
     """Hypothesis found `latency_ms: inf` accepted here while pydantic refuses it (JSON has no infinity)."""
     d = {**BASE, "latency_ms": value}
     assert pydantic_accepts(d) is None and event_row(d) is None
+
+
+def test_an_event_in_every_price_dimension_takes_the_fast_path_and_is_priced_as_its_model_is():
+    book = PriceBook(load_config("tollway.yaml"))
+    events = [make_event("team-a", requested_model="claude-sonnet-4.5", served_model="claude-sonnet-4.5",
+                         provider="anthropic", prompt_tokens=p, completion_tokens=40, cached_tokens=900,
+                         cache_write_tokens=300, cache_write_1h_tokens=20, web_search_requests=2)
+              for p in (5_000, 200_001)]  # fmt: skip
+    events.append(make_event("team-a", prompt_tokens=100, completion_tokens=5, service_tier="priority"))
+    for e in events:
+        d = orjson.loads(e.to_bytes())
+        assert event_row(d) is not None and event_row(d) == pydantic_accepts(d)
+    records = [SimpleNamespace(topic="t", partition=0, offset=i, key=None, value=e.to_bytes())
+               for i, e in enumerate(events)]  # fmt: skip
+    batch, dead = decode_and_price(records, book)
+    assert not dead
+    for e, row in zip(events, batch.table.to_pylist(), strict=True):
+        p = price(e, book)
+        assert (row["price_version"], row["price_tier"], row["cost_total"]) == (p.unit.version, p.unit.tier,
+                                                                                p.cost.total)  # fmt: skip
+        assert all(row[f"cost_{d}"] == getattr(p.cost, d) and row[f"unit_{d}"] == p.unit.of(d) for d in DIMENSIONS)
+    assert [r["price_tier"] for r in batch.table.to_pylist()] == ["", "long_context", "priority"]

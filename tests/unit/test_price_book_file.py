@@ -46,7 +46,8 @@ def test_entries_land_under_the_models_prices_and_every_comment_survives():
     assert comments and all(c in new.splitlines() for c in comments)
     cfg = parse_config(yaml.safe_load(new))
     gpt = cfg.models["gpt-4.1"].prices
-    assert [p.effective_from for p in gpt] == [date(2025, 4, 14), date(2026, 12, 10)]
+    before = [p.effective_from for p in parse_config(yaml.safe_load(text)).models["gpt-4.1"].prices]
+    assert [p.effective_from for p in gpt] == [*before, date(2026, 12, 10)]  # after the last (multi-line) entry
     assert gpt[-1].cached_input == Decimal("0.4375")  # a string in the file: exact, never a YAML float
     assert cfg.models["gpt-4.1-mini"] == parse_config(yaml.safe_load(text)).models["gpt-4.1-mini"]
 

@@ -69,3 +69,15 @@ def test_route_prices_are_named_as_kept_by_hand():
                  [{"provider": "p", "model": "up-m", "prices": [{"effective_from": "2025-01-01", "input": "3"}]}])  # fmt: skip
     [f] = check(cfg, lookup({("up-m", "p"): CAT}), TODAY)
     assert f.status == "ok" and "route prices (p) are not checked" in f.detail
+
+
+def test_a_catalog_price_in_force_since_a_past_day_is_added_from_today_beside_a_price_in_force():
+    # genai-prices dates a price from the day its service tier began: the book, priced today, catches up today
+    since = CatalogModel("p/up-m", (CatalogPrice(date(2026, 10, 12), Decimal("1.5"), Decimal("6")),))
+    cfg = config([{"effective_from": "2025-01-01", "input": "2", "output": "8"}])
+    [p] = plan(cfg, lookup({("up-m", "p"): since}), TODAY)
+    assert p.problem is None and [(e.effective_from, e.input) for e in p.add] == [(TODAY, Decimal("1.5"))]
+    [p] = plan(config([]), lookup({("up-m", "p"): since}), TODAY)  # nothing priced yet: from the catalog's day
+    assert [e.effective_from for e in p.add] == [date(2026, 10, 12)]
+    [p] = plan(cfg, lookup({("up-m", "p"): since}), TODAY, date(2026, 11, 1))  # an explicit past date: refused
+    assert p.add == [] and "would reprice billed usage" in p.problem

@@ -4,6 +4,7 @@ input is 0.33, a price change against tollway.yaml and a decimal no binary float
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
@@ -29,17 +30,25 @@ def prices(argv: list[str], capsys, today: date = TODAY) -> tuple[int, str, str]
     return rc, out.out, out.err
 
 
+def without_claude_prices(text: str) -> str:
+    """The repo's tollway.yaml with claude-sonnet-4.5's whole `prices:` list (every entry) taken out."""
+    out = re.sub(r"(        model: claude-sonnet-4-5\n)    prices:\n(?:      .*\n)+", r"\1    # priced by the catalog\n",
+                 text, count=1)  # fmt: skip
+    assert out != text
+    return out
+
+
 @pytest.fixture
 def book(tmp_path: Path) -> Path:
     """The repo's tollway.yaml with gpt-4.1 at an old price, claude-sonnet-4.5 unpriced and a model the
     catalogs cannot name."""
     text = (REPO / "tollway.yaml").read_text()
     text = text.replace('input: "2.00", output: "8.00", cached_input: "0.50"}', 'input: "2.50", output: "10.00"}', 1)
+    # and the entry in force today (gpt-4.1's, the first block entry) at that old price too
     text = text.replace(
-        '        model: claude-sonnet-4-5\n    prices:\n      - {effective_from: 2025-09-29, input: "3.00", '
-        'output: "15.00", cached_input: "0.30"}\n',
-        "        model: claude-sonnet-4-5\n    # priced by the catalog\n",
+        '        input: "2.00"\n        output: "8.00"\n', '        input: "2.50"\n        output: "10.00"\n', 1
     )
+    text = without_claude_prices(text)
     text = text.replace(
         "  text-embedding-3-small:",
         "  house-model:   # our own deployment name\n    routes:\n      - provider: openai\n        model: ft-house-7\n"
@@ -83,7 +92,24 @@ def test_import_from_genai_prices_adds_the_catalog_price_as_a_new_entry_and_is_i
     claude = cfg.models["claude-sonnet-4.5"].prices
     assert [p.effective_from for p in claude] == [TODAY]
     assert claude[0].input == per_million("claude-sonnet-4-5", "anthropic", input_tokens=1_000_000)
-    assert "cache_write_mtok" in out and "tiers" in out  # dimensions the book cannot hold are reported
+    # every dimension genai-prices has for it, as its own calculator charges them
+    c = claude[0]
+    assert (c.cache_write, c.cache_write_1h, c.web_search) == (
+        per_million("claude-sonnet-4-5", "anthropic", input_tokens=1_000_000, cache_write_tokens=1_000_000),
+        Decimal(6), Decimal(10))  # fmt: skip
+    lc = c.long_context
+    assert lc is not None and lc.above_prompt_tokens == 200_000
+    big = 300_000  # prompts above the 200K threshold: genai-prices' calculator at its tier rates
+
+    def long(**usage: int) -> Decimal:
+        return calc_price(Usage(input_tokens=big, **usage), "claude-sonnet-4-5", provider_id="anthropic").total_price
+
+    assert (lc.input, lc.output, lc.cached_input, lc.cache_write) == (
+        long() / big * 10**6, (long(output_tokens=big) - long()) / big * 10**6,
+        long(cache_read_tokens=big) / big * 10**6, long(cache_write_tokens=big) / big * 10**6)  # fmt: skip
+    gpt_tiers = {n: (r.input, r.output, r.cached_input) for n, r in gpt.service_tiers.items()}
+    assert gpt_tiers["priority"] == (Decimal("3.5"), Decimal(14), Decimal("0.875")) and gpt.web_search == 10
+    assert "storage_searches_kcount" in out and "processing=batch" in out  # what the book cannot hold is reported
     assert "# priced by the catalog" in book.read_text() and "# our own deployment name" in book.read_text()
     assert "+      - {effective_from: 2026-12-02" in out  # the diff is shown
     assert before != book.read_text()
@@ -110,14 +136,7 @@ def test_a_past_date_is_refused_for_a_model_with_a_price_in_force_and_nothing_is
 
 def test_a_past_date_is_allowed_where_no_price_was_in_force(tmp_path, capsys):
     cfg = tmp_path / "tollway.yaml"
-    cfg.write_text(
-        (REPO / "tollway.yaml")
-        .read_text()
-        .replace(
-            '    prices:\n      - {effective_from: 2025-09-29, input: "3.00", output: "15.00", cached_input: "0.30"}\n',
-            "",
-        )
-    )
+    cfg.write_text(without_claude_prices((REPO / "tollway.yaml").read_text()))
     rc, out, err = prices(["import", "--config", str(cfg), "--effective-from", "2026-11-01"], capsys)
     assert rc == 0, err
     claude = load_config(cfg).models["claude-sonnet-4.5"].prices
@@ -138,8 +157,9 @@ def test_map_prices_a_model_the_catalog_cannot_name(book, capsys):
     rc, _, _ = prices(["import", "--config", str(book), "--map", "house-model=openai/gpt-4.1-mini"], capsys)
     assert rc == 0
     house = load_config(book).models["house-model"].prices
+    # unpriced before: dated from the catalog's own start (2026-10-12, when gpt-4.1-mini's priority tier began)
     assert [(p.effective_from, p.input) for p in house] == [
-        (TODAY, per_million("gpt-4.1-mini", "openai", input_tokens=1_000_000))
+        (date(2026, 10, 12), per_million("gpt-4.1-mini", "openai", input_tokens=1_000_000))
     ]
     rc, _, err = prices(["import", "--config", str(book), "--map", "nope=openai/gpt-4.1"], capsys)
     assert rc == 2 and "not configured: nope" in err
@@ -178,7 +198,13 @@ def test_import_from_a_litellm_file_keeps_exact_decimals_and_is_idempotent(book,
     assert "gemini-2.5-flash <- gemini/gemini-2.5-flash" in out  # Gemini's API, not Vertex AI's entry
     gpt = book_at(cfg.models["gpt-4.1"].prices, TODAY)
     assert (gpt.input, gpt.output, gpt.cached_input) == (Decimal(2), Decimal(8), Decimal("0.5"))
-    assert "input_cost_per_token_batches" in out and "cache_creation_input_token_cost" in out
+    assert "input_cost_per_token_batches" in out and "cache_creation_input_token_cost" not in out
+    claude = book_at(cfg.models["claude-sonnet-4.5"].prices, TODAY)  # cache writes, long context, web search
+    assert (claude.cache_write, claude.web_search, claude.long_context.above_prompt_tokens) == (
+        Decimal("3.75"), Decimal(10), 200_000)  # fmt: skip
+    assert (claude.long_context.input, claude.long_context.output, claude.long_context.cache_write) == (
+        Decimal(6), Decimal("22.5"), Decimal("7.5"))  # fmt: skip
+    assert {n: r.input for n, r in gpt.service_tiers.items()} == {"priority": Decimal("3.5")}
     assert "deepseek-v3.2 <- deepseek/deepseek-chat: up to date" in out
     assert "house-model: not in the catalog" in out
     after = book.read_text()
