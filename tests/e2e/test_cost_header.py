@@ -19,10 +19,15 @@ from tests.e2e.conftest import REPO
 MILLION = Decimal(1_000_000)
 
 
+def entry_in_force(model: str, day: date) -> dict:
+    """The model's price entry in force on `day`, read straight from the YAML."""
+    entries = yaml.safe_load((REPO / "tollway.yaml").read_text())["models"][model]["prices"]
+    return max((e for e in entries if e["effective_from"] <= day), key=lambda e: e["effective_from"])
+
+
 def list_price(model: str, day: date) -> tuple[Decimal, Decimal, Decimal]:
     """(input, output, cached_input) per 1M in force on `day`, read straight from the YAML."""
-    entries = yaml.safe_load((REPO / "tollway.yaml").read_text())["models"][model]["prices"]
-    p = max((e for e in entries if e["effective_from"] <= day), key=lambda e: e["effective_from"])
+    p = entry_in_force(model, day)
     inp = Decimal(str(p["input"]))
     return inp, Decimal(str(p.get("output", "0"))), Decimal(str(p.get("cached_input", inp)))
 
@@ -57,7 +62,8 @@ def test_the_cost_header_is_exactly_what_the_call_is_billed(stack):
     r = raw.parse()
     told = raw.headers["x-tollway-cost-usd"]
     assert raw.headers["x-tollway-cost-status"] == "provisional"
-    assert raw.headers["x-tollway-price-version"].startswith("gpt-4.1/*@2025-04-14#")
+    since = entry_in_force("gpt-4.1", datetime.now(UTC).date())["effective_from"]
+    assert raw.headers["x-tollway-price-version"].startswith(f"gpt-4.1/*@{since.isoformat()}#")
     assert "e" not in told.lower() and Decimal(told) > 0
     assert Decimal(told) == expected("gpt-4.1", r.usage.prompt_tokens, r.usage.completion_tokens)
     totals = billed(stack, key)
