@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from schemas.billed import billed_model
 from schemas.control import KeyState, TeamState
-from schemas.events import utc_now
+from schemas.events import UsageSource, utc_now
 from services.proxy import metrics
 from services.proxy.attribution import attribute
 from services.proxy.auth import authenticate
@@ -33,6 +33,7 @@ from services.proxy.errors import (
     error_response,
 )
 from services.proxy.forward import Tried, forward
+from services.proxy.health import Health
 from services.proxy.limiter import Ticket
 from services.proxy.limits import Policy, resolve_policy
 from services.proxy.route_prices import expected_mix
@@ -425,9 +426,16 @@ class ProxyHandler:
             await relay.prime()
             return relay
 
+        return await self.relay_stream(call, route, body, attempt)
+
+    async def relay_stream(self, call: Call, route: ModelRoute, body: dict[str, Any], attempt: Any,
+                           health: Health | None = None) -> SSEResponse:  # fmt: skip
+        """Forward a streamed call (retries and fallbacks until a relay has its first event) and answer with
+        its relay; the same for every API (`attempt` opens and primes that API's relay; `health` narrows the
+        plan, e.g. to the provider a chained Responses call must reach)."""
         t_fwd = time.perf_counter()
-        fwd = await forward(self.health, route, route.retry or self.config.retry, attempt, call.started, call.tried,
-                            mix=self.mix(call, route, body))  # fmt: skip
+        fwd = await forward(health or self.health, route, route.retry or self.config.retry, attempt, call.started,
+                            call.tried, mix=self.mix(call, route, body))  # fmt: skip
         fwd_s = time.perf_counter() - t_fwd
         metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
         metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
@@ -462,15 +470,22 @@ class ProxyHandler:
             metrics.CACHE.labels("store").inc()
             metrics.CACHE_ENTRIES.set(len(self.cache))
 
+    def answered_from_cache(self, call: Call, usage: TokenUsage, source: UsageSource, provider: str) -> Quote:
+        """The draft of a cache hit (every API): the tokens kept, so the avoided cost shows in ROI, billed 0;
+        the hit and its quote (status cached) in the headers."""
+        d = call.draft
+        d.take_usage(usage, source)
+        d.status, d.cache_hit, d.attempts, d.provider = "cached", True, 0, provider
+        d.route_reason = "cache"
+        call.headers["x-tollway-cache"] = "hit"
+        told = self.quote(d, provider, usage, "cached", source)
+        call.headers.update(told.headers())
+        return told
+
     def _from_cache(self, call: Call, route: ModelRoute, entry: Entry, body: dict[str, Any], stream: bool) -> Response:
         """A hit answers at once and costs nothing; the event keeps the tokens so the avoided cost shows in ROI."""
         d = call.draft
-        d.take_usage(entry.usage, entry.usage_source)
-        d.status, d.cache_hit, d.attempts, d.provider = "cached", True, 0, entry.provider
-        d.route_reason = "cache"
-        call.headers["x-tollway-cache"] = "hit"
-        told = self.quote(d, entry.provider, entry.usage, "cached", entry.usage_source)
-        call.headers.update(told.headers())
+        told = self.answered_from_cache(call, entry.usage, entry.usage_source, entry.provider)
         if not stream:
             self.finish(call, 200, route)
             return Response(entry.body, media_type="application/json", headers=call.headers)

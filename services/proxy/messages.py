@@ -251,24 +251,13 @@ async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str
         await relay.prime()
         return relay
 
-    t_fwd = time.perf_counter()
-    fwd = await forward(h.health, route, route.retry or h.config.retry, attempt, call.started, call.tried,
-                        mix=h.mix(call, route, body))  # fmt: skip
-    fwd_s = time.perf_counter() - t_fwd
-    metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
-    metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
-    relay = fwd.value
-    return SSEResponse(relay.events(), relay.finish, relay.aclose, headers=call.headers)
+    return await h.relay_stream(call, route, body, attempt)
 
 
 def _from_cache(h: ProxyHandler, call: Call, route: ModelRoute, entry: Entry, stream: bool) -> Response:
     """A hit answers at once and costs nothing; the event keeps the tokens so the avoided cost shows in ROI."""
     d = call.draft
-    d.take_usage(entry.usage, entry.usage_source)
-    d.status, d.cache_hit, d.attempts, d.provider = "cached", True, 0, entry.provider
-    d.route_reason = "cache"
-    call.headers["x-tollway-cache"] = "hit"
-    call.headers.update(h.quote(d, entry.provider, entry.usage, "cached", entry.usage_source).headers())
+    h.answered_from_cache(call, entry.usage, entry.usage_source, entry.provider)
     if not stream:
         h.finish(call, 200, route)
         return Response(entry.body, media_type="application/json", headers=call.headers)

@@ -41,7 +41,6 @@ from services.proxy.responses_stream import ResponsesOutcome, ResponsesRelay
 from services.proxy.responses_usage import responses_usage
 from services.proxy.routing import ModelRoute, Target
 from services.proxy.settings import ProxySettings
-from services.proxy.streaming import SSEResponse
 from services.proxy.tokens import TokenUsage
 from services.proxy.upstream import (
     TRANSPORT_ERRORS,
@@ -296,14 +295,9 @@ class ResponsesHandler:
 
     def _from_cache(self, call: Call, route: ModelRoute, cached: bytes, provider: str,
                     body: dict[str, Any]) -> Response:  # fmt: skip
-        d = call.draft
         usage, source, tier = responses_usage(orjson.loads(cached), body)
-        d.take_usage(usage, source)
-        d.service_tier = tier
-        d.status, d.cache_hit, d.attempts, d.provider = "cached", True, 0, provider
-        d.route_reason = "cache"
-        call.headers["x-tollway-cache"] = "hit"
-        call.headers.update(self.h.quote(d, provider, usage, "cached", source).headers())
+        call.draft.service_tier = tier  # before the quote: the tier picks the prices
+        self.h.answered_from_cache(call, usage, source, provider)
         self.h.finish(call, 200, route)
         return Response(cached, media_type="application/json", headers=call.headers)
 
@@ -340,14 +334,7 @@ class ResponsesHandler:
             await relay.prime()
             return relay
 
-        t_fwd = time.perf_counter()
-        fwd = await forward(health, route, route.retry or h.config.retry, attempt, call.started, call.tried,
-                            mix=h.mix(call, route, body))  # fmt: skip
-        fwd_s = time.perf_counter() - t_fwd
-        metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
-        metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
-        relay = fwd.value
-        return SSEResponse(relay.events(), relay.finish, relay.aclose, headers=call.headers)
+        return await h.relay_stream(call, route, body, attempt, health)
 
     # ---- follow-ups on a stored response ----
 
