@@ -66,6 +66,22 @@ async def test_end_user_and_tag_budgets_exhaust_alert_named_and_survive_a_restar
         got = await budget_of(billing, tid, scope="end_user", value="alice")
         assert got["state"] == "exhausted" and got["used"]["tokens"] == 1200
         assert (await budget_of(billing, tid, scope="tag", value="apollo"))["used"]["tokens"] == 1200
+        # The quota API answers for one budget too: what is left of a customer's or a project's month.
+        ask = lambda **p: billing.get("/v1/quota", params={"team": tid, **p}, headers=ADMIN)  # noqa: E731
+        mine = (await ask(end_user="alice")).json()["budget"]
+        assert (mine["scope"], mine["id"], mine["state"], mine["reason"]) == ("end_user", alice, "exhausted",
+                                                                              "tokens_per_month")  # fmt: skip
+        assert mine["limits"]["tokens_per_month"] == 1000 and mine["used"]["tokens"] == 1200
+        assert mine["remaining"] == {"tokens": 0}
+        project = (await ask(tag="project", value="apollo")).json()["budget"]
+        assert (
+            project["state"] == "ok" and project["used"]["tokens"] == 1200 and project["remaining"] == {"tokens": 800}
+        )
+        assert (await ask(end_user="bob")).json()["budget"] is None  # no budget limits bob
+        assert "budget" not in (await ask()).json()
+        for bad in ({"tag": "project"}, {"value": "apollo"}, {"end_user": "alice", "tag": "project", "value": "x"}):
+            r = await ask(**bad)
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
 
         def done(s: list) -> bool:
             return len(alerts_for(s, alice)) >= 4 and len(alerts_for(s, tid)) >= 1
