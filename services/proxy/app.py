@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from schemas.config import GatewayConfig
-from services.proxy import messages
+from services.proxy import messages, models
 from services.proxy.errors import GatewayError, InvalidRequest, Shape, error_response
 from services.proxy.handler import ProxyHandler
 from services.proxy.responses import ResponsesHandler
@@ -32,7 +32,7 @@ class ProxyApp(FastAPI):
     fast_routes: dict[tuple[str, str], Callable[[ProxyHandler, Request], Awaitable[Response]]] = {
         ("POST", "/v1/chat/completions"): ProxyHandler.chat_completions,
         ("POST", "/v1/embeddings"): ProxyHandler.embeddings,
-        ("GET", "/v1/models"): ProxyHandler.models,
+        ("GET", "/v1/models"): models.list_models,
         ("POST", "/v1/responses"): lambda _h, r: r.app.state.responses.create(r),
         ("POST", "/v1/messages"): messages.create,
         ("POST", "/v1/messages/count_tokens"): messages.count_tokens,
@@ -90,12 +90,11 @@ def create_app(settings: ProxySettings, config: GatewayConfig, bootstrap: str, r
     async def embeddings(request: Request) -> Response:
         return await request.app.state.handler.embeddings(request)
 
-    async def models(request: Request) -> Response:
-        return await request.app.state.handler.models(request)
-
     app.router.add_route("/v1/chat/completions", chat, methods=["POST"])
     app.router.add_route("/v1/embeddings", embeddings, methods=["POST"])
-    app.router.add_route("/v1/models", models, methods=["GET"])
+    app.router.add_route("/v1/models", _route(models.list_models), methods=["GET"])
+    # a path parameter, off the hot path: FastAPI's router serves it (`:path`: names may hold a slash)
+    app.router.add_route("/v1/models/{model_id:path}", _route(models.retrieve_model), methods=["GET"])
     for path, serve in (("/v1/messages", messages.create), ("/v1/messages/count_tokens", messages.count_tokens)):
         app.router.add_route(path, _route(serve), methods=["POST"])
     # the follow-ups on a stored response: path parameters, off the hot path, so FastAPI's router serves them

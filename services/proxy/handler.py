@@ -502,14 +502,3 @@ class ProxyHandler:
             self.finish(call, 200, route)
 
         return SSEResponse(iterate(events), on_finish, headers=call.headers)
-
-    async def models(self, request: Request) -> Response:
-        call = Call(request, "models")
-        try:
-            key = authenticate(request, self.s.view)
-        except GatewayError as err:
-            return error_response(err, call.request_id)
-        names = self.s.router.names_for(self.policy(key).models)
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "tollway"} for n in names]
-        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json",
-                        headers=call.headers)  # fmt: skip

@@ -109,6 +109,9 @@ class Router:
     def endpoints_of(self, name: str) -> tuple[str, ...]:
         return self._endpoints[name]
 
+    def aliases_of(self, name: str) -> tuple[str, ...]:
+        return self._aliases[name]
+
     def names_for(self, allowed: frozenset[str] | None) -> list[str]:
         if allowed is None:
             return self.public_names

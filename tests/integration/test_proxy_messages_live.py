@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import anthropic
+import openai
 import orjson
 import pytest
 from starlette.applications import Starlette
@@ -164,3 +165,31 @@ async def test_a_streamed_call_is_recorded_before_the_client_holds_its_last_even
             if '"type":"message_stop"' in line:
                 recorded_at_stop = len(live.events_of(key.team_id))  # no await: what was there on arrival
     assert recorded_at_stop == 1
+
+
+async def test_both_sdks_list_and_retrieve_models_in_their_own_shape(live):
+    secret, _ = live.key()
+    client = sdk(live, secret)
+    # Anthropic's shape: only the models /v1/messages serves ("gpt" is chat-only), paged by name
+    page = await client.models.list()
+    assert [m.id for m in page.data] == ["claude"] and page.data[0].type == "model" and not page.has_more
+    assert (await client.models.retrieve("claude")).id == "claude"
+    assert (await client.models.retrieve("claude-alias")).id == "claude-alias"  # an alias, named as asked
+    with pytest.raises(anthropic.NotFoundError) as gone:
+        await client.models.retrieve("gpt")
+    assert gone.value.body["error"]["type"] == "not_found_error"
+    h = {"x-api-key": secret, "anthropic-version": "2023-06-01"}
+    first = (await live.client.get("/v1/models", params={"limit": 1, "before_id": "gpt"}, headers=h)).json()
+    assert (first["first_id"], first["last_id"], first["has_more"]) == ("claude", "claude", False)
+    assert (await live.client.get("/v1/models", params={"after_id": "claude"}, headers=h)).json()["data"] == []
+    bad = await live.client.get("/v1/models", params={"limit": 0}, headers=h)
+    assert bad.status_code == 400 and bad.json()["type"] == "error"
+    # OpenAI's shape for the openai SDK: every model the key may call
+    oai = openai.AsyncOpenAI(base_url=f"{str(live.client.base_url).rstrip('/')}/v1", api_key=secret, max_retries=0)
+    assert sorted([m.id async for m in oai.models.list()]) == ["claude", "gpt"]
+    assert (await oai.models.retrieve("gpt")).owned_by == "tollway"
+    with pytest.raises(openai.NotFoundError) as nope:
+        await oai.models.retrieve("no-such-model")
+    assert nope.value.body["code"] == "model_not_found"  # the openai SDK hands over the `error` object
+    unauth = await live.client.get("/v1/models/claude", headers={"anthropic-version": "2023-06-01"})
+    assert unauth.status_code == 401 and unauth.json()["error"]["type"] == "authentication_error"
