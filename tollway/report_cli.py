@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     roi.add_argument("--period", help="YYYY-MM (default: the current month)")
     roi.add_argument("--csv", action="store_true", help="CSV instead of JSON")
     cb = sub.add_parser("chargeback", help="a team-month's invoice usage by tag value or end user (CSV)")
-    cb.add_argument("--team", help="team id or name (required for admin/finance tokens)")
+    cb.add_argument("--team", help="team id or name (admin/finance: leave out for every team, with an ALL row)")
     cb.add_argument("--period", help="YYYY-MM (default: the current month)")
     cb.add_argument("--by", required=True, help="end_user or tag:<name> (e.g. tag:project)")
     cb.add_argument("--json", action="store_true", help="JSON instead of CSV")

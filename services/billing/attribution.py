@@ -123,16 +123,24 @@ async def breakdown(store: Store, invoice: dict[str, Any], dim: Dimension) -> di
             "rounding": "each usage line's amount shared by largest remainder, to the cent"}  # fmt: skip
 
 
-def chargeback_csv(invoice: dict[str, Any], section: dict[str, Any]) -> str:
-    field = "end_user" if section["by"] == "end_user" else "tag_value"
+def chargeback_csv(parts: list[tuple[dict[str, Any], dict[str, Any]]], by: str, grand_total: bool = False) -> str:
+    """One row per (team, label) and a TOTAL row per team equal to its invoice's usage amount; with
+    `grand_total` (the whole organisation's month) a last `ALL` row sums the teams' totals."""
+    field = "end_user" if by == "end_user" else "tag_value"
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(["team_id", "period", "invoice", section["by"], "requests", "exact_usd", "amount_usd"])
-    ref = invoice.get("number") or invoice["invoice_id"]
-    for r in section["rows"]:
-        w.writerow([invoice["team_id"], invoice["period"], ref, r[field], r["requests"], r["exact_usd"],
-                    r["amount_usd"]])  # fmt: skip
-    total = sum((Decimal(r["amount_usd"]) for r in section["rows"]), ZERO)
-    w.writerow([invoice["team_id"], invoice["period"], ref, "TOTAL", sum(r["requests"] for r in section["rows"]),
-                "", usd(cents(total))])  # fmt: skip
+    w.writerow(["team_id", "period", "invoice", by, "requests", "exact_usd", "amount_usd"])
+    all_requests, all_usd, period = 0, ZERO, ""
+    for invoice, section in parts:
+        ref = invoice.get("number") or invoice["invoice_id"]
+        period = invoice["period"]
+        for r in section["rows"]:
+            w.writerow([invoice["team_id"], period, ref, r[field], r["requests"], r["exact_usd"],
+                        r["amount_usd"]])  # fmt: skip
+        total = cents(sum((Decimal(r["amount_usd"]) for r in section["rows"]), ZERO))
+        requests = sum(r["requests"] for r in section["rows"])
+        w.writerow([invoice["team_id"], period, ref, "TOTAL", requests, "", usd(total)])
+        all_requests, all_usd = all_requests + requests, all_usd + total
+    if grand_total:
+        w.writerow(["ALL", period, "", "TOTAL", all_requests, "", usd(all_usd)])
     return out.getvalue()

@@ -197,6 +197,26 @@ async def test_tagged_calls_land_with_tags_and_end_user_and_every_grouping_agree
                 assert rows[-1]["end_user"] == "TOTAL" and rows[-1]["amount_usd"] == doc["usage_usd"]
                 assert {r["end_user"]: Decimal(r["exact_usd"]) for r in rows[:-1]} == dict(exact_by["end_user"])
                 assert sum(Decimal(r["amount_usd"]) for r in rows[:-1]) == Decimal(doc["usage_usd"])
+            # the organisation's file (staff, no team): this team's rows as in its own file, each team footing
+            # to its own invoice, and an ALL row summing the teams (other tests' teams may share the store)
+            org = await billing.get("/v1/reports/chargeback", params={"period": period, "by": "tag:cost_centre"},
+                                    headers=FINANCE)  # fmt: skip
+            assert org.status_code == 200, org.text
+            org_rows = list(csv.DictReader(io.StringIO(org.text)))
+            mine = [r for r in org_rows if r["team_id"] == tid]
+            assert {r["tag:cost_centre"]: r["amount_usd"] for r in mine} == {"cc-1": doc["usage_usd"],
+                                                                             "TOTAL": doc["usage_usd"]}  # fmt: skip
+            team_totals = [r for r in org_rows if r["tag:cost_centre"] == "TOTAL" and r["team_id"] != "ALL"]
+            for r in team_totals:
+                inv_of = await billing.get(f"/v1/invoices/draft_{r['team_id']}_{period}", headers=FINANCE)
+                assert r["amount_usd"] == inv_of.json()["usage_usd"], r
+            (everyone,) = [r for r in org_rows if r["team_id"] == "ALL"]
+            assert org_rows[-1] == everyone
+            assert Decimal(everyone["amount_usd"]) == sum(Decimal(r["amount_usd"]) for r in team_totals)
+            org_json = (await billing.get("/v1/reports/chargeback", params={"period": period, "by": "tag:cost_centre",
+                                                                           "format": "json"}, headers=FINANCE)).json()  # fmt: skip
+            (mine_json,) = [d for d in org_json["data"] if d["team_id"] == tid]
+            assert mine_json["usage_usd"] == doc["usage_usd"] and org_json["usage_usd"] == everyone["amount_usd"]
             foreign = await billing.get("/v1/reports/chargeback", params={"team": tid, "by": "end_user"},
                                         headers={"Authorization": f"Bearer {other_key['key']}"})  # fmt: skip
             assert foreign.status_code == 403
