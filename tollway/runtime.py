@@ -252,10 +252,14 @@ async def run_billing() -> None:
     s = BillingSettings()
     bootstrap = _require_bootstrap(s)
     config = load_or_exit(s)
-    await ensure_topics(bootstrap, s.usage_partitions)
     async with clickhouse(s) as store:
         await check_prices_or_exit(store, config, "billing")
-        await _serve_alone(create_app(s, config, store, bootstrap), s.billing_host, s.billing_port, "billing")
+        # The topics are made when the broker is first reached, not before serving: billing starts (and serves
+        # invoices, usage and admin writes) while the broker is away.
+        app = create_app(
+            s, config, store, bootstrap, prepare_broker=lambda: ensure_topics(bootstrap, s.usage_partitions)
+        )
+        await _serve_alone(app, s.billing_host, s.billing_port, "billing")
 
 
 async def run_meter_alone() -> None:

@@ -1,10 +1,10 @@
 """Budget alerts: exactly one per (scope, entity, period, metric, threshold), durable across restarts.
 
-A crossing is first claimed in `quota_alerts` (the outbox), then sent to `tollway.alerts.v1` and, when
-TOLLWAY_ALERT_WEBHOOK_URL is set, POSTed with retries; only then is the row marked delivered. A restart
-skips claimed thresholds and re-sends the undelivered ones, so no alert is lost and none is sent twice
-(short of a crash between the send and the mark, which re-sends that one alert; its alert_id is stable
-so a receiver can drop it).
+A crossing is first claimed in `quota_alerts` (the outbox), then sent to `tollway.alerts.v1` (retried with
+backoff while the broker is away: billing need not restart for it) and, when TOLLWAY_ALERT_WEBHOOK_URL is
+set, POSTed with retries; only then is the row marked delivered. A restart skips claimed thresholds and
+re-sends the undelivered ones, so no alert is lost and none is sent twice (short of a crash between the send
+and the mark, which re-sends that one alert; its alert_id is stable so a receiver can drop it).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ log = structlog.get_logger("tollway.billing.alerts")
 
 COLUMNS = ("period", "scope", "entity_id", "metric", "threshold", "alert_id", "team_id", "used", "limit_value",
            "crossed_at", "delivered", "version")  # fmt: skip
-AlertKey = tuple[str, str, str, str, int]  # period, scope, entity_id, metric, threshold
+AlertKey = tuple[str, str, str, str, int]
+SEND_RETRY_MAX_S = 30.0  # period, scope, entity_id, metric, threshold
 
 
 def alert_id(key: AlertKey) -> str:
@@ -48,12 +49,39 @@ class Alerts:
         self._producer: AIOKafkaProducer | None = None
         self._http: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._connecting = asyncio.Lock()
 
     async def start(self, period: str) -> None:
-        self._producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", linger_ms=5)
-        await self._producer.start()
+        """The broker need not be up: the producer connects at the first alert, retrying."""
         self._http = httpx.AsyncClient(timeout=5.0)
         await self.load(period)
+
+    async def _connect(self) -> AIOKafkaProducer:
+        async with self._connecting:
+            if self._producer is None:
+                producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", linger_ms=5,
+                                            request_timeout_ms=5000)  # fmt: skip
+                try:
+                    await producer.start()
+                except BaseException:
+                    await producer.stop()
+                    raise
+                self._producer = producer
+            return self._producer
+
+    async def _send(self, alert: BudgetAlert, body: bytes) -> None:
+        """To the alerts topic, retried with backoff (0.5 s doubling to 30 s) until the broker takes it."""
+        delay = self._backoff
+        while True:
+            try:
+                producer = await self._connect()
+                await producer.send_and_wait(ALERTS_TOPIC, body, key=f"{alert.scope}:{alert.id}".encode())
+                return
+            except Exception as err:
+                log.warning("budget_alert_send_retry", alert_id=alert.alert_id, error=type(err).__name__,
+                            retry_in_s=delay)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SEND_RETRY_MAX_S)
 
     async def load(self, period: str) -> None:
         rows = await self._store.query_dicts(
@@ -102,8 +130,7 @@ class Alerts:
     async def _deliver(self, alert: BudgetAlert) -> None:
         body = orjson.dumps(alert.model_dump(mode="json"))
         try:
-            assert self._producer is not None
-            await self._producer.send_and_wait(ALERTS_TOPIC, body, key=f"{alert.scope}:{alert.id}".encode())
+            await self._send(alert, body)
             if self._webhook_url:
                 await self._post(body)
             await self._write(alert, delivered=True)

@@ -2,7 +2,9 @@
 
 Start: load accounts, seed month-to-date quota totals from ClickHouse, start the control publisher and
 republish the full state (teams, keys, current quota states; the broker may be a fresh in-memory one),
-then run the quota loop on the usage stream. Stop in reverse. The store belongs to the caller.
+then run the quota loop on the usage stream. Stop in reverse. The store belongs to the caller. The broker
+need not be up: the publisher, the alerts and the quota loop connect in the background and retry, so
+billing serves reads and saves admin writes through an outage (`/readyz` says what is not connected).
 A stored row billing cannot use is logged and counted, never a reason not to start (accounts.load).
 Every request passes `Admission` first (caller from headers, body cap, rate limits); report endpoints
 read through `ReportStore` (ClickHouse time and memory limits per query).
@@ -11,7 +13,7 @@ read through `ReportStore` (ClickHouse time and memory limits per query).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import structlog
@@ -37,14 +39,17 @@ from services.billing.settings import BillingSettings
 log = structlog.get_logger("tollway.billing")
 
 
-def create_app(settings: BillingSettings, config: GatewayConfig, store: Store, bootstrap: str) -> FastAPI:
+def create_app(settings: BillingSettings, config: GatewayConfig, store: Store, bootstrap: str,
+               prepare_broker: Callable[[], Awaitable[None]] | None = None) -> FastAPI:  # fmt: skip
+    """`prepare_broker`: run before the first connection to the broker (creating the topics), retried with it."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         accounts = Accounts(store, config)
         await accounts.load()
         budgets = Budgets(store, accounts)
         await budgets.load()
-        publisher = ControlPublisher(bootstrap, wait_s=settings.control_publish_wait_s)
+        publisher = ControlPublisher(bootstrap, wait_s=settings.control_publish_wait_s, prepare=prepare_broker)
         await publisher.start()
         alerts = Alerts(store, bootstrap, settings.alert_webhook_url, settings.alert_webhook_attempts)
         quota_service = QuotaService(settings, config, store, accounts, publisher, alerts, bootstrap, budgets)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -60,8 +60,11 @@ class _Entry:
 
 
 class ControlPublisher:
-    def __init__(self, bootstrap: str, topic: str = CONTROL_TOPIC, wait_s: float = 2.0) -> None:
+    def __init__(self, bootstrap: str, topic: str = CONTROL_TOPIC, wait_s: float = 2.0,
+                 prepare: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
+        """`prepare`: run once before the first connection (e.g. create the topics) and retried with it."""
         self._bootstrap = bootstrap
+        self._prepare = prepare
         self._topic = topic
         self._wait_s = wait_s
         self._producer: AIOKafkaProducer | None = None
@@ -69,11 +72,26 @@ class ControlPublisher:
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._failing = False
+        self._down = asyncio.Event()  # set while the broker is known to be away (wakes a waiting full state)
         self._last_offset = -1
         self._reset_seen = False
         self.full_state: FullState | None = None  # set by the app once accounts and quota exist
 
     async def start(self) -> None:
+        """Start the sender. The broker need not be up: the sender connects when it has something to send and
+        keeps retrying, so billing starts, serves reads and saves admin writes through a broker outage."""
+        self._sender = asyncio.create_task(self._send_loop(), name="billing-control-outbox")
+
+    @property
+    def connected(self) -> bool:
+        return self._producer is not None and not self._failing
+
+    async def _connect(self) -> AIOKafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        if self._prepare is not None:
+            await self._prepare()
+            self._prepare = None
         producer = AIOKafkaProducer(
             bootstrap_servers=self._bootstrap,
             client_id="tollway-billing",
@@ -82,14 +100,18 @@ class ControlPublisher:
             # A dead broker fails a send in seconds, not aiokafka's 40 s default: the outbox retries anyway.
             request_timeout_ms=5000,
         )
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
         self._producer = producer
-        self._sender = asyncio.create_task(self._send_loop(), name="billing-control-outbox")
+        return producer
 
     async def stop(self, flush_s: float = 5.0) -> None:
         if self._sender is not None:
             # A last chance for what is still pending; the next start republishes everything anyway.
-            if self._pending:
+            if self._pending and not self._failing:
                 await self._drained(flush_s)
             self._sender.cancel()
             await asyncio.gather(self._sender, return_exceptions=True)
@@ -128,10 +150,15 @@ class ControlPublisher:
         holds the whole view. A message that cannot be encoded is logged, counted and left out: one bad
         stored row must never stop billing from starting."""
         entry = self._queue_full_state(accounts, quota or [], key_state)
+        # Wait for the ack, or until the broker is known to be away: the outbox then sends it when it is back.
+        waits = [asyncio.ensure_future(entry.done.wait()), asyncio.ensure_future(self._down.wait())]
         try:
-            await asyncio.wait_for(entry.done.wait(), 30.0 if wait_s is None else wait_s)
-        except TimeoutError:
-            log.warning("control_full_state_pending", pending=len(self._pending))
+            await asyncio.wait(waits, timeout=30.0 if wait_s is None else wait_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if not entry.done.is_set():
+            log.warning("control_full_state_pending", pending=len(self._pending), broker_away=self._failing)
             return False
         assert isinstance(entry.msg, Snapshot)
         log.info("control_full_state_published", teams=entry.msg.teams, keys=entry.msg.keys,
@@ -175,6 +202,7 @@ class ControlPublisher:
                         log.warning("control_publish_failed", pending=len(self._pending), error=type(err).__name__,
                                     detail=str(err)[:200])  # fmt: skip
                     self._failing = True
+                    self._down.set()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, RETRY_MAX_S)
                     continue
@@ -182,13 +210,13 @@ class ControlPublisher:
                 if self._failing or self._reset_seen:
                     log.info("control_publish_recovered", pending=len(self._pending), log_reset=self._reset_seen)
                     self._failing = self._reset_seen = False
+                    self._down.clear()
                     self._republish_after_outage()
 
     async def _send_batch(self, batch: list[_Entry]) -> None:
         """Send in order; a Snapshot goes only after everything queued before it has been acknowledged, so a
         Snapshot never follows state that failed to land."""
-        if self._producer is None:
-            raise RuntimeError("ControlPublisher is not started")
+        producer = await self._connect()
         inflight: list[tuple[_Entry, asyncio.Future[object]]] = []
         sent: list[asyncio.Future[object]] = []
         try:
@@ -196,7 +224,7 @@ class ControlPublisher:
                 if isinstance(entry.msg, Snapshot) and inflight:
                     await self._settle(inflight)
                     inflight = []
-                fut = await self._producer.send(self._topic, value=entry.value, key=entry.key)
+                fut = await producer.send(self._topic, value=entry.value, key=entry.key)
                 sent.append(fut)
                 inflight.append((entry, fut))
                 if isinstance(entry.msg, Snapshot):

@@ -24,7 +24,7 @@ from services.billing.report_budget import ReportBudgetExceeded, ReportStore
 from services.billing.settings import BillingSettings
 from services.proxy.auth import KeyView
 from services.proxy.control import ControlListener
-from tests.support.billing import ADMIN, running_billing
+from tests.support.billing import ADMIN, ADMIN_TOKEN, FINANCE, FINANCE_TOKEN, running_billing
 from tests.support.waiting import eventually
 from tollway.broker import BundledBroker
 from tollway.servers import bound_port, make_server, start_server, stop_server
@@ -194,6 +194,46 @@ async def test_after_the_bundled_broker_restarts_empty_a_new_proxy_gets_the_whol
     finally:
         second.stop()
         first.stop()
+
+
+async def test_billing_starts_with_no_broker_serves_reads_and_writes_and_catches_up_when_one_appears(store, tmp_path):
+    """An operator restarts billing during a broker outage: it must not crash-loop. It starts, answers
+    reads (invoices, usage, quota), saves admin writes (202, queued) and says it is degraded; when a broker
+    appears, the topics are made and the queued writes and the full state reach a proxy, without a restart."""
+    broker = BundledBroker(log_path=tmp_path / "late.log")  # its port is free: nothing listens there yet
+    prepared: list[bool] = []
+
+    async def prepare() -> None:
+        await ensure_topics(broker.bootstrap, usage_partitions=1)
+        prepared.append(True)
+
+    try:
+        settings = BillingSettings(admin_token=ADMIN_TOKEN, finance_token=FINANCE_TOKEN, control_publish_wait_s=0.5)
+        app = create_app(settings, load_config("tollway.yaml"), store, broker.bootstrap, prepare_broker=prepare)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://billing") as billing:
+                team = await billing.post("/v1/admin/teams", json={"name": f"late-{tmp_path.name}"}, headers=ADMIN)
+                assert team.status_code == 202 and team.json()["will_retry"] is True, team.text
+                tid = team.json()["team_id"]
+                key = (await billing.post("/v1/admin/keys", json={"team_id": tid}, headers=ADMIN)).json()
+                assert key["published"] is False
+                for path in (f"/v1/invoices/draft_{tid}_{datetime.now(UTC):%Y-%m}", f"/v1/quota?team={tid}",
+                             f"/v1/usage?team={tid}"):  # fmt: skip
+                    r = await billing.get(path, headers=FINANCE)
+                    assert r.status_code == 200, (path, r.text)
+                ready = await billing.get("/readyz")
+                assert ready.status_code == 503 and ready.json()["checks"] == {
+                    "clickhouse": True, "control_publisher": False, "usage_stream": False}  # fmt: skip
+                assert prepared == []
+
+                broker.start()
+                ok = await eventually(lambda: billing.get("/readyz"), lambda r: r.status_code == 200, timeout_s=60)
+                assert all(ok.json()["checks"].values()) and prepared == [True]
+                async with proxy_view(broker.bootstrap) as view:
+                    await eventually(lambda: asyncio.sleep(0, view), lambda v: v.snapshots_seen >= 1, timeout_s=30)
+                    assert view.lookup(key["key"]) is not None and tid in view.teams
+    finally:
+        broker.stop()
 
 
 # -- 4. bodies: an unknown caller's body is never read; every body is capped ----------------------------
