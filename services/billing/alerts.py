@@ -24,13 +24,14 @@ from schemas.budgets import describe
 from schemas.clickhouse import Store
 from schemas.control import ALERTS_TOPIC, BudgetAlert
 from services.billing import metrics
+from services.billing.producers import started_producer
 
 log = structlog.get_logger("tollway.billing.alerts")
 
 COLUMNS = ("period", "scope", "entity_id", "metric", "threshold", "alert_id", "team_id", "used", "limit_value",
            "crossed_at", "delivered", "version")  # fmt: skip
-AlertKey = tuple[str, str, str, str, int]
-SEND_RETRY_MAX_S = 30.0  # period, scope, entity_id, metric, threshold
+AlertKey = tuple[str, str, str, str, int]  # period, scope, entity_id, metric, threshold
+SEND_RETRY_MAX_S = 30.0
 
 
 def alert_id(key: AlertKey) -> str:
@@ -59,13 +60,7 @@ class Alerts:
     async def _connect(self) -> AIOKafkaProducer:
         async with self._connecting:
             if self._producer is None:
-                producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", linger_ms=5,
-                                            request_timeout_ms=5000)  # fmt: skip
-                try:
-                    await producer.start()
-                except BaseException:
-                    await producer.stop()
-                    raise
+                producer = await started_producer(self._bootstrap)
                 self._producer = producer
             return self._producer
 

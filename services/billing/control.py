@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaProducer
 from schemas.budgets import Budget
 from schemas.control import CONTROL_TOPIC, KeyState, QuotaSignal, Snapshot, TeamState, encode, message_key
 from services.billing import metrics
+from services.billing.producers import started_producer
 
 if TYPE_CHECKING:
     from services.billing.accounts import Accounts
@@ -92,19 +93,7 @@ class ControlPublisher:
         if self._prepare is not None:
             await self._prepare()
             self._prepare = None
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
-            client_id="tollway-billing",
-            acks="all",
-            linger_ms=5,
-            # A dead broker fails a send in seconds, not aiokafka's 40 s default: the outbox retries anyway.
-            request_timeout_ms=5000,
-        )
-        try:
-            await producer.start()
-        except BaseException:
-            await producer.stop()
-            raise
+        producer = await started_producer(self._bootstrap, client_id="tollway-billing")
         self._producer = producer
         return producer
 
