@@ -29,7 +29,7 @@ from bench.targets import tollway_config
 from schemas.config import GatewayConfig
 from schemas.control import KeyState, TeamState
 from schemas.keys import display_prefix, hash_key, new_secret
-from services.proxy import handler, messages, responses
+from services.proxy import handler
 from services.proxy.app import create_app
 from services.proxy.settings import ProxySettings
 from services.proxy.upstream import UpstreamReply
@@ -68,13 +68,13 @@ async def measure(calls: int, profile: bool = False, tagged: bool = False, api: 
     async def canned(pool, target, path, body, budget_s=None, headers=None) -> UpstreamReply:
         return UpstreamReply(200, reply, orjson.loads(reply), None)
 
-    real = handler.post_json, messages.post_json, responses.post_json
+    real = handler.post_json  # every API's plain call goes through it (ProxyHandler.json_attempt)
     # the upstream hop is measured elsewhere (the floor rows of bench.run)
-    handler.post_json = messages.post_json = responses.post_json = canned
+    handler.post_json = canned
     try:
         return await _measure(calls, profile, tagged, api)
     finally:
-        handler.post_json, messages.post_json, responses.post_json = real
+        handler.post_json = real
 
 
 async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat") -> float:
