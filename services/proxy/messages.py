@@ -12,7 +12,7 @@ zero tokens (endpoint messages.count_tokens), so the call is still seen.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from starlette.requests import Request
@@ -47,6 +47,7 @@ SHAPE: Shape = "anthropic"
 # the caller's headers passed on to the provider (Claude Code needs both); the Target's default
 # anthropic-version applies when the caller sends none. Nothing else of the caller's, never its key.
 PASSED_ON = {"anthropic-version": 64, "anthropic-beta": 2048}  # header -> longest value accepted
+BETA_QUERY = "?beta=true"
 MAX_MESSAGES = 100_000  # Anthropic's own bound on messages per request
 
 
@@ -84,16 +85,38 @@ def validate_messages(body: dict[str, Any], count_only: bool = False) -> None:
             raise InvalidRequest(f"'{field}' must be a number.")
 
 
+_PASSED_ON_RAW = {name.encode(): (name, longest) for name, longest in PASSED_ON.items()}
+
+
 def passed_on(request: Request) -> dict[str, str] | None:
-    out: dict[str, str] = {}
-    for name, longest in PASSED_ON.items():
-        v = request.headers.get(name)
-        if v is None:
+    """The caller's headers for the provider: one scan of the raw headers (the first of a repeated one, as
+    Headers.get takes), not a Headers lookup per name."""
+    out: dict[str, str] | None = None
+    for raw_name, raw_value in request.scope["headers"]:
+        found = _PASSED_ON_RAW.get(raw_name)
+        if found is None or (out is not None and found[0] in out):
             continue
+        name, longest = found
+        v = raw_value.decode("latin-1")
         if len(v) > longest or not v.isascii() or not v.isprintable():
             raise InvalidRequest(f"The '{name}' header must be printable ASCII of at most {longest} characters.")
+        if out is None:
+            out = {}
         out[name] = v
-    return out or None
+    return out
+
+
+class Passed(NamedTuple):
+    """A Messages call's ctx on the request skeleton: what of the caller's request reaches the provider."""
+
+    headers: dict[str, str] | None
+    path: str  # with `?beta=true` when the caller sent it (Claude Code does; the Python SDK 2.x does not)
+
+
+def upstream_path(request: Request, path: str) -> str:
+    # only this flag of the caller's query string: nothing else of the caller's goes to the provider
+    query = request.scope["query_string"]
+    return path + BETA_QUERY if query and b"beta=true" in query.split(b"&") else path
 
 
 def _without_tpm(policy: Policy) -> Policy:
@@ -114,12 +137,12 @@ class MessagesApi(Api):
         call.headers["request-id"] = call.request_id  # where Anthropic's SDKs read it (`_request_id`, error logs)
         return call
 
-    def check(self, request: Request, body: dict[str, Any], key: KeyState) -> dict[str, str] | None:
+    def check(self, request: Request, body: dict[str, Any], key: KeyState) -> Passed:
         validate_messages(body, count_only=self.endpoint == COUNT_TOKENS)
-        return passed_on(request)
+        return Passed(passed_on(request), upstream_path(request, self.path))
 
-    def attempt(self, body: dict[str, Any], raw: bytes, ctx: dict[str, str] | None) -> Any:
-        return self.h.json_attempt(self.path, body, raw, ctx)
+    def attempt(self, body: dict[str, Any], raw: bytes, ctx: Passed) -> Any:
+        return self.h.json_attempt(ctx.path, body, raw, ctx.headers)
 
     def usage(self, reply: UpstreamReply, body: dict[str, Any]) -> tuple[TokenUsage, UsageSource, str | None]:
         parsed = message_usage(reply.data)
@@ -127,7 +150,7 @@ class MessagesApi(Api):
             return estimate_usage(body, output_chars(reply.data)), "estimated", None
         return parsed[0], "provider", parsed[1]
 
-    async def stream(self, call: Call, route: ModelRoute, body: dict[str, Any], ctx: dict[str, str] | None,
+    async def stream(self, call: Call, route: ModelRoute, body: dict[str, Any], ctx: Passed,
                      health: Health) -> Response:  # fmt: skip
         return await _stream(self.h, call, route, body, ctx)
 
@@ -164,8 +187,7 @@ def _stream_usage(relay: MessagesRelay, body: dict[str, Any]) -> tuple[TokenUsag
     return estimate_usage(body, chars), "", False
 
 
-async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str, Any],
-                  headers: dict[str, str] | None) -> Response:  # fmt: skip
+async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str, Any], ctx: Passed) -> Response:
     d = call.draft
     assembler = MessageAssembler() if call.cache_key is not None else None
 
@@ -200,7 +222,7 @@ async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str
 
     async def attempt(target: Target, budget_s: float) -> MessagesRelay:
         payload = orjson.dumps({**body, "model": target.upstream_model})
-        resp = await open_stream(h.s.upstream, target, "/messages", payload, budget_s, headers)
+        resp = await open_stream(h.s.upstream, target, ctx.path, payload, budget_s, ctx.headers)
         relay = MessagesRelay(resp, call.started, on_end, assembler, h.s.settings.upstream_max_sse_line_bytes,
                               h.s.settings.upstream_max_body_bytes)  # fmt: skip
         await relay.prime()
@@ -235,14 +257,14 @@ async def count_tokens(h: ProxyHandler, request: Request) -> Response:
 async def _count_tokens(h: ProxyHandler, api: CountTokensApi, call: Call, request: Request) -> Response:
     key = h.identify(call, request)
     body, raw = await h.read(call, request, key)
-    headers = api.check(request, body, key)
+    passed = api.check(request, body, key)
     h.recordable()
     policy = h.policy(key)
     await h.rate_limit(call, _without_tpm(policy), body)  # a request, but no tokens to count against tpm
     call.tpm_cost = 0
     route = call.route = h.s.router.resolve(body.get("model"), MESSAGES, policy.models)
     call.draft.served_model = route.name
-    fwd = await forward(h.health, route, route.retry or h.config.retry, api.attempt(body, raw, headers),
+    fwd = await forward(h.health, route, route.retry or h.config.retry, api.attempt(body, raw, passed),
                         call.started, call.tried)  # fmt: skip
     reply = fwd.value
     call.draft.status = "ok"  # zero tokens, from the provider: counting is free
