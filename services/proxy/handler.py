@@ -34,6 +34,7 @@ from services.proxy.errors import (
     error_response,
 )
 from services.proxy.forward import Tried, forward
+from services.proxy.headers import header
 from services.proxy.health import Health
 from services.proxy.limiter import Ticket
 from services.proxy.limits import Policy, resolve_policy
@@ -49,6 +50,7 @@ log = structlog.get_logger("tollway.proxy.handler")
 CHAT = "chat.completions"
 EMBEDDINGS = "embeddings"
 ApiT = TypeVar("ApiT", bound="Api")
+CACHE_HEADER_RAW = CACHE_HEADER.lower().encode()
 
 
 class JSONBytes(Response):
@@ -79,7 +81,7 @@ class Call:
     def __init__(self, request: Request, endpoint: str) -> None:
         self.started = time.perf_counter()
         uid = uuid_utils.uuid7()  # one id for both: the event's id, and the request id when the caller sent none
-        rid = request.headers.get("x-request-id")
+        rid = header(request, b"x-request-id")
         self.request_id = rid[:200] if rid and rid.isprintable() else f"req_{uid.hex}"
         self.endpoint = endpoint
         self.headers: dict[str, str] = {"x-request-id": self.request_id}  # on every response, with x-ratelimit-*
@@ -100,7 +102,7 @@ class Call:
 async def read_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     """The body parsed, and re-serialized: the bytes sent upstream are what the proxy read, so an upstream
     that takes the first of duplicate keys serves what the proxy bills (orjson keeps the last)."""
-    length = request.headers.get("content-length")
+    length = header(request, b"content-length")
     if length and length.isdigit() and int(length) > max_bytes:
         raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
     parts: list[bytes] = []
@@ -564,7 +566,7 @@ class ProxyHandler:
     def cache_use(self, request: Request, body: dict[str, Any], kind: str, route: ModelRoute) -> CacheUse:
         if not self.config.cache.enabled or route.cache_ttl_s == 0:
             return CacheUse(False, False)
-        return cache_use(request.headers.get(CACHE_HEADER), body, kind)
+        return cache_use(header(request, CACHE_HEADER_RAW), body, kind)
 
     def cache_lookup(self, call: Call, request: Request, body: dict[str, Any], api: Api, route: ModelRoute,
                      team_id: str) -> Entry | None:  # fmt: skip
