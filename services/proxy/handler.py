@@ -499,22 +499,14 @@ class ProxyHandler:
                 d.take_usage(out.usage, "provider")
             else:
                 d.take_usage(estimate_usage(body, out.content_chars), "estimated")
-            d.ttft_ms = round(out.ttft_ms, 3) if out.ttft_ms is not None else None
-            d.client_disconnected = out.client_gone
             d.status = "error" if out.upstream_broken and not out.client_gone else "ok"
             if out.upstream_broken and not out.client_gone:
                 d.error_code = "upstream_response_too_large" if out.too_large else "upstream_stream_broken"
-            if out.client_gone:
-                metrics.CLIENT_DISCONNECTS.labels(route.name).inc()
-            if out.ttft_ms is not None:
-                metrics.TTFT.labels(route.name).observe(out.ttft_ms / 1000)
-            metrics.tokens_by(route.name, "prompt").inc(d.prompt_tokens)
-            metrics.tokens_by(route.name, "completion").inc(d.completion_tokens)
             if assembler is not None and out.completed and not out.upstream_broken:
                 completion = assembler.completion()
                 if completion is not None:
                     self._store(call, route, orjson.dumps(completion), d.usage(), call.tried.provider)
-            self.finish(call, 200, route)
+            self.stream_ended(call, route, out.ttft_ms, out.client_gone)
 
         async def attempt(target: Target, budget_s: float) -> StreamRelay:
             payload = orjson.dumps({**upstream_body, "model": target.upstream_model})
@@ -533,6 +525,20 @@ class ProxyHandler:
             return relay
 
         return await self.relay_stream(call, route, body, attempt)
+
+    def stream_ended(self, call: Call, route: ModelRoute, ttft_ms: float | None, client_gone: bool) -> None:
+        """The end of every API's stream, its usage and status on the draft: time to first token, a hang-up,
+        the metrics, and the event."""
+        d = call.draft
+        d.ttft_ms = round(ttft_ms, 3) if ttft_ms is not None else None
+        d.client_disconnected = client_gone
+        if client_gone:
+            metrics.CLIENT_DISCONNECTS.labels(route.name).inc()
+        if ttft_ms is not None:
+            metrics.TTFT.labels(route.name).observe(ttft_ms / 1000)
+        metrics.tokens_by(route.name, "prompt").inc(d.prompt_tokens)
+        metrics.tokens_by(route.name, "completion").inc(d.completion_tokens)
+        self.finish(call, 200, route)
 
     async def relay_stream(self, call: Call, route: ModelRoute, body: dict[str, Any], attempt: Any,
                            health: Health | None = None) -> SSEResponse:  # fmt: skip

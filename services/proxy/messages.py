@@ -20,7 +20,6 @@ from starlette.responses import Response
 
 from schemas.control import KeyState
 from schemas.events import UsageSource
-from services.proxy import metrics
 from services.proxy.anthropic_stream import MessageAssembler, MessagesRelay, replay_events
 from services.proxy.anthropic_usage import message_usage, output_chars
 from services.proxy.cache import Entry
@@ -196,8 +195,6 @@ async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str
         usage, tier, reported = _stream_usage(relay, body)
         d.take_usage(usage, "provider" if reported else "estimated")
         d.service_tier = tier
-        d.ttft_ms = round(out.ttft_ms, 3) if out.ttft_ms is not None else None
-        d.client_disconnected = out.client_gone
         broken = out.upstream_broken and not out.client_gone
         d.status = "error" if broken else "ok"
         if broken:
@@ -208,17 +205,11 @@ async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str
                 if relay.error_type
                 else "upstream_stream_broken"
             )
-        if out.client_gone:
-            metrics.CLIENT_DISCONNECTS.labels(route.name).inc()
-        if out.ttft_ms is not None:
-            metrics.TTFT.labels(route.name).observe(out.ttft_ms / 1000)
-        metrics.tokens_by(route.name, "prompt").inc(d.prompt_tokens)
-        metrics.tokens_by(route.name, "completion").inc(d.completion_tokens)
         if assembler is not None and out.completed and not out.upstream_broken:
             message = assembler.message_json()
             if message is not None:
                 h._store(call, route, message, d.usage(), call.tried.provider)
-        h.finish(call, 200, route)
+        h.stream_ended(call, route, out.ttft_ms, out.client_gone)
 
     async def attempt(target: Target, budget_s: float) -> MessagesRelay:
         payload = orjson.dumps({**body, "model": target.upstream_model})

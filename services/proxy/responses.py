@@ -27,7 +27,6 @@ from starlette.responses import Response
 
 from schemas.control import KeyState
 from schemas.events import UsageSource
-from services.proxy import metrics
 from services.proxy.attribution import attribute
 from services.proxy.cache import Entry
 from services.proxy.errors import GatewayError, InvalidRequest, UpstreamError
@@ -257,21 +256,13 @@ class ResponsesHandler(Api):
             usage, source, tier = responses_usage(out.response, body, out.output_chars)
             d.take_usage(usage, source)
             d.service_tier = tier
-            d.ttft_ms = round(out.ttft_ms, 3) if out.ttft_ms is not None else None
-            d.client_disconnected = out.client_gone
             d.status = "ok"
             if out.upstream_broken and not out.client_gone:
                 d.status = "error"
                 d.error_code = "upstream_response_too_large" if out.too_large else "upstream_stream_broken"
             elif out.terminal == "response.failed" or out.provider_error:
                 d.status, d.error_code = "error", "upstream_response_failed"
-            if out.client_gone:
-                metrics.CLIENT_DISCONNECTS.labels(route.name).inc()
-            if out.ttft_ms is not None:
-                metrics.TTFT.labels(route.name).observe(out.ttft_ms / 1000)
-            metrics.tokens_by(route.name, "prompt").inc(d.prompt_tokens)
-            metrics.tokens_by(route.name, "completion").inc(d.completion_tokens)
-            h.finish(call, 200, route)
+            h.stream_ended(call, route, out.ttft_ms, out.client_gone)
 
         async def attempt(target: Target, budget_s: float) -> ResponsesRelay:
             payload = orjson.dumps({**upstream_body, "model": target.upstream_model})
