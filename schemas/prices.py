@@ -15,9 +15,12 @@ The price model (docs/metering.md "Prices"): a call is priced in seven dimension
     request         = 1 for a billable call that has tokens            x request        per request
     web search      = web_search_requests                              x web_search     per 1,000
 
-at one set of rates chosen per call: the event's service tier if the price has it, else the long-context
-tier if prompt_tokens exceed its threshold, else the base rates (`UnitPrice.tier` says which: '', a tier
-name or 'long_context'). prompt_tokens counts all input, so the parts are carved out of it in the order
+at one set of rates chosen per call (`PriceSet.select`, the one place): when prompt_tokens exceed the price's
+long-context threshold, the event's service tier's own long-context rates if it has them, else the
+long-context rates (tier rates are published for short prompts: OpenAI's priority processing "excludes long
+context", and Anthropic prices long prompts in a tier, e.g. batch, as that tier's discount on the long-context
+rates); at or below it, the event's service tier if the price has it, else the base rates (`UnitPrice.tier`
+says which: '', a tier name, 'long_context' or '<tier>+long_context'). prompt_tokens counts all input, so the parts are carved out of it in the order
 above: counts that claim more than prompt_tokens are clipped (cached first, then 5-minute writes, then
 1-hour writes), so a call is never billed for more input than it had and no part is negative.
 """
@@ -39,6 +42,7 @@ MILLION = Decimal(1_000_000)
 THOUSAND = Decimal(1_000)
 ZERO = Decimal(0)
 LONG_CONTEXT = "long_context"  # UnitPrice.tier of a call priced at a price's long-context tier
+TIER_LONG_CONTEXT = "{}+long_context"  # ... at a service tier's own long-context rates
 
 # The dimensions, in the order above: name -> how many units one unit price is for (one fact, one place: the
 # meter's columns unit_<name> / cost_<name>, the ledger's lines and the invoices read it).
@@ -142,16 +146,15 @@ class PriceSet:
     base: UnitPrice
     long_context: tuple[int, UnitPrice] | None = None  # (above_prompt_tokens, prices)
     tiers: dict[str, UnitPrice] = field(default_factory=dict)
+    tiers_long_context: dict[str, UnitPrice] = field(default_factory=dict)  # a tier's own long-context rates
 
     def select(self, service_tier: str, prompt_tokens: int) -> UnitPrice:
         """The rates a call is priced at (see the module doc)."""
-        tier = self.tiers.get(service_tier) if service_tier else None
-        if tier is not None:
-            return tier
         lc = self.long_context
         if lc is not None and prompt_tokens > lc[0]:
-            return lc[1]
-        return self.base
+            return (self.tiers_long_context.get(service_tier) if service_tier else None) or lc[1]
+        tier = self.tiers.get(service_tier) if service_tier else None
+        return self.base if tier is None else tier
 
     # The base rates, read off the set as off a UnitPrice (callers that price a call use `select`).
     input = property(lambda self: self.base.input)
@@ -169,13 +172,15 @@ class PriceSet:
         if self.long_context is not None:
             yield self.long_context[1]
         yield from self.tiers.values()
+        yield from self.tiers_long_context.values()
 
-    def worst_case_usd(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        """The most a call of these counts can cost at any of the rates (a quota reservation; web searches are
-        not known before the call and not counted)."""
+    def worst_case_usd(self, prompt_tokens: int, completion_tokens: int, web_searches: int = 0) -> Decimal:
+        """The most a call of these counts can cost at any of the rates (a quota reservation): its tokens at the
+        dearest rates, the request fee, and the fees of `web_searches` searches (the fees are every set's)."""
         most_in = max(max(u.input, u.cache_write, u.cache_write_1h, u.cached_input) for u in self.units())
         most_out = max(u.output for u in self.units())
-        return (Decimal(prompt_tokens) * most_in + Decimal(completion_tokens) * most_out) / MILLION + self.base.request
+        fees = self.base.request + (Decimal(web_searches) * self.base.web_search / THOUSAND if web_searches else ZERO)
+        return (Decimal(prompt_tokens) * most_in + Decimal(completion_tokens) * most_out) / MILLION + fees
 
 
 def _digits(d: Decimal) -> str:
@@ -209,7 +214,10 @@ def _hashed(p: Price) -> str:
         lc = p.long_context
         parts.append(f"long_context>{lc.above_prompt_tokens}=" + ",".join(map(_digits, _resolved(lc))))
     for name in sorted(p.service_tiers):
-        parts.append(f"tier {name}=" + ",".join(map(_digits, _resolved(p.service_tiers[name]))))
+        t = p.service_tiers[name]
+        parts.append(f"tier {name}=" + ",".join(map(_digits, _resolved(t))))
+        if t.long_context is not None:  # joins the text only when set: older versions keep their hash
+            parts.append(f"tier {name} long_context=" + ",".join(map(_digits, _resolved(t.long_context))))
     return "|".join(parts)
 
 
@@ -235,7 +243,10 @@ def price_set(model: str, provider: str, p: Price) -> PriceSet:
         unit(p, ""),
         None if lc is None else (lc.above_prompt_tokens, unit(lc, LONG_CONTEXT)),
         {name: unit(r, name) for name, r in p.service_tiers.items()},
-    )
+        # a tier's long-context rates only count with a threshold to be above
+        {name: unit(r.long_context, TIER_LONG_CONTEXT.format(name)) for name, r in p.service_tiers.items()
+         if r.long_context is not None and lc is not None},
+    )  # fmt: skip
 
 
 def unit_price(model: str, provider: str, p: Price) -> UnitPrice:
