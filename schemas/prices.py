@@ -260,6 +260,7 @@ class CatalogEntry:
     provider: str  # "*" for the model's own prices, else the route's provider
     effective_from: date
     prices: PriceSet
+    identity: str = ""  # what its version hashes (price_identity), recorded with it (schemas/price_versions.py)
 
     @property
     def unit(self) -> UnitPrice:
@@ -272,7 +273,7 @@ def catalog(config: GatewayConfig) -> Iterator[CatalogEntry]:
         lists = {"*": m.prices} | {r.provider: r.prices for r in m.routes if r.prices}  # a later route wins
         for provider, prices in lists.items():
             for p in sorted(prices, key=lambda p: p.effective_from):
-                yield CatalogEntry(name, provider, p.effective_from, price_set(name, provider, p))
+                yield CatalogEntry(name, provider, p.effective_from, price_set(name, provider, p), price_identity(p))
 
 
 class PriceBook:
