@@ -15,7 +15,8 @@ version) costs per call, measured in one run on one app: blocks of 100 calls alt
 quote and `no_quote` (the answer with no cost and no headers, as before the feature; the quota's settle then
 prices the call itself, as it did before); a round is `calls` calls of each. Printed: every round's CPU per
 call of each side and their difference, the medians over the rounds, and the median difference over every
-pair of adjacent blocks (the figure least moved by a busy moment of a shared box). Issue 16 budgets the difference at
+pair of adjacent blocks (the figure least moved by a busy moment of a shared box). --null puts the stub on
+both sides: what the A/B reads with no difference at all (its noise floor on the box at the time). Issue 16 budgets the difference at
 5 us.
 """
 
@@ -90,7 +91,7 @@ def no_quote(*args: Any, **kwargs: Any) -> Quote:
 
 
 async def measure(calls: int, profile: bool = False, tagged: bool = False, api: str = "chat",
-                  ab_rounds: int = 0) -> Any:  # fmt: skip
+                  ab_rounds: int = 0, null: bool = False) -> Any:  # fmt: skip
     """CPU seconds per call (best of 3 rounds); with ab_rounds, the --cost-ab report (a dict) instead."""
     reply = APIS[api][3]
 
@@ -101,12 +102,13 @@ async def measure(calls: int, profile: bool = False, tagged: bool = False, api: 
     # the upstream hop is measured elsewhere (the floor rows of bench.run)
     handler.post_json = messages.post_json = responses.post_json = canned
     try:
-        return await _measure(calls, profile, tagged, api, ab_rounds)
+        return await _measure(calls, profile, tagged, api, ab_rounds, null)
     finally:
         handler.post_json, messages.post_json, responses.post_json = real
 
 
-async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat", ab_rounds: int = 0) -> Any:
+async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat", ab_rounds: int = 0,
+                   null: bool = False) -> Any:  # fmt: skip
     path, payload, auth, _ = APIS[api]
     config = GatewayConfig.model_validate(
         tollway_config({"instant": "http://127.0.0.1:9", "50ms": "http://127.0.0.1:9"})
@@ -149,7 +151,7 @@ async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat", a
             for _ in range(1000):  # warm-up
                 await one()
             if ab_rounds:
-                report = await _cost_ab(one, calls, ab_rounds, api)
+                report = await _cost_ab(one, calls, ab_rounds, api, null=null)
                 if set(statuses) != {200}:
                     raise SystemExit(f"the request path did not answer 200: {sorted(set(statuses))}")
                 return report
@@ -171,10 +173,15 @@ async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat", a
     return best
 
 
-async def _cost_ab(one: Any, calls: int, rounds: int, api: str, block: int = 100) -> dict[str, Any]:
+async def _cost_ab(one: Any, calls: int, rounds: int, api: str, block: int = 100, null: bool = False
+                   ) -> dict[str, Any]:  # fmt: skip
     real = handler.quote
     if real is no_quote:
         raise SystemExit("handler.quote is already the stub")
+    if null:  # both sides the stub: what the A/B reads when there is no difference (its noise and bias)
+
+        def real(*args: Any, **kwargs: Any) -> Quote:
+            return NO_COST
 
     async def cpu(quote_fn: Any) -> float:
         handler.quote = quote_fn
@@ -226,11 +233,14 @@ def main() -> None:
     ap.add_argument("--tagged", action="store_true", help="calls carry a user, body metadata and a tags header")
     ap.add_argument("--api", choices=sorted(APIS), default="chat")
     ap.add_argument("--cost-ab", action="store_true", help="same-run A/B of the provisional cost (see above)")
-    ap.add_argument("--rounds", type=int, default=6, help="--cost-ab: pairs of rounds")
+    ap.add_argument("--rounds", type=int, default=6, help="--cost-ab: rounds")
+    ap.add_argument("--null", action="store_true", help="--cost-ab with the stub on both sides: the noise floor")
     args = ap.parse_args()
     if args.cost_ab:
-        report = asyncio.run(measure(args.calls, api=args.api, ab_rounds=args.rounds))
-        print(orjson.dumps({**report, "load_average": [round(x, 2) for x in os.getloadavg()]}).decode())
+        report = asyncio.run(measure(args.calls, api=args.api, ab_rounds=args.rounds, null=args.null))
+        print(
+            orjson.dumps({**report, "null": args.null, "load_average": [round(x, 2) for x in os.getloadavg()]}).decode()
+        )
         return
     us = asyncio.run(measure(args.calls, args.profile, args.tagged, args.api)) * 1e6
     print(orjson.dumps({"request_path_cpu_us_per_call": round(us, 1), "calls": args.calls, "api": args.api}).decode())
