@@ -5,10 +5,19 @@ work per call: auth, parse, rate limits, quota reservation, routing, forward boo
 compare changes to the handler.
 
     .venv/bin/python -m bench.request_path [--calls 5000] [--profile] [--tagged] [--api chat|messages|responses]
+    .venv/bin/python -m bench.request_path --cost-ab [--calls 3000] [--rounds 6] [--api ...]
 
 --tagged: each call carries attribution (a `user`, a 3-entry body `metadata` and an X-Tollway-Tags header).
 --api messages: drives Anthropic's /v1/messages (x-api-key, anthropic-version) instead of chat;
 --api responses: OpenAI's /v1/responses (a stored response: its id is wrapped).
+--cost-ab: what the provisional cost (services/proxy/cost.py: the x-tollway-cost-usd header and its price
+version) costs per call, measured in one run on one app: blocks of 100 calls alternate (ABBA) between the real
+quote and `no_quote` (the answer with no cost and no headers, as before the feature; the quota's settle then
+prices the call itself, as it did before); a round is `calls` calls of each. Printed: every round's CPU per
+call of each side and their difference, the medians over the rounds, and the median difference over every
+pair of adjacent blocks (the figure least moved by a busy moment of a shared box). --null puts the stub on
+both sides: what the A/B reads with no difference at all (its noise floor on the box at the time). Issue 16 budgets the difference at
+5 us.
 """
 
 from __future__ import annotations
@@ -16,10 +25,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -29,8 +41,9 @@ from bench.targets import tollway_config
 from schemas.config import GatewayConfig
 from schemas.control import KeyState, TeamState
 from schemas.keys import display_prefix, hash_key, new_secret
-from services.proxy import handler, messages, responses
+from services.proxy import handler
 from services.proxy.app import create_app
+from services.proxy.cost import Quote
 from services.proxy.settings import ProxySettings
 from services.proxy.upstream import UpstreamReply
 
@@ -62,22 +75,40 @@ APIS = {
 }
 
 
-async def measure(calls: int, profile: bool = False, tagged: bool = False, api: str = "chat") -> float:
+class _NoCost(Quote):
+    __slots__ = ()
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+NO_COST = _NoCost("unpriced", "", "")
+
+
+def no_quote(*args: Any, **kwargs: Any) -> Quote:
+    """The quote path disabled (this bench only): no pricing, no cost headers, nothing told to keep."""
+    return NO_COST
+
+
+async def measure(calls: int, profile: bool = False, tagged: bool = False, api: str = "chat",
+                  ab_rounds: int = 0, null: bool = False) -> Any:  # fmt: skip
+    """CPU seconds per call (best of 3 rounds); with ab_rounds, the --cost-ab report (a dict) instead."""
     reply = APIS[api][3]
 
     async def canned(pool, target, path, body, budget_s=None, headers=None) -> UpstreamReply:
         return UpstreamReply(200, reply, orjson.loads(reply), None)
 
-    real = handler.post_json, messages.post_json, responses.post_json
+    real = handler.post_json  # every API's plain call goes through it (ProxyHandler.json_attempt)
     # the upstream hop is measured elsewhere (the floor rows of bench.run)
-    handler.post_json = messages.post_json = responses.post_json = canned
+    handler.post_json = canned
     try:
-        return await _measure(calls, profile, tagged, api)
+        return await _measure(calls, profile, tagged, api, ab_rounds, null)
     finally:
-        handler.post_json, messages.post_json, responses.post_json = real
+        handler.post_json = real
 
 
-async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat") -> float:
+async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat", ab_rounds: int = 0,
+                   null: bool = False) -> Any:  # fmt: skip
     path, payload, auth, _ = APIS[api]
     config = GatewayConfig.model_validate(
         tollway_config({"instant": "http://127.0.0.1:9", "50ms": "http://127.0.0.1:9"})
@@ -119,6 +150,11 @@ async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat") -
 
             for _ in range(1000):  # warm-up
                 await one()
+            if ab_rounds:
+                report = await _cost_ab(one, calls, ab_rounds, api, null=null)
+                if set(statuses) != {200}:
+                    raise SystemExit(f"the request path did not answer 200: {sorted(set(statuses))}")
+                return report
             best = float("inf")
             for _ in range(3):
                 t0 = time.process_time()
@@ -137,13 +173,75 @@ async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat") -
     return best
 
 
+async def _cost_ab(one: Any, calls: int, rounds: int, api: str, block: int = 100, null: bool = False
+                   ) -> dict[str, Any]:  # fmt: skip
+    real = handler.quote
+    if real is no_quote:
+        raise SystemExit("handler.quote is already the stub")
+    if null:  # both sides the stub: what the A/B reads when there is no difference (its noise and bias)
+
+        def real(*args: Any, **kwargs: Any) -> Quote:
+            return NO_COST
+
+    async def cpu(quote_fn: Any) -> float:
+        handler.quote = quote_fn
+        try:
+            t0 = time.process_time()
+            for _ in range(block):
+                await one()
+            return time.process_time() - t0
+        finally:
+            handler.quote = real
+
+    pairs, all_diffs = [], []
+    for _ in range(rounds):
+        # Blocks of `block` calls alternate ABBA, so the box's load, which moves over seconds, weighs on both
+        # sides alike; a round is `calls` calls of each.
+        with_s = without_s = 0.0
+        diffs = []  # per pair of adjacent blocks, us per call
+        for i in range(max(1, calls // block)):
+            if i % 2 == 0:
+                w = await cpu(real)
+                wo = await cpu(no_quote)
+            else:
+                wo = await cpu(no_quote)
+                w = await cpu(real)
+            with_s, without_s = with_s + w, without_s + wo
+            diffs.append((w - wo) / block * 1e6)
+        n = max(1, calls // block) * block
+        w, wo = with_s / n * 1e6, without_s / n * 1e6
+        pairs.append({"with_cost_us": round(w, 2), "without_us": round(wo, 2), "diff_us": round(w - wo, 2),
+                      "block_median_diff_us": round(statistics.median(diffs), 2)})  # fmt: skip
+        all_diffs += diffs
+    return {
+        "api": api,
+        "calls_per_round": calls,
+        "block": block,
+        "pairs": pairs,
+        "median_with_cost_us": round(statistics.median(p["with_cost_us"] for p in pairs), 2),
+        "median_without_us": round(statistics.median(p["without_us"] for p in pairs), 2),
+        "median_diff_us": round(statistics.median(p["diff_us"] for p in pairs), 2),
+        # the median over every pair of adjacent blocks: the least moved by a busy second of the box
+        "median_block_diff_us": round(statistics.median(all_diffs), 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=5000)
     ap.add_argument("--profile", action="store_true", help="also print a cProfile of one more round")
     ap.add_argument("--tagged", action="store_true", help="calls carry a user, body metadata and a tags header")
     ap.add_argument("--api", choices=sorted(APIS), default="chat")
+    ap.add_argument("--cost-ab", action="store_true", help="same-run A/B of the provisional cost (see above)")
+    ap.add_argument("--rounds", type=int, default=6, help="--cost-ab: rounds")
+    ap.add_argument("--null", action="store_true", help="--cost-ab with the stub on both sides: the noise floor")
     args = ap.parse_args()
+    if args.cost_ab:
+        report = asyncio.run(measure(args.calls, api=args.api, ab_rounds=args.rounds, null=args.null))
+        print(
+            orjson.dumps({**report, "null": args.null, "load_average": [round(x, 2) for x in os.getloadavg()]}).decode()
+        )
+        return
     us = asyncio.run(measure(args.calls, args.profile, args.tagged, args.api)) * 1e6
     print(orjson.dumps({"request_path_cpu_us_per_call": round(us, 1), "calls": args.calls, "api": args.api}).decode())
 

@@ -38,14 +38,15 @@ def without_http1() -> None:
 
     timeouts: dict = {}
 
-    async def post_json_aiohttp(pool, target, path, body, budget_s=None):
+    async def post_json_aiohttp(pool, target, path, body, budget_s=None, headers=None):
         # the P1 code path: the app's aiohttp session (st.upstream), whole body read, same error mapping
         session = handler_state["app"].state.proxy.upstream
         timeout = timeouts.get(target.timeout_s) or timeouts.setdefault(
             target.timeout_s, aiohttp.ClientTimeout(total=target.timeout_s, connect=target.connect_timeout_s)
         )
         try:
-            async with session.post(upstream._url(target.base_url, path), data=body, headers=target.headers,
+            async with session.post(upstream._url(target.base_url, path), data=body,
+                                    headers={**target.headers, **headers} if headers else target.headers,
                                     timeout=timeout) as resp:  # fmt: skip
                 raw = await resp.read()
                 status, retry_after = resp.status, resp.headers.get("retry-after")

@@ -101,26 +101,44 @@ class LongContext(Rates):
     above_prompt_tokens: int = Field(ge=1, le=MAX_COUNT)
 
 
+class TierRates(Rates):
+    """A service tier's rates. Above the price's long-context threshold a tier is priced only at its own
+    `long_context` rates (e.g. a batch discount on long prompts, as Anthropic stacks them); a tier without them
+    is priced there at the price's long-context rates: providers publish tier rates for short prompts only
+    (OpenAI's priority processing "excludes long context")."""
+
+    long_context: Rates | None = None
+
+
 class Price(Rates):
     """USD per 1M tokens (the `Rates`), per-call fees, and the tiers, in force from `effective_from` (UTC date)
     until the next entry. A service tier the event names (`service_tier`) picks its own rates; an unknown or
-    empty tier is priced at the base rates (and the long-context tier, when the prompt is over it). The fees
+    empty tier is priced at the base rates. A prompt over the long-context threshold is priced at the
+    long-context rates, or at its tier's own long-context rates when the tier has them (`TierRates`). The fees
     are per call and the same in every tier."""
 
     effective_from: date = date(2000, 1, 1)
     request: Decimal | None = Field(default=None, ge=0, description="USD per billable request; default 0")
     web_search: Decimal | None = Field(default=None, ge=0, description="USD per 1,000 web searches; default 0")
     long_context: LongContext | None = None
-    service_tiers: dict[str, Rates] = Field(default_factory=dict, description="e.g. flex, priority, batch")
+    service_tiers: dict[str, TierRates] = Field(default_factory=dict, description="e.g. flex, priority, batch")
 
     @field_validator("request", "web_search", mode="before")
     @classmethod
     def _no_float_fee(cls, v: object) -> object:
         return _decimal(v)
 
+    @field_validator("service_tiers", mode="before")
+    @classmethod
+    def _plain_rates(cls, v: object) -> object:
+        # a tier given as plain `Rates` (the catalog import builds them) is a TierRates without long context
+        if isinstance(v, dict):
+            return {k: r.model_dump() if type(r) is Rates else r for k, r in v.items()}
+        return v
+
     @field_validator("service_tiers")
     @classmethod
-    def _tier_names(cls, v: dict[str, Rates]) -> dict[str, Rates]:
+    def _tier_names(cls, v: dict[str, TierRates]) -> dict[str, TierRates]:
         for name in v:
             if not name or len(name) > 64:
                 raise ValueError(f"a service tier name must have 1 to 64 characters, got {name!r}")

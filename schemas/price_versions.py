@@ -7,20 +7,31 @@ or an adjustment carries its version). A price changes by a new entry with a lat
 `tollway rerate --period YYYY-MM` for the months it should correct. Free to edit: an entry not yet in force
 (effective_from after today, UTC), and one in force that priced nothing (e.g. a mistyped price whose events
 all became dead letters); the correction is then recorded in its place.
+
+A record holds every unit price of its entry (migration 038), so a version reads back whole
+(`recorded_price_sets`): the base set's seven, the long-context threshold and rates, each service tier's rates
+and each tier's own long-context rates, exact decimal text; and the text the version hashes. A record written
+before 038 (the three base prices) is written again, whole, at the next start.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
 
 from schemas.clickhouse import Store
 from schemas.config import ConfigError, GatewayConfig
-from schemas.prices import CatalogEntry, UnitPrice, catalog
+from schemas.prices import LONG_CONTEXT, TIER_LONG_CONTEXT, CatalogEntry, PriceSet, UnitPrice, catalog
 
 TABLE = "price_versions"
 COLUMNS = ("model", "provider", "effective_from", "version", "unit_input", "unit_output", "unit_cached_input",
-           "recorded_at", "recorded_by")  # fmt: skip
+           "recorded_at", "recorded_by", "unit_cache_write", "unit_cache_write_1h", "unit_request", "unit_web_search",
+           "long_context_above_prompt_tokens", "rate_sets", "identity", "whole")  # fmt: skip
+RATES = ("input", "output", "cached_input", "cache_write", "cache_write_1h")  # a rate set's; the fees are the entry's
 Key = tuple[str, str, str]  # model, provider, effective_from (ISO date)
 Recorded = dict[Key, UnitPrice]
 
@@ -55,12 +66,14 @@ def refusal(e: CatalogEntry, was: UnitPrice) -> str:
             f"effective_from, then run `tollway rerate --period YYYY-MM`")  # fmt: skip
 
 
-def to_record(config: GatewayConfig, recorded: Recorded, today: date) -> list[CatalogEntry]:
-    """Entries in force whose version is not the recorded one (new, or an allowed correction)."""
+def to_record(config: GatewayConfig, recorded: Recorded, today: date, partial: frozenset[Key] = frozenset()
+              ) -> list[CatalogEntry]:  # fmt: skip
+    """Entries in force whose version is not the recorded one (new, or an allowed correction), and those whose
+    record is `partial` (written before every unit price was recorded: the same price, written whole)."""
     out = []
     for e in catalog(config):
         was = recorded.get(key(e))
-        if e.effective_from <= today and (was is None or was.version != e.unit.version):
+        if e.effective_from <= today and (was is None or was.version != e.unit.version or key(e) in partial):
             out.append(e)
     return out
 
@@ -69,6 +82,68 @@ async def recorded_versions(store: Store) -> Recorded:
     rows = await store.query(f"SELECT model, provider, effective_from, version, unit_input, unit_output, "
                              f"unit_cached_input FROM {{db}}.{TABLE} FINAL")  # fmt: skip
     return {(m, p, since): UnitPrice(v, ui, uo, uc) for m, p, since, v, ui, uo, uc in rows}
+
+
+async def partial_records(store: Store) -> frozenset[Key]:
+    """Records written before 038 (the three base prices only)."""
+    rows = await store.query(f"SELECT model, provider, effective_from FROM {{db}}.{TABLE} FINAL WHERE whole = 0")
+    return frozenset((m, p, since) for m, p, since in rows)
+
+
+def _text(d: Decimal) -> str:
+    return format(d.normalize(), "f")
+
+
+def _rates(u: UnitPrice) -> dict[str, str]:
+    return {r: _text(getattr(u, r)) for r in RATES}
+
+
+def rate_sets(ps: PriceSet) -> str:
+    """Every rate set but the base one, as exact decimal text (the `rate_sets` column)."""
+    lc = ps.long_context
+    return orjson.dumps({
+        "long_context": None if lc is None else {"above_prompt_tokens": lc[0], **_rates(lc[1])},
+        "tiers": {name: _rates(u) for name, u in sorted(ps.tiers.items())},
+        "tiers_long_context": {name: _rates(u) for name, u in sorted(ps.tiers_long_context.items())},
+    }).decode()  # fmt: skip
+
+
+def _row(e: CatalogEntry, now: datetime, by: str) -> list[Any]:
+    u, lc = e.unit, e.prices.long_context
+    return [*key(e), u.version, u.input, u.output, u.cached_input, now, by, u.cache_write, u.cache_write_1h,
+            u.request, u.web_search, 0 if lc is None else lc[0], rate_sets(e.prices), e.identity, 1]  # fmt: skip
+
+
+def price_set_of(version: str, base: dict[str, Decimal], sets: str) -> PriceSet:
+    """The PriceSet a whole record holds (`base`: the unit_ columns by dimension, `sets`: rate_sets)."""
+    fees = (base["request"], base["web_search"])
+
+    def unit(r: dict[str, Any], tier: str) -> UnitPrice:
+        inp, out, cached, cw, cw1h = (Decimal(str(r[name])) for name in RATES)
+        return UnitPrice(version, inp, out, cached, cw, cw1h, *fees, tier=tier)
+
+    s = orjson.loads(sets)
+    lc = s["long_context"]
+    return PriceSet(
+        version,
+        unit({k: base[k] for k in RATES}, ""),
+        None if lc is None else (int(lc["above_prompt_tokens"]), unit(lc, LONG_CONTEXT)),
+        {name: unit(r, name) for name, r in s["tiers"].items()},
+        {name: unit(r, TIER_LONG_CONTEXT.format(name)) for name, r in s["tiers_long_context"].items()},
+    )
+
+
+async def recorded_price_sets(store: Store) -> dict[Key, PriceSet]:
+    """Every whole record read back as the PriceSet it priced with: equal, Decimal for Decimal, to the entry's."""
+    rows = await store.query(f"SELECT model, provider, effective_from, version, unit_input, unit_output, "
+                             f"unit_cached_input, unit_cache_write, unit_cache_write_1h, unit_request, unit_web_search, "
+                             f"rate_sets FROM {{db}}.{TABLE} FINAL WHERE whole = 1")  # fmt: skip
+    out = {}
+    for m, p, since, v, *units, sets in rows:
+        base = dict(zip(("input", "output", "cached_input", "cache_write", "cache_write_1h", "request", "web_search"),
+                        units, strict=True))  # fmt: skip
+        out[(m, p, since)] = price_set_of(v, base, sets)
+    return out
 
 
 async def versions_in_use(store: Store, versions: list[str]) -> set[str]:
@@ -85,7 +160,7 @@ async def versions_in_use(store: Store, versions: list[str]) -> set[str]:
 
 async def record(store: Store, entries: Iterable[CatalogEntry], by: str) -> int:
     now = datetime.now(UTC)
-    rows = [[*key(e), e.unit.version, e.unit.input, e.unit.output, e.unit.cached_input, now, by] for e in entries]
+    rows = [_row(e, now, by) for e in entries]
     if rows:
         await store.insert_rows(TABLE, rows, COLUMNS)
     return len(rows)
@@ -103,12 +178,15 @@ async def check_and_record(store: Store, config: GatewayConfig, by: str, today: 
     problems = [refusal(e, was) for e, was in found if used.intersection(names[was.version])]
     if problems:
         raise PriceEditedInPlace("; ".join(problems))
-    return await record(store, to_record(config, recorded, today), by)
+    return await record(store, to_record(config, recorded, today, await partial_records(store)), by)
 
 
 async def record_in_force(store: Store, config: GatewayConfig, by: str, today: date | None = None) -> int:
     """For a running process: record entries that came into force since it started. Never replaces a record
     (a conflict is for the next start to judge)."""
     today = today or datetime.now(UTC).date()
-    recorded = await recorded_versions(store)
-    return await record(store, [e for e in to_record(config, recorded, today) if key(e) not in recorded], by)
+    recorded, partial = await recorded_versions(store), await partial_records(store)
+    # new entries, and partial records of the very same price written whole; an edit waits for the next start
+    fresh = [e for e in to_record(config, recorded, today, partial)
+             if key(e) not in recorded or (key(e) in partial and recorded[key(e)].version == e.unit.version)]  # fmt: skip
+    return await record(store, fresh, by)

@@ -15,9 +15,12 @@ The price model (docs/metering.md "Prices"): a call is priced in seven dimension
     request         = 1 for a billable call that has tokens            x request        per request
     web search      = web_search_requests                              x web_search     per 1,000
 
-at one set of rates chosen per call: the event's service tier if the price has it, else the long-context
-tier if prompt_tokens exceed its threshold, else the base rates (`UnitPrice.tier` says which: '', a tier
-name or 'long_context'). prompt_tokens counts all input, so the parts are carved out of it in the order
+at one set of rates chosen per call (`PriceSet.select`, the one place): when prompt_tokens exceed the price's
+long-context threshold, the event's service tier's own long-context rates if it has them, else the
+long-context rates (tier rates are published for short prompts: OpenAI's priority processing "excludes long
+context", and Anthropic prices long prompts in a tier, e.g. batch, as that tier's discount on the long-context
+rates); at or below it, the event's service tier if the price has it, else the base rates (`UnitPrice.tier`
+says which: '', a tier name, 'long_context' or '<tier>+long_context'). prompt_tokens counts all input, so the parts are carved out of it in the order
 above: counts that claim more than prompt_tokens are clipped (cached first, then 5-minute writes, then
 1-hour writes), so a call is never billed for more input than it had and no part is negative.
 """
@@ -29,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from schemas.billed import BILLABLE_STATUSES, billed_model
 from schemas.config import GatewayConfig, Price, Rates
@@ -39,6 +42,7 @@ MILLION = Decimal(1_000_000)
 THOUSAND = Decimal(1_000)
 ZERO = Decimal(0)
 LONG_CONTEXT = "long_context"  # UnitPrice.tier of a call priced at a price's long-context tier
+TIER_LONG_CONTEXT = "{}+long_context"  # ... at a service tier's own long-context rates
 
 # The dimensions, in the order above: name -> how many units one unit price is for (one fact, one place: the
 # meter's columns unit_<name> / cost_<name>, the ledger's lines and the invoices read it).
@@ -47,6 +51,47 @@ PER: dict[str, Decimal] = {
     "output": MILLION, "request": Decimal(1), "web_search": THOUSAND,
 }  # fmt: skip
 DIMENSIONS: tuple[str, ...] = tuple(PER)
+
+
+class Cost(NamedTuple):  # tuples, not frozen dataclasses: built on every priced call (~1 us less each)
+    input: Decimal
+    cached_input: Decimal
+    output: Decimal
+    cache_write: Decimal = ZERO
+    cache_write_1h: Decimal = ZERO
+    request: Decimal = ZERO
+    web_search: Decimal = ZERO
+
+    @property
+    def total(self) -> Decimal:
+        return (self.input + self.cached_input + self.cache_write + self.cache_write_1h + self.output
+                + self.request + self.web_search)  # fmt: skip
+
+
+class Quantities(NamedTuple):
+    """How many units of each dimension a call (or a sum of calls) bills."""
+
+    input: int = 0
+    cached_input: int = 0
+    cache_write: int = 0
+    cache_write_1h: int = 0
+    output: int = 0
+    request: int = 0
+    web_search: int = 0
+
+
+def _formula(unit: UnitPrice, q: Quantities) -> Cost:
+    """The cost of each dimension: units x unit price / units per price (PER). THE formula; `cost_at` is this
+    with the results that depend on the price alone taken from the price (the same Decimals, exponent and all)."""
+    return Cost(
+        input=Decimal(q.input) * unit.input / MILLION,
+        cached_input=Decimal(q.cached_input) * unit.cached_input / MILLION,
+        output=Decimal(q.output) * unit.output / MILLION,
+        cache_write=Decimal(q.cache_write) * unit.cache_write / MILLION,
+        cache_write_1h=Decimal(q.cache_write_1h) * unit.cache_write_1h / MILLION,
+        request=Decimal(q.request) * unit.request,
+        web_search=Decimal(q.web_search) * unit.web_search / THOUSAND,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,38 +107,17 @@ class UnitPrice:
     request: Decimal = ZERO
     web_search: Decimal = ZERO
     tier: str = ""
+    # Worked out once per price, not per call: the cost of no units of each dimension (a Decimal zero with the
+    # exponent the formula gives it, so a sum keeps its exact form) and of the one request of a call.
+    none: Cost = field(init=False, repr=False, compare=False)
+    one_request: Decimal = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "none", _formula(self, Quantities()))
+        object.__setattr__(self, "one_request", _formula(self, Quantities(request=1)).request)
 
     def of(self, dimension: str) -> Decimal:
         return getattr(self, dimension)
-
-
-@dataclass(frozen=True, slots=True)
-class Cost:
-    input: Decimal
-    cached_input: Decimal
-    output: Decimal
-    cache_write: Decimal = ZERO
-    cache_write_1h: Decimal = ZERO
-    request: Decimal = ZERO
-    web_search: Decimal = ZERO
-
-    @property
-    def total(self) -> Decimal:
-        return (self.input + self.cached_input + self.cache_write + self.cache_write_1h + self.output
-                + self.request + self.web_search)  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class Quantities:
-    """How many units of each dimension a call (or a sum of calls) bills."""
-
-    input: int = 0
-    cached_input: int = 0
-    cache_write: int = 0
-    cache_write_1h: int = 0
-    output: int = 0
-    request: int = 0
-    web_search: int = 0
 
 
 class Counts(Protocol):
@@ -107,8 +131,7 @@ class Counts(Protocol):
     web_search_requests: int
 
 
-@dataclass(frozen=True, slots=True)
-class Priced:
+class Priced(NamedTuple):
     """The outcome of pricing one event. `unit is None` means no price was in force: held as unpriced."""
 
     unit: UnitPrice | None
@@ -123,16 +146,15 @@ class PriceSet:
     base: UnitPrice
     long_context: tuple[int, UnitPrice] | None = None  # (above_prompt_tokens, prices)
     tiers: dict[str, UnitPrice] = field(default_factory=dict)
+    tiers_long_context: dict[str, UnitPrice] = field(default_factory=dict)  # a tier's own long-context rates
 
     def select(self, service_tier: str, prompt_tokens: int) -> UnitPrice:
         """The rates a call is priced at (see the module doc)."""
-        tier = self.tiers.get(service_tier) if service_tier else None
-        if tier is not None:
-            return tier
         lc = self.long_context
         if lc is not None and prompt_tokens > lc[0]:
-            return lc[1]
-        return self.base
+            return (self.tiers_long_context.get(service_tier) if service_tier else None) or lc[1]
+        tier = self.tiers.get(service_tier) if service_tier else None
+        return self.base if tier is None else tier
 
     # The base rates, read off the set as off a UnitPrice (callers that price a call use `select`).
     input = property(lambda self: self.base.input)
@@ -142,19 +164,23 @@ class PriceSet:
     cache_write_1h = property(lambda self: self.base.cache_write_1h)
     request = property(lambda self: self.base.request)
     web_search = property(lambda self: self.base.web_search)
+    none = property(lambda self: self.base.none)
+    one_request = property(lambda self: self.base.one_request)
 
     def units(self) -> Iterator[UnitPrice]:
         yield self.base
         if self.long_context is not None:
             yield self.long_context[1]
         yield from self.tiers.values()
+        yield from self.tiers_long_context.values()
 
-    def worst_case_usd(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        """The most a call of these counts can cost at any of the rates (a quota reservation; web searches are
-        not known before the call and not counted)."""
+    def worst_case_usd(self, prompt_tokens: int, completion_tokens: int, web_searches: int = 0) -> Decimal:
+        """The most a call of these counts can cost at any of the rates (a quota reservation): its tokens at the
+        dearest rates, the request fee, and the fees of `web_searches` searches (the fees are every set's)."""
         most_in = max(max(u.input, u.cache_write, u.cache_write_1h, u.cached_input) for u in self.units())
         most_out = max(u.output for u in self.units())
-        return (Decimal(prompt_tokens) * most_in + Decimal(completion_tokens) * most_out) / MILLION + self.base.request
+        fees = self.base.request + (Decimal(web_searches) * self.base.web_search / THOUSAND if web_searches else ZERO)
+        return (Decimal(prompt_tokens) * most_in + Decimal(completion_tokens) * most_out) / MILLION + fees
 
 
 def _digits(d: Decimal) -> str:
@@ -188,7 +214,10 @@ def _hashed(p: Price) -> str:
         lc = p.long_context
         parts.append(f"long_context>{lc.above_prompt_tokens}=" + ",".join(map(_digits, _resolved(lc))))
     for name in sorted(p.service_tiers):
-        parts.append(f"tier {name}=" + ",".join(map(_digits, _resolved(p.service_tiers[name]))))
+        t = p.service_tiers[name]
+        parts.append(f"tier {name}=" + ",".join(map(_digits, _resolved(t))))
+        if t.long_context is not None:  # joins the text only when set: older versions keep their hash
+            parts.append(f"tier {name} long_context=" + ",".join(map(_digits, _resolved(t.long_context))))
     return "|".join(parts)
 
 
@@ -214,7 +243,10 @@ def price_set(model: str, provider: str, p: Price) -> PriceSet:
         unit(p, ""),
         None if lc is None else (lc.above_prompt_tokens, unit(lc, LONG_CONTEXT)),
         {name: unit(r, name) for name, r in p.service_tiers.items()},
-    )
+        # a tier's long-context rates only count with a threshold to be above
+        {name: unit(r.long_context, TIER_LONG_CONTEXT.format(name)) for name, r in p.service_tiers.items()
+         if r.long_context is not None and lc is not None},
+    )  # fmt: skip
 
 
 def unit_price(model: str, provider: str, p: Price) -> UnitPrice:
@@ -228,6 +260,7 @@ class CatalogEntry:
     provider: str  # "*" for the model's own prices, else the route's provider
     effective_from: date
     prices: PriceSet
+    identity: str = ""  # what its version hashes (price_identity), recorded with it (schemas/price_versions.py)
 
     @property
     def unit(self) -> UnitPrice:
@@ -240,7 +273,7 @@ def catalog(config: GatewayConfig) -> Iterator[CatalogEntry]:
         lists = {"*": m.prices} | {r.provider: r.prices for r in m.routes if r.prices}  # a later route wins
         for provider, prices in lists.items():
             for p in sorted(prices, key=lambda p: p.effective_from):
-                yield CatalogEntry(name, provider, p.effective_from, price_set(name, provider, p))
+                yield CatalogEntry(name, provider, p.effective_from, price_set(name, provider, p), price_identity(p))
 
 
 class PriceBook:
@@ -278,24 +311,28 @@ def quantities(
     requests: int = 1,
 ) -> Quantities:
     """A call's billed units: the input parts carved out of prompt_tokens (clipped, see the module doc)."""
-    cached = min(cached_tokens, prompt_tokens)
+    # (conditionals, not min(): this runs on every priced call)
+    cached = cached_tokens if cached_tokens < prompt_tokens else prompt_tokens
     rest = prompt_tokens - cached
-    cw = min(cache_write_tokens, rest)
+    cw = cache_write_tokens if cache_write_tokens < rest else rest
     rest -= cw
-    cw1h = min(cache_write_1h_tokens, rest)
+    cw1h = cache_write_1h_tokens if cache_write_1h_tokens < rest else rest
     return Quantities(rest - cw1h, cached, cw, cw1h, completion_tokens, requests, web_search_requests)
 
 
 def cost_at(unit: UnitPrice, q: Quantities) -> Cost:
-    """Exact Decimal cost of these quantities at these unit prices (a call's, or a sum of calls')."""
+    """Exact Decimal cost of these quantities at these unit prices (a call's, or a sum of calls'): `_formula`,
+    equal to it Decimal for Decimal (tests/unit/test_price_dimensions.py), with no Decimal work for a
+    dimension the call does not use (most calls use two or three of the seven)."""
+    none = unit.none
     return Cost(
-        input=Decimal(q.input) * unit.input / MILLION,
-        cached_input=Decimal(q.cached_input) * unit.cached_input / MILLION,
-        output=Decimal(q.output) * unit.output / MILLION,
-        cache_write=Decimal(q.cache_write) * unit.cache_write / MILLION,
-        cache_write_1h=Decimal(q.cache_write_1h) * unit.cache_write_1h / MILLION,
-        request=Decimal(q.request) * unit.request,
-        web_search=Decimal(q.web_search) * unit.web_search / THOUSAND,
+        Decimal(q.input) * unit.input / MILLION if q.input else none.input,
+        Decimal(q.cached_input) * unit.cached_input / MILLION if q.cached_input else none.cached_input,
+        Decimal(q.output) * unit.output / MILLION if q.output else none.output,
+        Decimal(q.cache_write) * unit.cache_write / MILLION if q.cache_write else none.cache_write,
+        Decimal(q.cache_write_1h) * unit.cache_write_1h / MILLION if q.cache_write_1h else none.cache_write_1h,
+        unit.one_request if q.request == 1 else Decimal(q.request) * unit.request,
+        Decimal(q.web_search) * unit.web_search / THOUSAND if q.web_search else none.web_search,
     )
 
 
@@ -336,11 +373,11 @@ def price_of(model: str, provider: str, occurred_at: datetime, status: str, prom
     has_tokens = bool(prompt_tokens or completion_tokens)
     if entry is None:
         # A call with no tokens (rejected, failed before upstream) needs no price to be exact.
-        return Priced(unit=None, cost=_ZERO_COST) if has_tokens else Priced(unit=_NO_PRICE_NEEDED, cost=_ZERO_COST)
+        return Priced(None, _ZERO_COST) if has_tokens else Priced(_NO_PRICE_NEEDED, _ZERO_COST)
     unit = entry.select(service_tier, prompt_tokens)
     if status not in BILLABLE_STATUSES:  # a cache hit or a rejection
-        return Priced(unit=unit, cost=_ZERO_COST)
+        return Priced(unit, _ZERO_COST)
     # The request fee is for a call the provider served (it has tokens), not for one that failed before it.
     q = quantities(prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens,
                    web_search_requests, 1 if has_tokens else 0)  # fmt: skip
-    return Priced(unit=unit, cost=cost_at(unit, q))
+    return Priced(unit, cost_at(unit, q))

@@ -219,7 +219,8 @@ _UNIT, _COST = "Decimal(38, 12)", "Decimal(38, 18)"
 METER: tuple[Field, ...] = (
     Field("priced", bool, "Bool", "a price was in force (or nothing was billable)"),
     Field("price_version", str, "LowCardinality(String)", "the catalog version that priced it ('' held)"),
-    # Added 2026-12 (issue 15, migration 034): which rates priced it ('' base, 'long_context', a service tier).
+    # Added 2026-12 (issue 15, migration 034): which rates priced it ('' base, 'long_context', a service tier,
+    # or '<tier>+long_context': the tier's own long-context rates).
     Field("price_tier", str, "LowCardinality(String)", "the price's rates that priced it ('' the base rates)"),
     Field("unit_input", Decimal, _UNIT, "USD per 1M input tokens"),
     Field("unit_output", Decimal, _UNIT, "USD per 1M output tokens"),

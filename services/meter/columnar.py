@@ -312,7 +312,7 @@ def _groups(model: pa.Array, provider: pa.Array, day: pa.Array, tier: pa.Array, 
             book: PriceBook) -> tuple[pa.Array, dict]:  # fmt: skip
     """Per-row price-set id and per-set price columns. A group is (model, provider, UTC day, service tier): few
     per batch. Each group has two sets, its rates at or under the long-context threshold and above it (the same
-    set twice when the price has no long-context tier or the service tier picks the rates)."""
+    set twice when the price has no long-context tier)."""
     m, p, tr = pc.dictionary_encode(model), pc.dictionary_encode(provider), pc.dictionary_encode(tier)
     first_day = pc.min(day).as_py() or 0
     days = pc.subtract(day, first_day)
@@ -333,9 +333,11 @@ def _groups(model: pa.Array, provider: pa.Array, day: pa.Array, tier: pa.Array, 
             units += [None, None]
             thresholds.append(_NEVER)
             continue
+        # both sets as PriceSet.select picks them (the one rule for tiers and long context): a prompt matters
+        # only as at-or-under / above the threshold
+        lc = entry.long_context
         short = entry.select(tiers[ti], 0)
-        lc = entry.long_context if short is entry.base else None
-        units += [short, short if lc is None else lc[1]]
+        units += [short, short if lc is None else entry.select(tiers[ti], lc[0] + 1)]
         thresholds.append(_NEVER if lc is None else lc[0])
     above = pc.greater(prompt, pc.take(pa.array(thresholds, _U64), gid))
     sid = pc.add(pc.multiply(pc.cast(gid, _I64), 2), pc.cast(above, _I64))

@@ -188,6 +188,7 @@ async def _intake(request: Request) -> tuple[dict[str, Any], Directives] | Respo
     key = h.get("x-api-key") or h.get("authorization", "").removeprefix("Bearer ").strip() or None
     state.last_request = {
         "path": request.url.path,
+        "query": request.url.query,
         "anthropic-version": h.get("anthropic-version"),
         "anthropic-beta": h.get("anthropic-beta"),
         "api_key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,

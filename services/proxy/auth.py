@@ -9,6 +9,7 @@ from starlette.requests import Request
 from schemas.control import KeyState, QuotaSignal, Snapshot, TeamState
 from schemas.keys import hash_key
 from services.proxy.errors import InvalidApiKey
+from services.proxy.headers import header
 
 
 class KeyView:
@@ -49,12 +50,12 @@ class KeyView:
 
 
 def credential(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
+    auth = header(request, b"authorization")
     if auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
-    return request.headers.get("x-api-key") or None
+    return header(request, b"x-api-key") or None
 
 
 def authenticate(request: Request, view: KeyView) -> KeyState:
@@ -65,7 +66,7 @@ def authenticate(request: Request, view: KeyView) -> KeyState:
     if key is None:
         # Claude Code and the Anthropic SDK may send both headers, the bearer holding some other token
         # (an OAuth login): the x-api-key one is then the gateway key
-        other = request.headers.get("x-api-key")
+        other = header(request, b"x-api-key")
         if other and other != secret:
             key = view.lookup(other)
     if key is None:

@@ -25,7 +25,7 @@ import orjson
 
 from schemas.config import GatewayConfig
 from schemas.money import plain
-from schemas.prices import PriceBook, Priced, PriceSet, price_usage
+from schemas.prices import PriceBook, PriceSet, price_usage
 from services.proxy.tokens import TokenUsage
 
 COST_HEADER = "x-tollway-cost-usd"
@@ -55,12 +55,11 @@ class QuoteBook(PriceBook):
         return unit
 
 
-def provisional_cost(book: PriceBook, model: str, provider: str, when: datetime, status: str, usage: TokenUsage,
-                     service_tier: str = "") -> Priced:  # fmt: skip
-    """THE pricing call of the proxy: the meter's own function (schemas.prices.price_usage) on the call's
-    values, in every dimension (cache reads and writes, output, request fee, web searches; long-context and
-    service-tier prices)."""
-    return price_usage(book, model, provider, when, status, usage, service_tier)
+# THE pricing call of the proxy: the meter's own function (schemas.prices.price_usage), itself, not a wrapper
+# (one call less on every answered call), on the call's values in every dimension (cache reads and writes, output,
+# request fee, web searches; long-context and service-tier prices):
+# provisional_cost(book, model, provider, when, status, usage: TokenUsage, service_tier='') -> Priced
+provisional_cost = price_usage
 
 
 class Quote(NamedTuple):  # a tuple: a frozen dataclass costs ~1 us more to build, on every answered call
@@ -79,11 +78,11 @@ UNPRICED = Quote("unpriced", "", "")
 
 def quote(book: PriceBook, model: str, provider: str, when: datetime, status: str, usage: TokenUsage,
           usage_source: str = "provider", service_tier: str = "") -> Quote:  # fmt: skip
-    priced = provisional_cost(book, model, provider, when, status, usage, service_tier)
-    if priced.unit is None:
+    unit, cost = provisional_cost(book, model, provider, when, status, usage, service_tier)
+    if unit is None:
         return UNPRICED
     told = "cached" if status == "cached" else "estimated" if usage_source == "estimated" else "provisional"
-    return Quote(told, plain(priced.cost.total), priced.unit.version)
+    return Quote(told, plain(cost.total), unit.version)
 
 
 def usage_with_cost(chunk: dict[str, Any], usage: dict[str, Any], usd: str) -> bytes:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -33,6 +34,7 @@ from services.proxy.errors import (
     error_response,
 )
 from services.proxy.forward import Tried, forward
+from services.proxy.headers import header
 from services.proxy.health import Health
 from services.proxy.limiter import Ticket
 from services.proxy.limits import Policy, resolve_policy
@@ -47,6 +49,8 @@ log = structlog.get_logger("tollway.proxy.handler")
 
 CHAT = "chat.completions"
 EMBEDDINGS = "embeddings"
+ApiT = TypeVar("ApiT", bound="Api")
+CACHE_HEADER_RAW = CACHE_HEADER.lower().encode()
 
 
 class JSONBytes(Response):
@@ -71,19 +75,21 @@ class Call:
     """What one request accumulates on its way: its usage event (the draft, emitted at the end), what forward
     tried, and the request-side bookkeeping (headers, rate-limit ticket, cache key)."""
 
-    __slots__ = ("body_bytes", "cache_key", "done", "draft", "endpoint", "headers", "request_id", "started",
-                 "ticket", "tpm_cost", "tried")  # fmt: skip
+    __slots__ = ("body", "body_bytes", "cache_key", "done", "draft", "endpoint", "headers", "request_id", "route",
+                 "started", "ticket", "tpm_cost", "tried")  # fmt: skip
 
     def __init__(self, request: Request, endpoint: str) -> None:
         self.started = time.perf_counter()
         uid = uuid_utils.uuid7()  # one id for both: the event's id, and the request id when the caller sent none
-        rid = request.headers.get("x-request-id")
+        rid = header(request, b"x-request-id")
         self.request_id = rid[:200] if rid and rid.isprintable() else f"req_{uid.hex}"
         self.endpoint = endpoint
         self.headers: dict[str, str] = {"x-request-id": self.request_id}  # on every response, with x-ratelimit-*
         self.ticket: Ticket | None = None
         self.tpm_cost = 0
+        self.body: dict[str, Any] | None = None  # once read: a call cut off by shutdown is estimated from it
         self.body_bytes = 0
+        self.route: ModelRoute | None = None  # once resolved
         self.cache_key: bytes | None = None
         self.done = False
         self.tried = Tried()  # filled by forward(), attempt by attempt; into the draft at the end
@@ -96,7 +102,7 @@ class Call:
 async def read_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     """The body parsed, and re-serialized: the bytes sent upstream are what the proxy read, so an upstream
     that takes the first of duplicate keys serves what the proxy bills (orjson keeps the last)."""
-    length = request.headers.get("content-length")
+    length = header(request, b"content-length")
     if length and length.isdigit() and int(length) > max_bytes:
         raise PayloadTooLarge(f"Request body exceeds {max_bytes} bytes.")
     parts: list[bytes] = []
@@ -189,8 +195,78 @@ def check_output_cap(body: dict[str, Any], route: ModelRoute) -> None:
                                  f"'{route.name}'.", code="invalid_value")  # fmt: skip
 
 
+class Api:
+    """What one API brings to the request skeleton (ProxyHandler.serve): its endpoint and error shape, its body
+    rules, its usage normalizer, its stream relay and cache answer. Everything else of a call is the
+    skeleton's, the same for every API. Made once per handler (ProxyHandler.api); the defaults are chat's."""
+
+    endpoint = CHAT
+    path = "/chat/completions"
+    shape: Shape = "openai"
+    streams = True  # `stream: true` is served (embeddings: never)
+    cache_kind: str | None = "chat"  # what cache_use treats the body as (None: the route's kind)
+
+    def __init__(self, handler: ProxyHandler) -> None:
+        self.h = handler
+
+    def open(self, request: Request) -> Call:
+        return Call(request, self.endpoint)
+
+    def check(self, request: Request, body: dict[str, Any], key: KeyState) -> Any:
+        """The API's body rules (raise InvalidRequest); returns what the call needs later of the request (the
+        `ctx` of the other steps), before any admission."""
+        validate_chat(body)
+
+    def routed(self, body: dict[str, Any], route: ModelRoute, ctx: Any) -> Health:
+        """Checks against the model served; the health whose plan the call is forwarded over."""
+        check_output_cap(body, route)
+        return self.h.health
+
+    def cacheable(self, body: dict[str, Any], stream: bool, ctx: Any) -> bool:
+        return True
+
+    def estimate(self, body: dict[str, Any]) -> TokenUsage | None:
+        """A call cut off by shutdown after its body was read: the usage recorded (None: nothing to bill)."""
+        return estimate_usage(body)
+
+    def attempt(self, body: dict[str, Any], raw: bytes, ctx: Any) -> Any:
+        return self.h.json_attempt(self.path, body, raw)
+
+    def usage(self, reply: UpstreamReply, body: dict[str, Any]) -> tuple[TokenUsage, UsageSource, str | None]:
+        """(usage, source, service tier or None to leave it) of a plain answer."""
+        usage = provider_usage(reply.data)
+        if usage is None:
+            return estimate_usage(body, completion_chars(reply.data)), "estimated", None
+        return usage, "provider", None
+
+    def answer(self, body: dict[str, Any], reply: UpstreamReply, provider: str, ctx: Any) -> bytes:
+        """The plain answer's bytes as the caller gets them (and the cache keeps them)."""
+        return reply.body
+
+    async def stream(self, call: Call, route: ModelRoute, body: dict[str, Any], ctx: Any, health: Health) -> Response:
+        return await self.h.chat_stream(call, route, body, self.path)
+
+    def from_cache(self, call: Call, route: ModelRoute, entry: Entry, body: dict[str, Any], stream: bool) -> Response:
+        return self.h.chat_from_cache(call, route, entry, body, stream)
+
+
+class EmbeddingsApi(Api):
+    endpoint = EMBEDDINGS
+    path = "/embeddings"
+    streams = False
+    cache_kind = "embedding"
+
+    def check(self, request: Request, body: dict[str, Any], key: KeyState) -> Any:
+        validate_embeddings(body)
+
+    def usage(self, reply: UpstreamReply, body: dict[str, Any]) -> tuple[TokenUsage, UsageSource, str | None]:
+        usage, source, tier = super().usage(reply, body)
+        usage.completion_tokens = 0
+        return usage, source, tier
+
+
 class ProxyHandler:
-    """Serves the OpenAI endpoints over the ProxyState the lifespan opened."""
+    """Serves the OpenAI endpoints over the ProxyState the lifespan opened; its steps serve every API."""
 
     def __init__(self, state: ProxyState) -> None:
         self.s = state
@@ -200,8 +276,108 @@ class ProxyHandler:
         self.health = state.health
         # policy per key, recomputed only when the key's or its team's state object is replaced
         self._policies: dict[str, tuple[KeyState, TeamState | None, Policy]] = {}
+        self._apis: dict[type[Api], Api] = {}
+        self.chat, self.embed = self.api(Api), self.api(EmbeddingsApi)
+
+    def api(self, kind: type[ApiT]) -> ApiT:
+        """The handler's one instance of an API (made on first use)."""
+        found = self._apis.get(kind)
+        if found is None:
+            found = self._apis[kind] = kind(self)
+        return found  # type: ignore[return-value]
+
+    # ---- the request skeleton, every API ----
+
+    async def serve(self, request: Request, api: Api) -> Response:
+        call = api.open(request)
+        return await self.guarded(call, self._serve(call, request, api), api.shape, api.estimate)
+
+    async def _serve(self, call: Call, request: Request, api: Api) -> Response:
+        d = call.draft
+        key = self.identify(call, request)
+        body, raw = await self.read(call, request, key)
+        ctx = api.check(request, body, key)
+        policy = self.policy(key)
+        await self.admit(call, key, policy, body)
+        route = call.route = self.s.router.resolve(body.get("model"), api.endpoint, policy.models)
+        d.served_model = route.name
+        health = api.routed(body, route, ctx)
+        stream = api.streams and body.get("stream") is True
+        d.stream = stream
+        if api.cacheable(body, stream, ctx):
+            entry = self.cache_lookup(call, request, body, api, route, key.team_id)
+            if entry is not None:
+                return api.from_cache(call, route, entry, body, stream)
+        if stream:
+            return await api.stream(call, route, body, ctx, health)
+        t_fwd = time.perf_counter()
+        fwd = await forward(health, route, route.retry or self.config.retry, api.attempt(body, raw, ctx),
+                            call.started, call.tried, mix=self.mix(call, route, body))  # fmt: skip
+        fwd_s = time.perf_counter() - t_fwd
+        reply = fwd.value
+        provider = fwd.route.target.provider
+        metrics.upstream_latency_by(provider).observe(fwd.upstream_s)
+        usage, source, tier = api.usage(reply, body)
+        d.take_usage(usage, source)
+        if tier is not None:
+            d.service_tier = tier  # before the quote: the tier picks the prices
+        d.status = "ok"
+        call.headers.update(self.quote(d, provider, usage, "ok", source).headers())
+        metrics.tokens_by(route.name, "prompt").inc(usage.prompt_tokens)
+        metrics.tokens_by(route.name, "completion").inc(usage.completion_tokens)
+        out = api.answer(body, reply, provider, ctx)
+        if call.cache_key is not None:
+            self._store(call, route, out, usage, provider)
+        self.finish(call, reply.status, route)
+        metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
+        return JSONBytes(out, reply.status, call.headers)
+
+    async def guarded(self, call: Call, work: Awaitable[Response], shape: Shape = "openai",
+                      estimate: Callable[[dict[str, Any]], TokenUsage | None] | None = None) -> Response:  # fmt: skip
+        """The exits every call shares, errors in the caller's shape; each that got past auth is an event."""
+        d = call.draft
+        try:
+            return await work
+        except GatewayError as err:
+            return self.fail(call, err, call.route, shape)
+        except asyncio.CancelledError:
+            # the server is stopping under us (uvicorn does not cancel on a client disconnect): the provider
+            # may already have done the work, so the call is still recorded, with what we know of it
+            if d.team_id is not None and not call.done:
+                usage = estimate(call.body) if call.body and estimate is not None else None
+                if usage is not None:
+                    d.take_usage(usage, "estimated")
+                d.client_disconnected, d.error_code, d.status = True, "cancelled", "error"
+                self.finish(call, 499, call.route)
+            raise
+        except ClientDisconnect:
+            # the client hung up before its body was in: not our error, an event (499) and an info line
+            log.info("client_hung_up", request_id=call.request_id, endpoint=call.endpoint)
+            if d.team_id is not None and not call.done:
+                d.client_disconnected, d.error_code = True, "client_disconnected"
+                self.finish(call, 499, call.route)
+            return Response(status_code=499)  # nobody reads it; uvicorn drops it on a closed connection
+        except Exception:  # a bug: still an answer in the caller's shape (naming nothing inside), and still an event
+            log.exception("proxy_internal_error", request_id=call.request_id)
+            return self.fail(call, GatewayError(f"Internal error (request {call.request_id})."), call.route, shape)
 
     # ---- the steps of a request, in order ----
+
+    def identify(self, call: Call, request: Request) -> KeyState:
+        key = authenticate(request, self.s.view)
+        d = call.draft
+        d.team_id, d.key_id = key.team_id, key.key_id
+        d.metadata = dict(key.metadata)
+        return key
+
+    async def read(self, call: Call, request: Request, key: KeyState) -> tuple[dict[str, Any], bytes]:
+        """The body, bounded and parsed, and what the event takes of it (model asked for, attribution)."""
+        body, raw = await read_body(request, self.s.settings.max_body_bytes)
+        call.body, call.body_bytes = body, len(raw)
+        d = call.draft
+        d.requested_model = str(body.get("model", ""))[:256]
+        d.end_user, d.metadata = attribute(body, request.scope["headers"], key.metadata)
+        return body, raw
 
     def policy(self, key: KeyState) -> Policy:
         team = self.s.view.teams.get(key.team_id)
@@ -212,11 +388,15 @@ class ProxyHandler:
         self._policies[key.key_id] = (key, team, policy)
         return policy
 
-    async def admit(self, call: Call, key: KeyState, policy: Policy, body: dict[str, Any]) -> None:
-        """Admission, before any upstream work. Each check raises a GatewayError (429, 503) to reject."""
+    def recordable(self) -> None:
+        """No call is made that its usage event could not follow."""
         if not self.s.emitter.spool.accepting:
             raise UsageUnrecordable("Usage could not be recorded (the gateway's usage spool is full), so the call "
                                     "was not made. Retry later.", headers={"retry-after": "5"})  # fmt: skip
+
+    async def admit(self, call: Call, key: KeyState, policy: Policy, body: dict[str, Any]) -> None:
+        """Admission, before any upstream work. Each check raises a GatewayError (429, 503) to reject."""
+        self.recordable()
         await self.rate_limit(call, policy, body)
         # Monthly quota (QuotaExceeded): reserves the call's worst case, settled in finish().
         self.s.quota.admit(call.draft.event_id, key, body, call.draft.end_user, call.draft.metadata)
@@ -281,106 +461,32 @@ class ProxyHandler:
         return error_response(err, call.request_id, shape)
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._serve(request, CHAT, "/chat/completions", "chat")
+        return await self.serve(request, self.chat)
 
     async def embeddings(self, request: Request) -> Response:
-        return await self._serve(request, EMBEDDINGS, "/embeddings", "embedding")
+        return await self.serve(request, self.embed)
 
-    async def _serve(self, request: Request, endpoint: str, path: str, kind: str) -> Response:
-        call = Call(request, endpoint)
-        d = call.draft
-        route: ModelRoute | None = None
-        body: dict[str, Any] = {}
-        raw = b""
-        try:
-            key = authenticate(request, self.s.view)
-            d.team_id, d.key_id = key.team_id, key.key_id
-            d.metadata = dict(key.metadata)
-            body, raw = await read_body(request, self.s.settings.max_body_bytes)
-            call.body_bytes = len(raw)
-            d.requested_model = str(body.get("model", ""))[:256]
-            d.end_user, d.metadata = attribute(body, request.scope["headers"], key.metadata)
-            (validate_chat if kind == "chat" else validate_embeddings)(body)
-            policy = self.policy(key)
-            await self.admit(call, key, policy, body)
-            route = self.s.router.resolve(body.get("model"), endpoint, policy.models)
-            d.served_model = route.name
-            check_output_cap(body, route)
-            stream = kind == "chat" and body.get("stream") is True
-            d.stream = stream
-            use = self.cache_use(request, body, kind, route)
-            if use.write or use.read:
-                call.cache_key = cache_key(key.team_id, route.name, endpoint, body)
-                if use.read:
-                    entry = self.cache.get(call.cache_key)
-                    metrics.CACHE.labels("hit" if entry else "miss").inc()
-                    if entry is not None:
-                        return self._from_cache(call, route, entry, body, stream)
-                    call.headers["x-tollway-cache"] = "miss"
-                if not use.write:
-                    call.cache_key = None
-            if stream:
-                return await self._stream(call, route, body, path)
-            t_fwd = time.perf_counter()
-            fwd = await forward(self.health, route, route.retry or self.config.retry,
-                                self._json_attempt(body, raw, path), call.started, call.tried,
-                                mix=self.mix(call, route, body))  # fmt: skip
-            fwd_s = time.perf_counter() - t_fwd
-        except GatewayError as err:
-            return self.fail(call, err, route)
-        except asyncio.CancelledError:
-            # the server is stopping under us (uvicorn does not cancel on a client disconnect): the provider
-            # may already have done the work, so the call is still recorded, with what we know of it
-            if d.team_id is not None and not call.done:
-                if body:
-                    d.take_usage(estimate_usage(body), "estimated")
-                d.client_disconnected, d.error_code, d.status = True, "cancelled", "error"
-                self.finish(call, 499, route)
-            raise
-        except ClientDisconnect:
-            # the client hung up before its body was in: not our error, an event (499) and an info line
-            log.info("client_hung_up", request_id=call.request_id, endpoint=call.endpoint)
-            if d.team_id is not None and not call.done:
-                d.client_disconnected, d.error_code = True, "client_disconnected"
-                self.finish(call, 499, route)
-            return Response(status_code=499)  # nobody reads it; uvicorn drops it on a closed connection
-        except Exception:  # a bug: still an OpenAI-shaped answer (naming nothing inside), and still an event
-            log.exception("proxy_internal_error", request_id=call.request_id)
-            return self.fail(call, GatewayError(f"Internal error (request {call.request_id})."), route)
-        reply = fwd.value
-        metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
-        usage, source = provider_usage(reply.data), "provider"
-        if usage is None:
-            usage, source = estimate_usage(body, completion_chars(reply.data)), "estimated"
-        if kind == "embedding":
-            usage.completion_tokens = 0
-        d.take_usage(usage, source)
-        d.status = "ok"
-        call.headers.update(self.quote(d, fwd.route.target.provider, usage, "ok", source).headers())
-        metrics.tokens_by(route.name, "prompt").inc(usage.prompt_tokens)
-        metrics.tokens_by(route.name, "completion").inc(usage.completion_tokens)
-        if call.cache_key is not None:
-            self._store(call, route, reply.body, usage, fwd.route.target.provider)
-        self.finish(call, reply.status, route)
-        metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
-        return JSONBytes(reply.body, reply.status, call.headers)
-
-    def _json_attempt(self, body: dict[str, Any], raw: bytes, path: str) -> Any:
+    def json_attempt(self, path: str, body: dict[str, Any], raw: bytes | None, headers: dict[str, str] | None = None,
+                     refused: Callable[[UpstreamReply], GatewayError | None] | None = None) -> Any:  # fmt: skip
+        """One try of a plain call: `raw` (the bytes read_body re-serialized) is sent as it is when the route keeps
+        the model name (no second dumps; None: always from `body`); `refused` may name an answer's error first."""
         requested = body.get("model")
+        plain = self.s.plain
 
         async def attempt(target: Target, budget_s: float) -> UpstreamReply:
-            # the bytes read_body re-serialized when the route keeps the model name (no second dumps)
-            payload = (
-                raw if requested == target.upstream_model else orjson.dumps({**body, "model": target.upstream_model})
-            )
-            reply = await post_json(self.s.plain, target, path, payload, budget_s)
+            if raw is not None and requested == target.upstream_model:
+                payload = raw
+            else:
+                payload = orjson.dumps({**body, "model": target.upstream_model})
+            reply = await post_json(plain, target, path, payload, budget_s, headers)
             if reply.status >= 300:
-                raise upstream_failure(reply.status, reply.body, reply.data, reply.retry_after, target.provider)
+                raise (refused and refused(reply)) or upstream_failure(reply.status, reply.body, reply.data,
+                                                                       reply.retry_after, target.provider)  # fmt: skip
             return reply
 
         return attempt
 
-    async def _stream(self, call: Call, route: ModelRoute, body: dict[str, Any], path: str) -> Response:
+    async def chat_stream(self, call: Call, route: ModelRoute, body: dict[str, Any], path: str) -> Response:
         d = call.draft
         opts = body.get("stream_options")
         wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
@@ -393,22 +499,14 @@ class ProxyHandler:
                 d.take_usage(out.usage, "provider")
             else:
                 d.take_usage(estimate_usage(body, out.content_chars), "estimated")
-            d.ttft_ms = round(out.ttft_ms, 3) if out.ttft_ms is not None else None
-            d.client_disconnected = out.client_gone
             d.status = "error" if out.upstream_broken and not out.client_gone else "ok"
             if out.upstream_broken and not out.client_gone:
                 d.error_code = "upstream_response_too_large" if out.too_large else "upstream_stream_broken"
-            if out.client_gone:
-                metrics.CLIENT_DISCONNECTS.labels(route.name).inc()
-            if out.ttft_ms is not None:
-                metrics.TTFT.labels(route.name).observe(out.ttft_ms / 1000)
-            metrics.tokens_by(route.name, "prompt").inc(d.prompt_tokens)
-            metrics.tokens_by(route.name, "completion").inc(d.completion_tokens)
             if assembler is not None and out.completed and not out.upstream_broken:
                 completion = assembler.completion()
                 if completion is not None:
                     self._store(call, route, orjson.dumps(completion), d.usage(), call.tried.provider)
-            self.finish(call, 200, route)
+            self.stream_ended(call, route, out.ttft_ms, out.client_gone)
 
         async def attempt(target: Target, budget_s: float) -> StreamRelay:
             payload = orjson.dumps({**upstream_body, "model": target.upstream_model})
@@ -427,6 +525,20 @@ class ProxyHandler:
             return relay
 
         return await self.relay_stream(call, route, body, attempt)
+
+    def stream_ended(self, call: Call, route: ModelRoute, ttft_ms: float | None, client_gone: bool) -> None:
+        """The end of every API's stream, its usage and status on the draft: time to first token, a hang-up,
+        the metrics, and the event."""
+        d = call.draft
+        d.ttft_ms = round(ttft_ms, 3) if ttft_ms is not None else None
+        d.client_disconnected = client_gone
+        if client_gone:
+            metrics.CLIENT_DISCONNECTS.labels(route.name).inc()
+        if ttft_ms is not None:
+            metrics.TTFT.labels(route.name).observe(ttft_ms / 1000)
+        metrics.tokens_by(route.name, "prompt").inc(d.prompt_tokens)
+        metrics.tokens_by(route.name, "completion").inc(d.completion_tokens)
+        self.finish(call, 200, route)
 
     async def relay_stream(self, call: Call, route: ModelRoute, body: dict[str, Any], attempt: Any,
                            health: Health | None = None) -> SSEResponse:  # fmt: skip
@@ -460,7 +572,24 @@ class ProxyHandler:
     def cache_use(self, request: Request, body: dict[str, Any], kind: str, route: ModelRoute) -> CacheUse:
         if not self.config.cache.enabled or route.cache_ttl_s == 0:
             return CacheUse(False, False)
-        return cache_use(request.headers.get(CACHE_HEADER), body, kind)
+        return cache_use(header(request, CACHE_HEADER_RAW), body, kind)
+
+    def cache_lookup(self, call: Call, request: Request, body: dict[str, Any], api: Api, route: ModelRoute,
+                     team_id: str) -> Entry | None:  # fmt: skip
+        """A hit to answer from; else the call keeps its cache key when its answer is to be stored."""
+        use = self.cache_use(request, body, api.cache_kind or route.kind, route)
+        if not (use.write or use.read):
+            return None
+        call.cache_key = cache_key(team_id, route.name, api.endpoint, body)
+        if use.read:
+            entry = self.cache.get(call.cache_key)
+            metrics.CACHE.labels("hit" if entry else "miss").inc()
+            if entry is not None:
+                return entry
+            call.headers["x-tollway-cache"] = "miss"
+        if not use.write:
+            call.cache_key = None
+        return None
 
     def _store(self, call: Call, route: ModelRoute, body: bytes, usage: TokenUsage, provider: str) -> None:
         assert call.cache_key is not None
@@ -482,7 +611,8 @@ class ProxyHandler:
         call.headers.update(told.headers())
         return told
 
-    def _from_cache(self, call: Call, route: ModelRoute, entry: Entry, body: dict[str, Any], stream: bool) -> Response:
+    def chat_from_cache(self, call: Call, route: ModelRoute, entry: Entry, body: dict[str, Any],
+                        stream: bool) -> Response:  # fmt: skip
         """A hit answers at once and costs nothing; the event keeps the tokens so the avoided cost shows in ROI."""
         d = call.draft
         told = self.answered_from_cache(call, entry.usage, entry.usage_source, entry.provider)

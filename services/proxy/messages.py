@@ -1,49 +1,44 @@
 """Anthropic's Messages API on the gateway: `POST /v1/messages` (plain and streamed) and
 `POST /v1/messages/count_tokens`, routed only to providers that speak it natively (api: anthropic).
 
-The same life as a chat call (services/proxy/handler.py), through the same steps of ProxyHandler:
-authenticate -> parse -> admit (limits, quota) -> route -> cache -> forward (retry/fallback) -> respond ->
-emit event; errors in Anthropic's shape. Usage is normalized by anthropic_usage.py, streams relayed by
+The same life as a chat call, through the one request skeleton (ProxyHandler.serve in
+services/proxy/handler.py): authenticate -> parse -> admit (limits, quota) -> route -> cache -> forward
+(retry/fallback) -> respond -> emit event; MessagesApi supplies what differs: errors in Anthropic's shape, its
+body rules, the headers passed on. Usage is normalized by anthropic_usage.py, streams relayed by
 anthropic_stream.py. count_tokens is limited by rpm/rpd but neither reserved nor billed: its event carries
 zero tokens (endpoint messages.count_tokens), so the call is still seen.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
-import structlog
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
-from services.proxy import metrics
+from schemas.control import KeyState
+from schemas.events import UsageSource
 from services.proxy.anthropic_stream import MessageAssembler, MessagesRelay, replay_events
 from services.proxy.anthropic_usage import message_usage, output_chars
-from services.proxy.attribution import attribute
-from services.proxy.auth import authenticate
-from services.proxy.cache import Entry, cache_key
-from services.proxy.errors import GatewayError, InvalidRequest, Shape, UsageUnrecordable
+from services.proxy.cache import Entry
+from services.proxy.errors import InvalidRequest, Shape
 from services.proxy.forward import forward
 from services.proxy.handler import (
     MAX_TOKENS_CAP,
+    Api,
     Call,
     JSONBytes,
     ProxyHandler,
     _count,
-    check_output_cap,
-    read_body,
 )
+from services.proxy.health import Health
 from services.proxy.limits import Policy
 from services.proxy.routing import ModelRoute, Target
 from services.proxy.streaming import SSEResponse, iterate
 from services.proxy.tokens import CHARS_PER_TOKEN, TokenUsage, estimate_usage
-from services.proxy.upstream import UpstreamReply, open_stream, post_json, upstream_failure
-
-log = structlog.get_logger("tollway.proxy.messages")
+from services.proxy.upstream import UpstreamReply, open_stream
 
 MESSAGES = "messages"
 COUNT_TOKENS = "messages.count_tokens"
@@ -51,13 +46,8 @@ SHAPE: Shape = "anthropic"
 # the caller's headers passed on to the provider (Claude Code needs both); the Target's default
 # anthropic-version applies when the caller sends none. Nothing else of the caller's, never its key.
 PASSED_ON = {"anthropic-version": 64, "anthropic-beta": 2048}  # header -> longest value accepted
+BETA_QUERY = "?beta=true"
 MAX_MESSAGES = 100_000  # Anthropic's own bound on messages per request
-
-
-def anthropic_call(request: Request, endpoint: str) -> Call:
-    call = Call(request, endpoint)
-    call.headers["request-id"] = call.request_id  # where Anthropic's SDKs read it (`_request_id`, error logs)
-    return call
 
 
 def validate_messages(body: dict[str, Any], count_only: bool = False) -> None:
@@ -94,105 +84,92 @@ def validate_messages(body: dict[str, Any], count_only: bool = False) -> None:
             raise InvalidRequest(f"'{field}' must be a number.")
 
 
+_PASSED_ON_RAW = {name.encode(): (name, longest) for name, longest in PASSED_ON.items()}
+
+
 def passed_on(request: Request) -> dict[str, str] | None:
-    out: dict[str, str] = {}
-    for name, longest in PASSED_ON.items():
-        v = request.headers.get(name)
-        if v is None:
+    """The caller's headers for the provider: one scan of the raw headers (the first of a repeated one, as
+    Headers.get takes), not a Headers lookup per name."""
+    out: dict[str, str] | None = None
+    for raw_name, raw_value in request.scope["headers"]:
+        found = _PASSED_ON_RAW.get(raw_name)
+        if found is None or (out is not None and found[0] in out):
             continue
+        name, longest = found
+        v = raw_value.decode("latin-1")
         if len(v) > longest or not v.isascii() or not v.isprintable():
             raise InvalidRequest(f"The '{name}' header must be printable ASCII of at most {longest} characters.")
+        if out is None:
+            out = {}
         out[name] = v
-    return out or None
+    return out
+
+
+class Passed(NamedTuple):
+    """A Messages call's ctx on the request skeleton: what of the caller's request reaches the provider."""
+
+    headers: dict[str, str] | None
+    path: str  # with `?beta=true` when the caller sent it (Claude Code does; the Python SDK 2.x does not)
+
+
+def upstream_path(request: Request, path: str) -> str:
+    # only this flag of the caller's query string: nothing else of the caller's goes to the provider
+    query = request.scope["query_string"]
+    return path + BETA_QUERY if query and b"beta=true" in query.split(b"&") else path
 
 
 def _without_tpm(policy: Policy) -> Policy:
     return dataclasses.replace(policy, rules=tuple(r for r in policy.rules if r.metric != "tpm"))
 
 
-def _attempt(h: ProxyHandler, body: dict[str, Any], raw: bytes, path: str, headers: dict[str, str] | None) -> Any:
-    requested = body.get("model")
+class MessagesApi(Api):
+    """/v1/messages over the request skeleton: Anthropic's shape, body rules and usage; the caller's
+    anthropic-version and anthropic-beta headers (the call's ctx) passed on."""
 
-    async def attempt(target: Target, budget_s: float) -> UpstreamReply:
-        payload = raw if requested == target.upstream_model else orjson.dumps({**body, "model": target.upstream_model})
-        reply = await post_json(h.s.plain, target, path, payload, budget_s, headers)
-        if reply.status >= 300:
-            raise upstream_failure(reply.status, reply.body, reply.data, reply.retry_after, target.provider)
-        return reply
+    endpoint = MESSAGES
+    path = "/messages"
+    shape = SHAPE
+    cache_kind = None  # the route's
 
-    return attempt
+    def open(self, request: Request) -> Call:
+        call = Call(request, self.endpoint)
+        call.headers["request-id"] = call.request_id  # where Anthropic's SDKs read it (`_request_id`, error logs)
+        return call
+
+    def check(self, request: Request, body: dict[str, Any], key: KeyState) -> Passed:
+        validate_messages(body, count_only=self.endpoint == COUNT_TOKENS)
+        return Passed(passed_on(request), upstream_path(request, self.path))
+
+    def attempt(self, body: dict[str, Any], raw: bytes, ctx: Passed) -> Any:
+        return self.h.json_attempt(ctx.path, body, raw, ctx.headers)
+
+    def usage(self, reply: UpstreamReply, body: dict[str, Any]) -> tuple[TokenUsage, UsageSource, str | None]:
+        parsed = message_usage(reply.data)
+        if parsed is None:
+            return estimate_usage(body, output_chars(reply.data)), "estimated", None
+        return parsed[0], "provider", parsed[1]
+
+    async def stream(self, call: Call, route: ModelRoute, body: dict[str, Any], ctx: Passed,
+                     health: Health) -> Response:  # fmt: skip
+        return await _stream(self.h, call, route, body, ctx)
+
+    def from_cache(self, call: Call, route: ModelRoute, entry: Entry, body: dict[str, Any], stream: bool) -> Response:
+        return _from_cache(self.h, call, route, entry, stream)
+
+
+class CountTokensApi(MessagesApi):
+    """count_tokens opens, identifies, reads and exits as a Messages call (its own steps between)."""
+
+    endpoint = COUNT_TOKENS
+    path = "/messages/count_tokens"
+
+    def estimate(self, body: dict[str, Any]) -> TokenUsage | None:
+        return None  # counting is free
 
 
 async def create(h: ProxyHandler, request: Request) -> Response:
     """POST /v1/messages."""
-    call = anthropic_call(request, MESSAGES)
-    d = call.draft
-    route: ModelRoute | None = None
-    body: dict[str, Any] = {}
-    try:
-        key = authenticate(request, h.s.view)
-        d.team_id, d.key_id = key.team_id, key.key_id
-        d.metadata = dict(key.metadata)
-        body, raw = await read_body(request, h.s.settings.max_body_bytes)
-        call.body_bytes = len(raw)
-        d.requested_model = str(body.get("model", ""))[:256]
-        d.end_user, d.metadata = attribute(body, request.scope["headers"], key.metadata)
-        validate_messages(body)
-        headers = passed_on(request)
-        policy = h.policy(key)
-        await h.admit(call, key, policy, body)
-        route = h.s.router.resolve(body.get("model"), MESSAGES, policy.models)
-        d.served_model = route.name
-        check_output_cap(body, route)
-        stream = body.get("stream") is True
-        d.stream = stream
-        use = h.cache_use(request, body, route.kind, route)
-        if use.write or use.read:
-            call.cache_key = cache_key(key.team_id, route.name, MESSAGES, body)
-            if use.read:
-                entry = h.cache.get(call.cache_key)
-                metrics.CACHE.labels("hit" if entry else "miss").inc()
-                if entry is not None:
-                    return _from_cache(h, call, route, entry, stream)
-                call.headers["x-tollway-cache"] = "miss"
-            if not use.write:
-                call.cache_key = None
-        if stream:
-            return await _stream(h, call, route, body, headers)
-        t_fwd = time.perf_counter()
-        fwd = await forward(h.health, route, route.retry or h.config.retry,
-                            _attempt(h, body, raw, "/messages", headers), call.started, call.tried,
-                            mix=h.mix(call, route, body))  # fmt: skip
-        fwd_s = time.perf_counter() - t_fwd
-    except GatewayError as err:
-        return h.fail(call, err, route, SHAPE)
-    except asyncio.CancelledError:
-        _cancelled(h, call, body, route)
-        raise
-    except ClientDisconnect:
-        return _hung_up(h, call, route)
-    except Exception:  # a bug: still an Anthropic-shaped answer (naming nothing inside), and still an event
-        log.exception("proxy_internal_error", request_id=call.request_id)
-        return h.fail(call, GatewayError(f"Internal error (request {call.request_id})."), route, SHAPE)
-    reply = fwd.value
-    metrics.upstream_latency_by(fwd.route.target.provider).observe(fwd.upstream_s)
-    parsed = message_usage(reply.data)
-    if parsed is not None:
-        usage, tier = parsed
-        d.take_usage(usage, "provider")
-        d.service_tier = tier
-    else:
-        usage = estimate_usage(body, output_chars(reply.data))
-        d.take_usage(usage, "estimated")
-    d.status = "ok"
-    call.headers.update(h.quote(d, fwd.route.target.provider, usage, "ok", d.usage_source).headers())
-    metrics.tokens_by(route.name, "prompt").inc(usage.prompt_tokens)
-    metrics.tokens_by(route.name, "completion").inc(usage.completion_tokens)
-    if call.cache_key is not None:
-        h._store(call, route, reply.body, usage, fwd.route.target.provider)
-    h.finish(call, reply.status, route)
-    metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
-    return JSONBytes(reply.body, reply.status, call.headers)
+    return await h.serve(request, h.api(MessagesApi))
 
 
 def _stream_usage(relay: MessagesRelay, body: dict[str, Any]) -> tuple[TokenUsage, str, bool]:
@@ -209,8 +186,7 @@ def _stream_usage(relay: MessagesRelay, body: dict[str, Any]) -> tuple[TokenUsag
     return estimate_usage(body, chars), "", False
 
 
-async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str, Any],
-                  headers: dict[str, str] | None) -> Response:  # fmt: skip
+async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str, Any], ctx: Passed) -> Response:
     d = call.draft
     assembler = MessageAssembler() if call.cache_key is not None else None
 
@@ -219,8 +195,6 @@ async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str
         usage, tier, reported = _stream_usage(relay, body)
         d.take_usage(usage, "provider" if reported else "estimated")
         d.service_tier = tier
-        d.ttft_ms = round(out.ttft_ms, 3) if out.ttft_ms is not None else None
-        d.client_disconnected = out.client_gone
         broken = out.upstream_broken and not out.client_gone
         d.status = "error" if broken else "ok"
         if broken:
@@ -231,21 +205,15 @@ async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str
                 if relay.error_type
                 else "upstream_stream_broken"
             )
-        if out.client_gone:
-            metrics.CLIENT_DISCONNECTS.labels(route.name).inc()
-        if out.ttft_ms is not None:
-            metrics.TTFT.labels(route.name).observe(out.ttft_ms / 1000)
-        metrics.tokens_by(route.name, "prompt").inc(d.prompt_tokens)
-        metrics.tokens_by(route.name, "completion").inc(d.completion_tokens)
         if assembler is not None and out.completed and not out.upstream_broken:
             message = assembler.message_json()
             if message is not None:
                 h._store(call, route, message, d.usage(), call.tried.provider)
-        h.finish(call, 200, route)
+        h.stream_ended(call, route, out.ttft_ms, out.client_gone)
 
     async def attempt(target: Target, budget_s: float) -> MessagesRelay:
         payload = orjson.dumps({**body, "model": target.upstream_model})
-        resp = await open_stream(h.s.upstream, target, "/messages", payload, budget_s, headers)
+        resp = await open_stream(h.s.upstream, target, ctx.path, payload, budget_s, ctx.headers)
         relay = MessagesRelay(resp, call.started, on_end, assembler, h.s.settings.upstream_max_sse_line_bytes,
                               h.s.settings.upstream_max_body_bytes)  # fmt: skip
         await relay.prime()
@@ -270,63 +238,26 @@ def _from_cache(h: ProxyHandler, call: Call, route: ModelRoute, entry: Entry, st
     return SSEResponse(iterate(replay_events(orjson.loads(entry.body))), on_finish, headers=call.headers)
 
 
-def _cancelled(h: ProxyHandler, call: Call, body: dict[str, Any], route: ModelRoute | None) -> None:
-    # the server is stopping under us: the provider may already have done the work, so the call is recorded
-    d = call.draft
-    if d.team_id is not None and not call.done:
-        if body and call.endpoint == MESSAGES:
-            d.take_usage(estimate_usage(body), "estimated")
-        d.client_disconnected, d.error_code, d.status = True, "cancelled", "error"
-        h.finish(call, 499, route)
-
-
-def _hung_up(h: ProxyHandler, call: Call, route: ModelRoute | None) -> Response:
-    log.info("client_hung_up", request_id=call.request_id, endpoint=call.endpoint)
-    d = call.draft
-    if d.team_id is not None and not call.done:
-        d.client_disconnected, d.error_code = True, "client_disconnected"
-        h.finish(call, 499, route)
-    return Response(status_code=499)
-
-
 async def count_tokens(h: ProxyHandler, request: Request) -> Response:
     """POST /v1/messages/count_tokens: the provider's count, passed through; rate-limited, never billed."""
-    call = anthropic_call(request, COUNT_TOKENS)
-    d = call.draft
-    route: ModelRoute | None = None
-    body: dict[str, Any] = {}
-    try:
-        key = authenticate(request, h.s.view)
-        d.team_id, d.key_id = key.team_id, key.key_id
-        d.metadata = dict(key.metadata)
-        body, raw = await read_body(request, h.s.settings.max_body_bytes)
-        call.body_bytes = len(raw)
-        d.requested_model = str(body.get("model", ""))[:256]
-        d.end_user, d.metadata = attribute(body, request.scope["headers"], key.metadata)
-        validate_messages(body, count_only=True)
-        headers = passed_on(request)
-        if not h.s.emitter.spool.accepting:
-            raise UsageUnrecordable("Usage could not be recorded (the gateway's usage spool is full), so the call "
-                                    "was not made. Retry later.", headers={"retry-after": "5"})  # fmt: skip
-        policy = h.policy(key)
-        await h.rate_limit(call, _without_tpm(policy), body)  # a request, but no tokens to count against tpm
-        call.tpm_cost = 0
-        route = h.s.router.resolve(body.get("model"), MESSAGES, policy.models)
-        d.served_model = route.name
-        fwd = await forward(h.health, route, route.retry or h.config.retry,
-                            _attempt(h, body, raw, "/messages/count_tokens", headers), call.started,
-                            call.tried)  # fmt: skip
-    except GatewayError as err:
-        return h.fail(call, err, route, SHAPE)
-    except asyncio.CancelledError:
-        _cancelled(h, call, body, route)
-        raise
-    except ClientDisconnect:
-        return _hung_up(h, call, route)
-    except Exception:
-        log.exception("proxy_internal_error", request_id=call.request_id)
-        return h.fail(call, GatewayError(f"Internal error (request {call.request_id})."), route, SHAPE)
+    api = h.api(CountTokensApi)
+    call = api.open(request)
+    return await h.guarded(call, _count_tokens(h, api, call, request), api.shape, api.estimate)
+
+
+async def _count_tokens(h: ProxyHandler, api: CountTokensApi, call: Call, request: Request) -> Response:
+    key = h.identify(call, request)
+    body, raw = await h.read(call, request, key)
+    passed = api.check(request, body, key)
+    h.recordable()
+    policy = h.policy(key)
+    await h.rate_limit(call, _without_tpm(policy), body)  # a request, but no tokens to count against tpm
+    call.tpm_cost = 0
+    route = call.route = h.s.router.resolve(body.get("model"), MESSAGES, policy.models)
+    call.draft.served_model = route.name
+    fwd = await forward(h.health, route, route.retry or h.config.retry, api.attempt(body, raw, passed),
+                        call.started, call.tried)  # fmt: skip
     reply = fwd.value
-    d.status = "ok"  # zero tokens, from the provider: counting is free
+    call.draft.status = "ok"  # zero tokens, from the provider: counting is free
     h.finish(call, reply.status, route)
     return JSONBytes(reply.body, reply.status, call.headers)

@@ -4,7 +4,8 @@ For every team and key with a monthly limit (tokens_per_month, budget_usd_per_mo
   billing  = the month-to-date total in billing's last usage update (QuotaSignal with used_*),
   pending  = what calls through this proxy used that billing has not acknowledged counting (by event id;
              kept until acknowledged, or `pending_max_s` when billing stays silent that long),
-  reserved = the worst case of calls in flight here (prompt estimate + max_tokens, priced at list price).
+  reserved = the worst case of calls in flight here (prompt estimate + max_tokens at the dearest rates, plus
+             the request fee and the fees of the web searches its tools may run; see `worst_case_web_searches`).
 A call is admitted while billing + pending + reserved is below the limit and no exhausted signal holds;
 it then reserves its worst case, settled to the actual usage when the call ends (`settle`, from the
 handler's single exit). So a limit bites here the moment local counting crosses it, and everywhere else
@@ -62,6 +63,31 @@ SIGNAL_LAG = Histogram(
     "From the end of the call that crossed a monthly limit to billing's exhausted signal reaching this proxy",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+
+# A body that offers a server-side web search may run searches, each billed at the price's web_search fee: the
+# reservation counts a tool's own cap (Anthropic's `max_uses`) or, without one, this many (settled to the
+# searches the provider reports when the call ends).
+WEB_SEARCHES_RESERVED = 10
+MAX_USES_CAP = 1_000  # a larger max_uses is counted as this: a reservation, not a promise
+
+
+def worst_case_web_searches(body: dict[str, Any]) -> int:
+    """How many web searches the call may be billed: its web search tools (Responses' `web_search`,
+    `web_search_preview*`; Anthropic's `web_search_2025...`) at their cap, or 1 for chat's `web_search_options`
+    (a search model searches once a call)."""
+    n = 0
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        for t in tools:
+            kind = t.get("type") if isinstance(t, dict) else None
+            if isinstance(kind, str) and kind.startswith("web_search"):
+                cap = t.get("max_uses")
+                ok = isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0
+                n += min(cap, MAX_USES_CAP) if ok else WEB_SEARCHES_RESERVED
+    if not n and isinstance(body.get("web_search_options"), dict):
+        n = 1
+    return n
 
 
 def seconds_to_reset(now: datetime) -> int:
@@ -202,7 +228,7 @@ class QuotaGate:
         entry = self.prices.at(model, "*", datetime.now(UTC)) if model else None
         usd = ZERO
         if entry is not None:
-            usd = entry.worst_case_usd(most.prompt_tokens, most.completion_tokens)
+            usd = entry.worst_case_usd(most.prompt_tokens, most.completion_tokens, worst_case_web_searches(body))
         return most.prompt_tokens + most.completion_tokens, usd
 
     def admit(self, event_id: str, key: KeyState, body: dict[str, Any], end_user: str | None = None,

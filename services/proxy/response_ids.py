@@ -14,10 +14,15 @@ import base64
 import binascii
 import hashlib
 import hmac
+from typing import Any
 
 PREFIX = "resp_tw1"  # keeps OpenAI's resp_ prefix; the version lets the format change later
 MAX_ID_CHARS = 1024
 _MAC_BYTES = 16
+_MAX_HEADS = 4096
+_BLOCK = 64  # SHA-256's block size
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
 def _b64(raw: bytes) -> str:
@@ -29,16 +34,43 @@ def _unb64(text: str) -> bytes:
 
 
 class ResponseIds:
+    """HMAC-SHA256 (RFC 2104) over PREFIX, team, provider and upstream id, NUL-separated. Built from hashlib's
+    SHA-256 states rather than the hmac module: OpenSSL's HMAC objects cost ~9 us per MAC on this path, two
+    copied SHA-256 states ~3 us (the MAC is the same; tests check it against hmac.digest)."""
+
     def __init__(self, secret: bytes) -> None:
-        self._secret = secret
+        key = hashlib.sha256(secret).digest() if len(secret) > _BLOCK else secret
+        key = key.ljust(_BLOCK, b"\x00")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
+        # (team, provider) -> (the inner state over everything but the upstream id, the provider in base64);
+        # bounded: cleared when full, a miss costs one copy more
+        self._heads: dict[tuple[str, str], tuple[Any, str]] = {}
+
+    def _head(self, team_id: str, provider: str) -> tuple[Any, str]:
+        found = self._heads.get((team_id, provider))
+        if found is None:
+            if len(self._heads) >= _MAX_HEADS:
+                self._heads.clear()
+            inner = self._inner.copy()
+            inner.update(b"\x00".join((PREFIX.encode(), team_id.encode(), provider.encode(), b"")))
+            found = self._heads[(team_id, provider)] = (inner, _b64(provider.encode()))
+        return found
+
+    def _finish(self, head: Any, upstream_id: str) -> bytes:
+        inner = head.copy()
+        inner.update(upstream_id.encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:_MAC_BYTES]
 
     def _mac(self, team_id: str, provider: str, upstream_id: str) -> bytes:
-        msg = b"\x00".join((PREFIX.encode(), team_id.encode(), provider.encode(), upstream_id.encode()))
-        return hmac.digest(self._secret, msg, hashlib.sha256)[:_MAC_BYTES]
+        return self._finish(self._head(team_id, provider)[0], upstream_id)
 
     def wrap(self, team_id: str, provider: str, upstream_id: str) -> str:
-        mac = self._mac(team_id, provider, upstream_id)
-        return ".".join((PREFIX, _b64(provider.encode()), _b64(upstream_id.encode()), _b64(mac)))
+        head, provider_b64 = self._head(team_id, provider)
+        mac = self._finish(head, upstream_id)
+        return ".".join((PREFIX, provider_b64, _b64(upstream_id.encode()), _b64(mac)))
 
     def unwrap(self, team_id: str, public_id: object) -> tuple[str, str] | None:
         """(provider, upstream id) when the id is one this team was given; None for anything else."""

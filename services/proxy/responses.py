@@ -14,27 +14,23 @@ removes, and the provider never stored this call), so only plain `store: false` 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import secrets
-import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import aiohttp
 import orjson
-import structlog
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
-from services.proxy import metrics
+from schemas.control import KeyState
+from schemas.events import UsageSource
 from services.proxy.attribution import attribute
-from services.proxy.auth import authenticate
-from services.proxy.cache import cache_key
-from services.proxy.errors import GatewayError, InvalidRequest, UpstreamError, UsageUnrecordable
-from services.proxy.forward import forward
-from services.proxy.handler import MAX_TOKENS_CAP, Call, JSONBytes, ProxyHandler, _count, read_body
+from services.proxy.cache import Entry
+from services.proxy.errors import GatewayError, InvalidRequest, UpstreamError
+from services.proxy.handler import MAX_TOKENS_CAP, Api, Call, JSONBytes, ProxyHandler, _count
 from services.proxy.health import Health, RouteState
 from services.proxy.response_ids import ResponseIds
 from services.proxy.responses_stream import ResponsesOutcome, ResponsesRelay
@@ -46,12 +42,9 @@ from services.proxy.upstream import (
     TRANSPORT_ERRORS,
     UpstreamReply,
     open_stream,
-    post_json,
     transport_failure,
     upstream_failure,
 )
-
-log = structlog.get_logger("tollway.proxy.responses")
 
 RESPONSES = "responses"
 PATH = "/responses"
@@ -154,15 +147,34 @@ def _error_code(data: Any) -> Any:
     return err.get("code") if isinstance(err, dict) else None
 
 
+def _previous_gone(reply: UpstreamReply) -> GatewayError | None:
+    if reply.status == 404 and _error_code(reply.data) == "previous_response_not_found":
+        # deleted since (or never stored): the caller's to know, not the operator's configuration
+        return ResponseNotFound("Previous response not found.", code="previous_response_not_found")
+    return None
+
+
 def _quoted(text: str) -> bytes:
     return orjson.dumps(text)
 
 
-class ResponsesHandler:
-    """Serves /v1/responses over the ProxyHandler the lifespan made (its steps, its state)."""
+class Chain(NamedTuple):
+    """A create's ctx on the request skeleton: the calling team, and the stored response it chains on."""
+
+    team: str
+    previous: tuple[str, str] | None  # (provider, its id) of previous_response_id
+
+
+class ResponsesHandler(Api):
+    """Serves /v1/responses over the ProxyHandler the lifespan made: a create through its request skeleton
+    (this class supplies what differs), the follow-ups through its steps."""
+
+    endpoint = RESPONSES
+    path = PATH
+    cache_kind = RESPONSES
 
     def __init__(self, handler: ProxyHandler) -> None:
-        self.h = handler
+        super().__init__(handler)
         self.s = handler.s
         self.ids = ResponseIds(id_secret(self.s.settings))
         self.providers: dict[str, Target] = {}  # a target per provider: follow-ups need its URL and headers
@@ -174,161 +186,88 @@ class ResponsesHandler:
     # ---- POST /v1/responses ----
 
     async def create(self, request: Request) -> Response:
-        h, call = self.h, Call(request, RESPONSES)
-        d = call.draft
-        route: ModelRoute | None = None
-        body: dict[str, Any] = {}
-        try:
-            key = authenticate(request, self.s.view)
-            team = key.team_id
-            d.team_id, d.key_id = team, key.key_id
-            d.metadata = dict(key.metadata)
-            body, raw = await read_body(request, self.s.settings.max_body_bytes)
-            call.body_bytes = len(raw)
-            d.requested_model = str(body.get("model", ""))[:256]
-            d.end_user, d.metadata = attribute(body, request.scope["headers"], key.metadata)
-            validate_responses(body)
-            policy = h.policy(key)
-            previous = None
-            if body.get("previous_response_id") is not None:
-                previous = self.ids.unwrap(team, body["previous_response_id"])
-                if previous is None:
-                    raise ResponseNotFound(f"Previous response with id '{str(body['previous_response_id'])[:200]}' "
-                                           "not found.", code="previous_response_not_found")  # fmt: skip
-            await h.admit(call, key, policy, body)
-            route = self.s.router.resolve(body.get("model"), RESPONSES, policy.models)
-            d.served_model = route.name
-            check_output_cap(body, route)
-            health: Health = h.health
-            if previous is not None:
-                if not any(t.provider == previous[0] for t in route.targets):
-                    raise InvalidRequest(f"The previous response was made by a provider that does not serve model "
-                                         f"'{route.name}'.", code="invalid_value")  # fmt: skip
-                health = cast(Health, PinnedHealth(h.health, previous[0]))
-            stream = body.get("stream") is True
-            d.stream = stream
-            if not stream and previous is None and body.get("store") is False:
-                use = h.cache_use(request, body, RESPONSES, route)
-                if use.write or use.read:
-                    call.cache_key = cache_key(team, route.name, RESPONSES, body)
-                    if use.read:
-                        entry = h.cache.get(call.cache_key)
-                        metrics.CACHE.labels("hit" if entry else "miss").inc()
-                        if entry is not None:
-                            return self._from_cache(call, route, entry.body, entry.provider, body)
-                        call.headers["x-tollway-cache"] = "miss"
-                    if not use.write:
-                        call.cache_key = None
-            upstream_body = body if previous is None else {**body, "previous_response_id": previous[1]}
-            if stream:
-                return await self._stream(call, route, body, upstream_body, health, team)
-            t_fwd = time.perf_counter()
-            attempt = self._json_attempt(body, upstream_body, raw if previous is None else None)
-            fwd = await forward(health, route, route.retry or h.config.retry, attempt, call.started, call.tried,
-                                mix=h.mix(call, route, body))  # fmt: skip
-            fwd_s = time.perf_counter() - t_fwd
-        except GatewayError as err:
-            return h.fail(call, err, route)
-        except asyncio.CancelledError:
-            if d.team_id is not None and not call.done:  # the server is stopping: the provider may have worked
-                if body:
-                    d.take_usage(responses_usage(None, body)[0], "estimated")
-                d.client_disconnected, d.error_code, d.status = True, "cancelled", "error"
-                h.finish(call, 499, route)
-            raise
-        except ClientDisconnect:
-            log.info("client_hung_up", request_id=call.request_id, endpoint=call.endpoint)
-            if d.team_id is not None and not call.done:
-                d.client_disconnected, d.error_code = True, "client_disconnected"
-                h.finish(call, 499, route)
-            return Response(status_code=499)
-        except Exception:
-            log.exception("proxy_internal_error", request_id=call.request_id)
-            return h.fail(call, GatewayError(f"Internal error (request {call.request_id})."), route)
-        reply = fwd.value
-        provider = fwd.route.target.provider
-        metrics.upstream_latency_by(provider).observe(fwd.upstream_s)
-        usage, source, tier = responses_usage(reply.data, body)
-        d.take_usage(usage, source)
-        d.service_tier, d.status = tier, "ok"
-        call.headers.update(h.quote(d, provider, usage, "ok", source).headers())  # services/proxy/cost.py
-        metrics.tokens_by(route.name, "prompt").inc(usage.prompt_tokens)
-        metrics.tokens_by(route.name, "completion").inc(usage.completion_tokens)
+        return await self.h.serve(request, self)
+
+    def check(self, request: Request, body: dict[str, Any], key: KeyState) -> Chain:
+        validate_responses(body)
+        previous = None
+        if body.get("previous_response_id") is not None:
+            previous = self.ids.unwrap(key.team_id, body["previous_response_id"])
+            if previous is None:
+                raise ResponseNotFound(f"Previous response with id '{str(body['previous_response_id'])[:200]}' "
+                                       "not found.", code="previous_response_not_found")  # fmt: skip
+        return Chain(key.team_id, previous)
+
+    def routed(self, body: dict[str, Any], route: ModelRoute, ctx: Chain) -> Health:
+        check_output_cap(body, route)
+        if ctx.previous is None:
+            return self.h.health
+        if not any(t.provider == ctx.previous[0] for t in route.targets):
+            raise InvalidRequest(f"The previous response was made by a provider that does not serve model "
+                                 f"'{route.name}'.", code="invalid_value")  # fmt: skip
+        return cast(Health, PinnedHealth(self.h.health, ctx.previous[0]))
+
+    def cacheable(self, body: dict[str, Any], stream: bool, ctx: Chain) -> bool:
+        return not stream and ctx.previous is None and body.get("store") is False
+
+    def estimate(self, body: dict[str, Any]) -> TokenUsage | None:
+        return responses_usage(None, body)[0]
+
+    @staticmethod
+    def upstream_body(body: dict[str, Any], ctx: Chain) -> dict[str, Any]:
+        return body if ctx.previous is None else {**body, "previous_response_id": ctx.previous[1]}
+
+    def attempt(self, body: dict[str, Any], raw: bytes, ctx: Chain) -> Any:
+        # the bytes read_body re-serialized only when nothing changes on the way
+        return self.h.json_attempt(PATH, self.upstream_body(body, ctx), raw if ctx.previous is None else None,
+                                   refused=_previous_gone)  # fmt: skip
+
+    def usage(self, reply: UpstreamReply, body: dict[str, Any]) -> tuple[TokenUsage, UsageSource, str | None]:
+        return responses_usage(reply.data, body)
+
+    def answer(self, body: dict[str, Any], reply: UpstreamReply, provider: str, ctx: Chain) -> bytes:
         out = reply.body
         upstream_id = reply.data.get("id") if isinstance(reply.data, dict) else None
         if isinstance(upstream_id, str):
-            for old, new in self._renames(team, provider, body, upstream_id):
+            for old, new in self._renames(ctx, provider, body, upstream_id):
                 out = out.replace(old, new)
-        if call.cache_key is not None:
-            h._store(call, route, out, usage, provider)
-        h.finish(call, reply.status, route)
-        metrics.ADDED_LATENCY.observe(max(0.0, call.elapsed_ms() / 1000 - fwd_s))
-        return JSONBytes(out, reply.status, call.headers)
+        return out
 
-    def _renames(self, team: str, provider: str, body: dict[str, Any], upstream_id: str) -> list[tuple[bytes, bytes]]:
+    def _renames(self, ctx: Chain, provider: str, body: dict[str, Any], upstream_id: str) -> list[tuple[bytes, bytes]]:
         """The provider's ids as the client knows them: this response's, and the previous one it chained on."""
-        swaps = [(_quoted(upstream_id), _quoted(self.ids.wrap(team, provider, upstream_id)))]
-        prev = body.get("previous_response_id")
-        found = self.ids.unwrap(team, prev) if prev is not None else None
-        if found is not None:
-            swaps.append((_quoted(found[1]), _quoted(prev)))
+        swaps = [(_quoted(upstream_id), _quoted(self.ids.wrap(ctx.team, provider, upstream_id)))]
+        if ctx.previous is not None:
+            swaps.append((_quoted(ctx.previous[1]), _quoted(body["previous_response_id"])))
         return swaps
 
-    def _json_attempt(self, body: dict[str, Any], upstream_body: dict[str, Any], raw: bytes | None) -> Any:
-        requested = body.get("model")
-
-        async def attempt(target: Target, budget_s: float) -> UpstreamReply:
-            # the bytes read_body re-serialized when nothing changes on the way (no second dumps)
-            if raw is not None and requested == target.upstream_model:
-                payload = raw
-            else:
-                payload = orjson.dumps({**upstream_body, "model": target.upstream_model})
-            reply = await post_json(self.s.plain, target, PATH, payload, budget_s)
-            if reply.status == 404 and _error_code(reply.data) == "previous_response_not_found":
-                # deleted since (or never stored): the caller's to know, not the operator's configuration
-                raise ResponseNotFound("Previous response not found.", code="previous_response_not_found")
-            if reply.status >= 300:
-                raise upstream_failure(reply.status, reply.body, reply.data, reply.retry_after, target.provider)
-            return reply
-
-        return attempt
-
-    def _from_cache(self, call: Call, route: ModelRoute, cached: bytes, provider: str,
-                    body: dict[str, Any]) -> Response:  # fmt: skip
-        usage, source, tier = responses_usage(orjson.loads(cached), body)
+    def from_cache(self, call: Call, route: ModelRoute, entry: Entry, body: dict[str, Any], stream: bool) -> Response:
+        usage, source, tier = responses_usage(orjson.loads(entry.body), body)
         call.draft.service_tier = tier  # before the quote: the tier picks the prices
-        self.h.answered_from_cache(call, usage, source, provider)
+        self.h.answered_from_cache(call, usage, source, entry.provider)
         self.h.finish(call, 200, route)
-        return Response(cached, media_type="application/json", headers=call.headers)
+        return Response(entry.body, media_type="application/json", headers=call.headers)
 
-    async def _stream(self, call: Call, route: ModelRoute, body: dict[str, Any], upstream_body: dict[str, Any],
-                      health: Health, team: str) -> Response:  # fmt: skip
+    async def stream(self, call: Call, route: ModelRoute, body: dict[str, Any], ctx: Chain,
+                     health: Health) -> Response:  # fmt: skip
         h, d = self.h, call.draft
+        upstream_body = self.upstream_body(body, ctx)
 
         def on_end(out: ResponsesOutcome) -> None:
             usage, source, tier = responses_usage(out.response, body, out.output_chars)
             d.take_usage(usage, source)
             d.service_tier = tier
-            d.ttft_ms = round(out.ttft_ms, 3) if out.ttft_ms is not None else None
-            d.client_disconnected = out.client_gone
             d.status = "ok"
             if out.upstream_broken and not out.client_gone:
                 d.status = "error"
                 d.error_code = "upstream_response_too_large" if out.too_large else "upstream_stream_broken"
             elif out.terminal == "response.failed" or out.provider_error:
                 d.status, d.error_code = "error", "upstream_response_failed"
-            if out.client_gone:
-                metrics.CLIENT_DISCONNECTS.labels(route.name).inc()
-            if out.ttft_ms is not None:
-                metrics.TTFT.labels(route.name).observe(out.ttft_ms / 1000)
-            metrics.tokens_by(route.name, "prompt").inc(d.prompt_tokens)
-            metrics.tokens_by(route.name, "completion").inc(d.completion_tokens)
-            h.finish(call, 200, route)
+            h.stream_ended(call, route, out.ttft_ms, out.client_gone)
 
         async def attempt(target: Target, budget_s: float) -> ResponsesRelay:
             payload = orjson.dumps({**upstream_body, "model": target.upstream_model})
             resp = await open_stream(self.s.upstream, target, PATH, payload, budget_s)
-            rename = functools.partial(self._renames, team, target.provider, body)
+            rename = functools.partial(self._renames, ctx, target.provider, body)
             relay = ResponsesRelay(resp, call.started, rename, on_end, self.s.settings.upstream_max_sse_line_bytes,
                                    self.s.settings.upstream_max_body_bytes)  # fmt: skip
             await relay.prime()
@@ -355,42 +294,30 @@ class ResponsesHandler:
 
     async def _follow_up(self, request: Request, name: str, method: str, suffix: str,
                          refuse: str | None = None) -> Response:  # fmt: skip
-        h, call = self.h, Call(request, f"{RESPONSES}.{name}")
-        d = call.draft
-        try:
-            key = authenticate(request, self.s.view)
-            team = key.team_id
-            d.team_id, d.key_id = team, key.key_id
-            d.end_user, d.metadata = attribute({}, request.scope["headers"], key.metadata)  # the header's tags
-            if not self.s.emitter.spool.accepting:  # the same rule as a create: no call its event cannot follow
-                raise UsageUnrecordable("Usage could not be recorded (the gateway's usage spool is full), so the "
-                                        "call was not made. Retry later.", headers={"retry-after": "5"})  # fmt: skip
-            if refuse is not None:
-                raise InvalidRequest(refuse, code="unsupported_parameter")
-            public = request.path_params.get("response_id", "")
-            found = self.ids.unwrap(team, public)
-            target = self.providers.get(found[0]) if found is not None else None
-            if found is None or target is None:
-                raise ResponseNotFound(f"Response with id '{str(public)[:200]}' not found.")
-            provider, upstream_id = found
-            d.provider = provider
-            await h.rate_limit(call, h.policy(key), {})
-            status, raw, data = await self._upstream(target, method, f"{PATH}/{upstream_id}{suffix}",
-                                                     request.url.query)  # fmt: skip
-            if status == 404:
-                raise ResponseNotFound(f"Response with id '{str(public)[:200]}' not found.")
-            if status >= 300:
-                raise upstream_failure(status, raw, data, None, provider)
-        except GatewayError as err:
-            return h.fail(call, err)
-        except asyncio.CancelledError:
-            if d.team_id is not None and not call.done:
-                d.client_disconnected, d.error_code, d.status = True, "cancelled", "error"
-                h.finish(call, 499)
-            raise
-        except Exception:
-            log.exception("proxy_internal_error", request_id=call.request_id)
-            return h.fail(call, GatewayError(f"Internal error (request {call.request_id})."))
+        call = Call(request, f"{RESPONSES}.{name}")
+        return await self.h.guarded(call, self._follow(call, request, method, suffix, refuse))
+
+    async def _follow(self, call: Call, request: Request, method: str, suffix: str, refuse: str | None) -> Response:
+        h, d = self.h, call.draft
+        key = h.identify(call, request)
+        team = key.team_id
+        d.end_user, d.metadata = attribute({}, request.scope["headers"], key.metadata)  # the header's tags
+        h.recordable()  # the same rule as a create: no call its event cannot follow
+        if refuse is not None:
+            raise InvalidRequest(refuse, code="unsupported_parameter")
+        public = request.path_params.get("response_id", "")
+        found = self.ids.unwrap(team, public)
+        target = self.providers.get(found[0]) if found is not None else None
+        if found is None or target is None:
+            raise ResponseNotFound(f"Response with id '{str(public)[:200]}' not found.")
+        provider, upstream_id = found
+        d.provider = provider
+        await h.rate_limit(call, h.policy(key), {})
+        status, raw, data = await self._upstream(target, method, f"{PATH}/{upstream_id}{suffix}", request.url.query)
+        if status == 404:
+            raise ResponseNotFound(f"Response with id '{str(public)[:200]}' not found.")
+        if status >= 300:
+            raise upstream_failure(status, raw, data, None, provider)
         if isinstance(data, dict):
             prev = data.get("previous_response_id")
             for up in (upstream_id, prev if isinstance(prev, str) else None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 
@@ -82,3 +83,50 @@ async def test_rows_priced_before_versions_had_a_hash_freeze_the_price_too(store
                             ["event_id", "occurred_at", "team_id", "served_model", "priced", "price_version"])  # fmt: skip
     with pytest.raises(PriceEditedInPlace):
         await check_and_record(store, config({**price, "input": "3"}), "up")
+
+
+async def test_a_price_version_reads_back_whole_in_every_dimension(store):
+    import hashlib
+
+    from schemas.price_versions import recorded_price_sets
+
+    whole = {"effective_from": "2025-04-14", "input": "3", "output": "15", "cached_input": "0.30",
+             "cache_write": "3.75", "cache_write_1h": "6", "request": "0.002", "web_search": "10",
+             "long_context": {"above_prompt_tokens": 200_000, "input": "6", "output": "22.50", "cached_input": "0.6"},
+             "service_tiers": {"priority": {"input": "5", "output": "20"},
+                               "batch": {"input": "1.5", "output": "7.5",
+                                         "long_context": {"input": "3", "output": "11.25"}}}}  # fmt: skip
+    plain = {"effective_from": "2026-01-01", "input": "2", "output": "8"}
+    cfg = config(whole, plain)
+    assert await check_and_record(store, cfg, "meter") == 2
+    back = await recorded_price_sets(store)
+    for when in ("2025-05-01", "2026-02-01"):
+        entry = PriceBook(cfg).at("m", "p", datetime.fromisoformat(when).replace(tzinfo=UTC))
+        got = back[("m", "*", entry.version.split("@")[1].split("#")[0])]
+        assert got == entry  # every set and every unit price, Decimal for Decimal (the dataclasses compare them)
+        assert sorted(u.tier for u in got.units()) == sorted(u.tier for u in entry.units())
+    got = back[("m", "*", "2025-04-14")]
+    assert (got.base.cache_write, got.base.request, got.web_search) == (Decimal("3.75"), Decimal("0.002"), 10)
+    assert got.long_context[0] == 200_000 and got.tiers_long_context["batch"].output == Decimal("11.25")
+    # the recorded text is what the version hashes: the record proves its version
+    rows = await store.query("SELECT version, identity FROM {db}.price_versions FINAL")
+    for version, identity in rows:
+        assert version.endswith("#" + hashlib.sha256(identity.encode()).hexdigest()[:8]), version
+
+
+async def test_a_record_from_before_every_dimension_was_kept_is_written_again_whole(store):
+    from schemas.price_versions import partial_records, recorded_price_sets
+
+    price = {"effective_from": "2025-04-14", "input": "3", "output": "15", "request": "0.002"}
+    entry = PriceBook(config(price)).at("m", "p", datetime(2025, 5, 1, tzinfo=UTC))
+    # as the 030 code wrote it: the three base prices, nothing else
+    await store.insert_rows("price_versions", [["m", "*", "2025-04-14", entry.version, Decimal(3), Decimal(15),
+                                                Decimal(3), datetime(2025, 4, 14, tzinfo=UTC), "meter"]],
+                            ["model", "provider", "effective_from", "version", "unit_input", "unit_output",
+                             "unit_cached_input", "recorded_at", "recorded_by"])  # fmt: skip
+    assert await partial_records(store) == {("m", "*", "2025-04-14")}
+    assert await recorded_price_sets(store) == {}  # a partial record is not passed off as the whole price
+    assert await record_in_force(store, config(price), "meter") == 1  # the same version, written whole
+    assert await partial_records(store) == frozenset()
+    assert (await recorded_price_sets(store))[("m", "*", "2025-04-14")] == entry
+    assert await check_and_record(store, config(price), "meter") == 0  # and then nothing more to write

@@ -280,6 +280,23 @@ async def test_the_callers_anthropic_version_and_beta_are_passed_on(gw):
     assert (await mock_get(gw.upstream, "/mock/last-request"))["anthropic-version"] == "2023-06-01"
 
 
+async def test_the_beta_flag_of_the_query_string_is_passed_on_and_nothing_else(gw):
+    # Claude Code (the TypeScript SDK) and older Python SDKs call POST /v1/messages?beta=true for beta features
+    secret, key = gw.key()
+    for path, payload in (("/v1/messages", body()), ("/v1/messages", body(stream=True)),
+                          ("/v1/messages/count_tokens", {k: v for k, v in body().items() if k != "max_tokens"})):  # fmt: skip
+        r = await post(gw, secret, payload, f"{path}?beta=true")
+        assert r.status_code == 200, r.text
+        seen = await mock_get(gw.upstream, "/mock/last-request")
+        assert seen["path"].endswith(path.removeprefix("/v1")) and seen["query"] == "beta=true", seen
+    for query in ("", "?beta=false", "?other=1&x=y"):
+        assert (await post(gw, secret, body(), f"/v1/messages{query}")).status_code == 200
+        assert (await mock_get(gw.upstream, "/mock/last-request"))["query"] == ""
+    assert (await post(gw, secret, body(), "/v1/messages?x=1&beta=true")).status_code == 200
+    assert (await mock_get(gw.upstream, "/mock/last-request"))["query"] == "beta=true"
+    assert len(gw.events_of(key.team_id)) == 7
+
+
 # ---- errors in Anthropic's shape ----
 
 

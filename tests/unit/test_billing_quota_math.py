@@ -232,3 +232,38 @@ def test_gate_judges_in_billings_month_not_this_proxys_clock():
     gate.on_control(QuotaSignal(scope="key", id="k", state="ok", reason="new_period",
                                 period=f"{datetime.now(UTC) + timedelta(days=40):%Y-%m}"))  # fmt: skip
     gate.admit("e2", key, body(1))  # billing rolled: this proxy follows, though its clock lags
+
+
+def test_worst_case_reserves_the_request_fee_and_the_web_searches_a_body_can_run():
+    from services.proxy.tokens import worst_case_tokens
+
+    gate, _ = gate_with(1000)
+    entry = gate.prices.at("gpt-4.1", "*", datetime.now(UTC))
+    assert entry.web_search > 0  # the shipped book prices gpt-4.1's web search tool calls
+    searches = entry.web_search / 1000
+
+    def tokens_only(b: dict) -> Decimal:  # the reservation of the same body without any search fee
+        most = worst_case_tokens(b, gate.default_max_tokens)
+        return entry.worst_case_usd(most.prompt_tokens, most.completion_tokens)
+
+    anthropic = {**body(50), "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]}
+    responses = {**body(50), "tools": [{"type": "function", "name": "f"}, {"type": "web_search_preview"}]}
+    chat = {**body(50), "web_search_options": {}}
+    assert gate.worst_case(anthropic)[1] == tokens_only(anthropic) + 3 * searches  # the tool's own cap
+    assert gate.worst_case(responses)[1] == tokens_only(responses) + 10 * searches  # no cap: WEB_SEARCHES_RESERVED
+    assert gate.worst_case(chat)[1] == tokens_only(chat) + searches  # a search model: one a call
+    # hostile shapes reserve the default, never crash; a tool that is not a search adds nothing
+    for tools in ([{"type": "web_search", "max_uses": -1}], [{"type": "web_search", "max_uses": True}]):
+        b = {**body(50), "tools": tools}
+        assert gate.worst_case(b)[1] == tokens_only(b) + 10 * searches
+    b = {**body(50), "tools": [{"type": "web_search", "max_uses": 10**9}]}
+    assert gate.worst_case(b)[1] == tokens_only(b) + 1000 * searches
+    b = {**body(50), "tools": ["web_search", None, {"type": 7}]}
+    assert gate.worst_case(b)[1] == tokens_only(b)
+    # the request fee (every set's) is in every reservation, on top of the tokens at the dearest rates
+    tokens, usd = gate.worst_case(body(50))
+    most_in = max(max(u.input, u.cache_write, u.cache_write_1h, u.cached_input) for u in entry.units())
+    most_out = max(u.output for u in entry.units())
+    assert usd == ((tokens - 50) * most_in + 50 * most_out) / 1_000_000 + entry.request
+    fee = entry.worst_case_usd(0, 0)
+    assert fee == entry.request and entry.worst_case_usd(0, 0, 2) == fee + 2 * searches

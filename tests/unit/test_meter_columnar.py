@@ -245,7 +245,7 @@ def test_dimension_events_take_the_columnar_path_and_cost_what_prices_says():
                    cache_write_1h_tokens=200, web_search_requests=3),
               dict(prompt_tokens=2500, completion_tokens=10, cached_tokens=100, cache_write_tokens=2000),  # long
               dict(prompt_tokens=900, completion_tokens=9, cache_write_tokens=100, service_tier="priority"),
-              dict(prompt_tokens=5000, completion_tokens=9, service_tier="flex"),  # a tier beats long context
+              dict(prompt_tokens=5000, completion_tokens=9, service_tier="flex"),  # long: long context, not flex
               dict(prompt_tokens=10, completion_tokens=1, cached_tokens=8, cache_write_tokens=8),  # over: clipped
               dict(prompt_tokens=0, completion_tokens=0, status="error"),  # no tokens: no request fee
               dict(prompt_tokens=3000, completion_tokens=5, status="cached")]  # fmt: skip
@@ -265,7 +265,7 @@ def test_dimension_events_take_the_columnar_path_and_cost_what_prices_says():
         "",
         "long_context",
         "priority",
-        "flex",
+        "long_context",  # flex is priced at long context above the threshold
         "",
         "",
         "long_context",

@@ -137,10 +137,10 @@ def test_long_context_prices_the_whole_call_above_the_threshold():
 
 
 def test_a_service_tier_picks_its_rates_and_an_unknown_or_empty_one_the_base():
-    call = Call(prompt_tokens=300_000, completion_tokens=10, cache_write_tokens=1_000)
+    call = Call(prompt_tokens=200_000, completion_tokens=10, cache_write_tokens=1_000)  # at the threshold: short
     flex = price_usage(BOOK, "m", "a", WHEN, "ok", call, "flex")
-    assert flex.unit.tier == "flex"  # a tier's rates win over long context
-    assert flex.cost.input == 299_000 * Decimal("1.5") / M and flex.cost.cache_write == 1_000 * Decimal(2) / M
+    assert flex.unit.tier == "flex"
+    assert flex.cost.input == 199_000 * Decimal("1.5") / M and flex.cost.cache_write == 1_000 * Decimal(2) / M
     prio = price_usage(BOOK, "m", "a", WHEN, "ok", Call(prompt_tokens=100, cache_write_tokens=10), "priority")
     assert prio.cost.cache_write == 10 * Decimal(5) / M  # unset in the tier: the tier's input
     for tier in ("", "default", "no-such-tier"):
@@ -185,3 +185,80 @@ def test_a_bad_tier_or_threshold_is_a_config_error():
         with pytest.raises(ConfigError):
             parse_config({"providers": {"a": {"base_url": "http://a"}},
                           "models": {"m": {"routes": [{"provider": "a"}], "prices": [{"input": "1", **bad}]}}})  # fmt: skip
+
+
+def test_above_the_threshold_a_tier_without_long_context_rates_is_priced_at_the_long_context_rates():
+    # tier rates are for short prompts (OpenAI: priority processing "excludes long context"); never the
+    # tier's short-context rates for a long prompt, whether they are cheaper (flex) or dearer (priority)
+    call = Call(prompt_tokens=300_000, completion_tokens=10, cache_write_tokens=1_000)
+    for tier in ("flex", "priority", "", "no-such-tier"):
+        p = price_usage(BOOK, "m", "a", WHEN, "ok", call, tier)
+        assert p.unit.tier == LONG_CONTEXT, tier
+        assert p.cost.input == 299_000 * Decimal(6) / M and p.cost.output == 10 * Decimal("22.5") / M
+        assert p.cost.cache_write == 1_000 * Decimal("7.5") / M
+
+
+TIERED_LC = PriceBook(
+    parse_config({
+        "providers": {"a": {"base_url": "http://a"}},
+        "models": {"m": {"routes": [{"provider": "a"}], "prices": [
+            {"effective_from": "2026-01-01", "input": "3", "output": "15", "cached_input": "0.3",
+             "long_context": {"above_prompt_tokens": 200_000, "input": "6", "output": "22.5"},
+             "service_tiers": {"batch": {"input": "1.5", "output": "7.5",
+                                         "long_context": {"input": "3", "output": "11.25"}},
+                               "priority": {"input": "5", "output": "20"}}},
+        ]}},
+    })
+)  # fmt: skip
+
+
+def test_a_tier_with_its_own_long_context_rates_is_priced_at_them_above_the_threshold():
+    # Anthropic stacks a batch discount on the long-context rates: the tier says so with its own long_context
+    long, short = Call(prompt_tokens=250_000, completion_tokens=100), Call(prompt_tokens=250, completion_tokens=100)
+    p = price_usage(TIERED_LC, "m", "a", WHEN, "ok", long, "batch")
+    assert p.unit.tier == "batch+long_context"
+    assert p.cost.total == (250_000 * Decimal(3) + 100 * Decimal("11.25")) / M
+    assert p.unit.version == price_usage(TIERED_LC, "m", "a", WHEN, "ok", short, "batch").unit.version
+    assert price_usage(TIERED_LC, "m", "a", WHEN, "ok", short, "batch").cost.total == (
+        250 * Decimal("1.5") + 100 * Decimal("7.5")) / M  # fmt: skip
+    # the other tier has none: long context; and the quota's worst case covers the dearest set of all
+    assert price_usage(TIERED_LC, "m", "a", WHEN, "ok", long, "priority").unit.tier == LONG_CONTEXT
+    entry = TIERED_LC.at("m", "a", WHEN)
+    assert entry.worst_case_usd(1_000, 1_000) == (1_000 * Decimal(6) + 1_000 * Decimal("22.5")) / M
+
+
+def test_a_tier_long_context_moves_the_version_and_the_catalog_form_still_loads():
+    tier = {"input": "1.5", "output": "7.5"}
+    lc = {"above_prompt_tokens": 200_000, "input": "6", "output": "22.5"}
+    plain_tier = price_set("m", "*", Price(**BASE, long_context=lc, service_tiers={"batch": tier})).version
+    with_lc = price_set("m", "*", Price(**BASE, long_context=lc, service_tiers={
+        "batch": {**tier, "long_context": {"input": "3", "output": "11.25"}}})).version  # fmt: skip
+    assert plain_tier != with_lc
+    from schemas.config import Rates
+
+    # the catalog import builds plain Rates for a tier: still a valid price, priced as before
+    built = Price(**BASE, long_context=lc, service_tiers={"batch": Rates(input="1.5", output="7.5")})
+    assert price_set("m", "*", built).version == plain_tier
+
+
+def test_cost_at_is_the_formula_decimal_for_decimal():
+    # the fast path (no Decimal work for an unused dimension, per-price zeros) gives the formula's very Decimals,
+    # exponent and all, so a stored or summed cost cannot tell them apart
+    import random
+
+    from schemas.prices import _formula, cost_at
+
+    rng = random.Random(16)
+    for _ in range(3_000):
+
+        def price() -> str:
+            return str(Decimal(rng.randint(0, 10 ** rng.randint(1, 7))).scaleb(-rng.randint(0, 8)))
+
+        unit = price_set("m", "*", Price(effective_from=date(2026, 1, 1), input=price(), output=price(),
+                                         cached_input=price(), cache_write=price(), cache_write_1h=price(),
+                                         request=price(), web_search=price())).base  # fmt: skip
+        counts = [rng.choice([0, 0, 1, rng.randint(0, 5_000), rng.randint(0, 2**40)]) for _ in range(6)]
+        q = quantities(*counts, requests=rng.choice([0, 1, 1, 2]))
+        fast, slow = cost_at(unit, q), _formula(unit, q)
+        assert tuple(map(repr, fast)) == tuple(map(repr, slow)), (unit, q)
+        assert repr(fast.total) == repr(slow.total)

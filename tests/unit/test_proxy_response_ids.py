@@ -42,3 +42,19 @@ def test_the_secret_comes_from_the_setting_or_is_made_once_per_data_dir(tmp_path
     assert len(made) == 64 and id_secret(ProxySettings(data_dir=tmp_path)) == made  # a restart keeps its ids valid
     key = tmp_path / "proxy" / "response_ids.key"
     assert oct(os.stat(key).st_mode & 0o777) == "0o600" and list(key.parent.iterdir()) == [key]
+
+
+def test_the_mac_is_the_issued_format_so_ids_handed_out_before_stay_valid():
+    import base64
+    import hashlib
+    import hmac
+
+    msg = b"\x00".join((b"resp_tw1", b"team_a", b"p", b"resp_abc"))
+    for secret in (b"s" * 32, b"k" * 64, b"long" * 40, b"x"):  # shorter than, one and over SHA-256's block
+        mac = hmac.digest(secret, msg, hashlib.sha256)[:16]
+        public = ResponseIds(secret).wrap("team_a", "p", "resp_abc")
+        assert public.split(".")[3] == base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+        assert ResponseIds(secret).unwrap("team_a", public) == ("p", "resp_abc")
+    for team in ("team_a", "team_b", "team_a"):  # the cached HMAC state per team is never mixed up
+        assert IDS.unwrap(team, IDS.wrap(team, "p", "resp_x")) == ("p", "resp_x")
+    assert IDS.unwrap("team_b", IDS.wrap("team_a", "p", "resp_x")) is None
