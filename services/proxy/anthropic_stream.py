@@ -1,5 +1,6 @@
 """SSE pass-through for Anthropic's Messages API: typed events (`event:` + `data:`) relayed unchanged as they
-come, usage read from `message_start` and `message_delta`, and the two conversions the response cache needs
+come (the final `message_delta` gains `usage.cost` when the call is priced), usage read from `message_start`
+and `message_delta`, and the two conversions the response cache needs
 (a streamed message folded back into one, a cached message replayed as a stream).
 
 Ends exactly once however the stream ends, like the chat relay (services/proxy/streaming.py, whose line
@@ -17,8 +18,10 @@ import aiohttp
 import orjson
 
 from services.proxy.anthropic_usage import StreamUsage
+from services.proxy.cost import usage_with_cost
 from services.proxy.errors import GatewayError, UpstreamError, UpstreamUnavailable, anthropic_error_body
 from services.proxy.streaming import MAX_LINE, MAX_STREAM, StreamOutcome, StreamTooLarge, _lines
+from services.proxy.tokens import TokenUsage
 from services.proxy.upstream import TRANSPORT_ERRORS
 
 # the provider's error types worth another attempt when they come before the client saw a byte
@@ -66,8 +69,10 @@ class MessagesRelay:
 
     def __init__(self, resp: aiohttp.ClientResponse, started: float, on_end: Callable[[MessagesRelay], None],
                  assembler: MessageAssembler | None = None, max_line: int = MAX_LINE,
-                 max_stream: int = MAX_STREAM) -> None:  # fmt: skip
+                 max_stream: int = MAX_STREAM, quote: Callable[[TokenUsage, str], str] | None = None) -> None:  # fmt: skip
         self.resp = resp
+        # the whole call's amount ('' unpriced) for the final message_delta's usage.cost (services/proxy/cost.py)
+        self.quote = quote
         self.started = started
         self.on_end = on_end
         self.assembler = assembler
@@ -164,6 +169,13 @@ class MessagesRelay:
                     self.finish(False)
                     yield event.raw
                     return
+                if (
+                    event.type == "message_delta"
+                    and self.quote is not None
+                    and isinstance(event.data.get("usage"), dict)
+                ):
+                    yield self._costed(event)
+                    continue
                 yield event.raw
             last = error_event("The upstream provider ended the stream early.")
         except TRANSPORT_ERRORS:
@@ -174,6 +186,14 @@ class MessagesRelay:
         out.upstream_broken = True
         self.finish(False)
         yield last
+
+    def _costed(self, event: Event) -> bytes:
+        """message_delta with `usage.cost`: the whole call priced (message_start's input and cache counts, this
+        event's cumulative output), as on_end bills it; as the provider sent it when unpriced."""
+        usd = self.quote(*self.usage.result()) if self.quote is not None else ""
+        if not usd:
+            return event.raw
+        return b"event: message_delta\ndata: " + usage_with_cost(event.data, event.data["usage"], usd) + b"\n\n"
 
     def finish(self, client_gone: bool) -> None:
         if self._finished:
