@@ -220,10 +220,14 @@ class _Resp:
         pass
 
 
-async def stream_path(api: str, calls: int, profile: bool = False) -> dict[str, float]:
+async def stream_path(api: str, calls: int, profile: bool = False, reads: str = "event") -> dict[str, float]:
     """CPU (process time) per streamed call in the proxy's ASGI app, the upstream replaced by the mock's own
     bytes already buffered: to the first text delta handed to the server, and to the end of the stream.
-    What the socket bench cannot separate from a shared box's noise: Tollway's work before the first token."""
+    What the socket bench cannot separate from a shared box's noise: Tollway's work before the first token.
+
+    reads: how the upstream bytes arrive. "event": one network read per SSE event (a provider slower than the
+    proxy); "two": the first event, then all the rest in one read (the instant mock, which writes a whole
+    stream in a few hundred microseconds while the proxy is still answering the first event)."""
     import cProfile
     import pstats
     import tempfile
@@ -242,6 +246,8 @@ async def stream_path(api: str, calls: int, profile: bool = False) -> dict[str, 
     from services.proxy.settings import ProxySettings
 
     chunks = await _mock_stream(api)
+    if reads == "two":
+        chunks = [chunks[0], b"".join(chunks[1:])]
     path, payload, auth, first = {
         "chat": ("/v1/chat/completions", chat_body("bench-instant", stream=True), "authorization", FIRST_CONTENT),
         "messages": ("/v1/messages", messages_body("bench-claude-instant", stream=True), "x-api-key", MESSAGES_FIRST),
@@ -320,7 +326,7 @@ async def stream_path(api: str, calls: int, profile: bool = False) -> dict[str, 
         handler.open_stream, messages.open_stream, responses.open_stream = real
     return {"api": api, "calls": calls, "first_delta_cpu_us": round(statistics.median(r[0] for r in runs) * 1e6, 1),
             "stream_cpu_us": round(statistics.median(r[1] for r in runs) * 1e6, 1),
-            "writes_to_first_delta": runs[0][2], "upstream_events": len(chunks)}  # fmt: skip
+            "writes_to_first_delta": runs[0][2], "reads": reads}  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -330,6 +336,7 @@ if __name__ == "__main__":
         import uvloop
 
         for name in sys.argv[2:] or APIS:
-            print(orjson_line := __import__("json").dumps(uvloop.run(stream_path(name, 2000))), flush=True)
+            for reads in ("event", "two"):
+                print(__import__("json").dumps(uvloop.run(stream_path(name, 2000, reads=reads))), flush=True)
     else:
         raise SystemExit(main())

@@ -62,9 +62,10 @@ class ResponsesRelay:
     `quote(response, output_chars)`, when given, is the call's exact amount ('' unpriced): the final
     response's usage carries it as `usage.cost` (OpenRouter's shape; services/proxy/cost.py).
 
-    The events that arrived in one network read go out in one write: the four or five that open a stream
-    (created, in_progress, output_item.added, content_part.added) usually come together with the first
-    delta, and a write each cost more than the relay's own work (bench/README.md, stream TTFT A/B)."""
+    The events that arrived in one network read go out in one write, except that the first text delta is sent
+    as soon as it is relayed: the four or five events that open a stream (created, in_progress,
+    output_item.added, content_part.added) usually arrive with it, and a write each costs more than the
+    relay's own work on them (bench/README.md, stream TTFT A/B)."""
 
     def __init__(self, resp: aiohttp.ClientResponse, started: float,
                  rename: Callable[[str], list[tuple[bytes, bytes]]], on_end: Callable[[ResponsesOutcome], None],
@@ -195,12 +196,17 @@ class ResponsesRelay:
             while blocks is not None:
                 parts = []
                 for block in blocks:
+                    waiting = out.ttft_ms is None
                     parts.append(self._relay(block))
                     if out.completed:  # the final event: nothing the client needs comes after it
                         self.finish(False)
                         yield b"".join(parts)
                         return
-                yield b"".join(parts)
+                    if waiting and out.ttft_ms is not None:  # the first token does not wait for the rest
+                        yield b"".join(parts)
+                        parts = []
+                if parts:
+                    yield b"".join(parts)
                 blocks = await anext(self._batches, None)
             out.upstream_broken = True
             last = error_event("upstream_stream_broken", "The upstream provider ended the stream early.",

@@ -98,6 +98,9 @@ async def test_events_that_arrive_together_go_out_in_one_write_and_apart_apart()
     assert len(out) == 3 and out[0].count(b"event: ") == 4 and out[0].endswith(first)
     assert out[0].count(b'"resp_tw"') == 2 and b'"resp_up"' not in out[0]  # created and in_progress renamed
     assert o.output_chars == 8 and o.terminal == "response.completed"
+    # a whole stream in one read: the first token goes out at once, the rest in one more write
+    out, _ = await relay([opening + first + ev("response.output_text.delta", 5, delta=" there") + done])
+    assert len(out) == 2 and out[0].endswith(first) and out[1].endswith(b"\n\n") and b"response.completed" in out[1]
     # one event per read: one write each, exactly as before
     out, _ = await relay([created, first, done])
     assert len(out) == 3 and out[1] == first
