@@ -119,9 +119,10 @@ def api_call(t, api: str) -> tuple[str, bytes, dict[str, str], re.Pattern[bytes]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Direct and one or more Tollway builds in one run, streamed TTFT per API, the builds alternated.
+    """Direct and one or two Tollway builds in one run: streamed TTFT per API, every (api, target) measured in
+    short rounds whose order alternates, so a shared box's drifting load falls on all of them alike.
 
-    python -m bench.streaming --old /path/to/other/worktree --pairs 3 --calls 200
+    python -m bench.streaming --old /path/to/other/checkout --rounds 6 --calls 20
     (`--old`: a checkout whose services/ the second proxy imports, by PYTHONPATH; same venv)."""
     import argparse
     import datetime as dt
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m bench.streaming")
     ap.add_argument("--old", help="a second checkout to run as the 'old' proxy")
-    ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--calls", type=int, default=20, help="calls per (round, api, target)")
     ap.add_argument("--apis", default=",".join(APIS))
     args = ap.parse_args(argv)
     apis = args.apis.split(",")
@@ -142,12 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     mock_urls, mocks = targets.start_mocks(run_dir)
     builds: dict[str, targets.Target] = {}
-    results: list[dict] = []
     try:
         builds["new"] = targets.start_tollway(run_dir, mock_urls, name="new")
         if args.old:
             saved = os.environ.get("PYTHONPATH")
-            os.environ["PYTHONPATH"] = str(Path(args.old).resolve())
+            os.environ["PYTHONPATH"] = str(Path(args.old).resolve())  # the children inherit it (base_env)
             try:
                 builds["old"] = targets.start_tollway(run_dir, mock_urls, name="old")
             finally:
@@ -155,24 +155,40 @@ def main(argv: list[str] | None = None) -> int:
                     os.environ.pop("PYTHONPATH", None)
                 else:
                     os.environ["PYTHONPATH"] = saved
-        direct = targets.direct(mock_urls)
-        order = ["old", "new"] if args.old else ["new"]
-        for pair in range(args.pairs):
-            for name in order if pair % 2 == 0 else order[::-1]:
-                row: dict = {"pair": pair, "build": name, "load": os.getloadavg()[0]}
-                for api in apis:
-                    d = measure(*api_call(direct, api)[:3], args.calls, 20, *api_call(direct, api)[3:])
-                    g = measure(*api_call(builds[name], api)[:3], args.calls, 20, *api_call(builds[name], api)[3:])
-                    row[api] = {"direct": round(d["ttft_p50_ms"], 3), "gw": round(g["ttft_p50_ms"], 3),
-                                "added": round(g["ttft_p50_ms"] - d["ttft_p50_ms"], 3)}  # fmt: skip
-                results.append(row)
-                print(json.dumps(row), flush=True)
+        every = {"direct": targets.direct(mock_urls), **builds}
+        load0 = os.getloadavg()[0]
+        ttfts: dict[tuple[str, str], list[float]] = {}
+        socks: dict[tuple[str, str], socket.socket] = {}
+        for r in range(args.rounds):
+            for api in apis:
+                for name in list(every) if r % 2 == 0 else list(every)[::-1]:
+                    url, body, headers, first, done = api_call(every[name], api)
+                    req, u = request_bytes(url, body, headers), urlsplit(url)
+                    if (name, api) not in socks:
+                        socks[name, api] = _connect(u.hostname or "127.0.0.1", u.port or 80)
+                        for _ in range(20):  # warm-up
+                            one_call(socks[name, api], req, first, done)
+                    for _ in range(args.calls):
+                        got = one_call(socks[name, api], req, first, done)
+                        if got is None:  # closed by the server: reconnect and go on
+                            socks[name, api] = _connect(u.hostname or "127.0.0.1", u.port or 80)
+                            continue
+                        ttfts.setdefault((name, api), []).append(got[0] * 1000)
+        for s in socks.values():
+            s.close()
+        out = {"load": [load0, os.getloadavg()[0]], "rounds": args.rounds, "calls": args.calls, "apis": {}}
+        for api in apis:
+            direct_p50 = statistics.median(ttfts["direct", api])
+            out["apis"][api] = {
+                "direct_ttft_p50_ms": round(direct_p50, 3),
+                **{f"{b}_added_ttft_p50_ms": round(statistics.median(ttfts[b, api]) - direct_p50, 3) for b in builds},
+            }
+        print(json.dumps(out))
     finally:
         for t in builds.values():
             t.stop()
         for p in reversed(mocks):
             p.stop()
-    print(json.dumps({"results": results}))
     return 0
 
 
