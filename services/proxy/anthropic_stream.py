@@ -1,5 +1,6 @@
 """SSE pass-through for Anthropic's Messages API: typed events (`event:` + `data:`) relayed unchanged as they
-come, usage read from `message_start` and `message_delta`, and the two conversions the response cache needs
+come (the final `message_delta` gains `usage.cost` when the call is priced), usage read from `message_start`
+and `message_delta`, and the two conversions the response cache needs
 (a streamed message folded back into one, a cached message replayed as a stream).
 
 Ends exactly once however the stream ends, like the chat relay (services/proxy/streaming.py, whose line
@@ -17,8 +18,10 @@ import aiohttp
 import orjson
 
 from services.proxy.anthropic_usage import StreamUsage
+from services.proxy.cost import usage_with_cost
 from services.proxy.errors import GatewayError, UpstreamError, UpstreamUnavailable, anthropic_error_body
-from services.proxy.streaming import MAX_LINE, MAX_STREAM, StreamOutcome, StreamTooLarge, _lines
+from services.proxy.streaming import MAX_LINE, MAX_STREAM, StreamOutcome, StreamTooLarge, line_batches
+from services.proxy.tokens import TokenUsage
 from services.proxy.upstream import TRANSPORT_ERRORS
 
 # the provider's error types worth another attempt when they come before the client saw a byte
@@ -66,40 +69,49 @@ class MessagesRelay:
 
     def __init__(self, resp: aiohttp.ClientResponse, started: float, on_end: Callable[[MessagesRelay], None],
                  assembler: MessageAssembler | None = None, max_line: int = MAX_LINE,
-                 max_stream: int = MAX_STREAM) -> None:  # fmt: skip
+                 max_stream: int = MAX_STREAM, quote: Callable[[TokenUsage, str], str] | None = None) -> None:  # fmt: skip
         self.resp = resp
+        # the whole call's amount ('' unpriced) for the final message_delta's usage.cost (services/proxy/cost.py)
+        self.quote = quote
         self.started = started
         self.on_end = on_end
         self.assembler = assembler
         self.out = StreamOutcome()
         self.usage = StreamUsage()
         self.error_type: str | None = None  # the provider's own `error` event, mid-stream
-        self._lines = _lines(resp.content, max_line, max_stream)
-        self._events = self._read()
-        self._first: Event | None = None
+        self._batches = self._read(line_batches(resp.content, max_line, max_stream))
+        self._first: list[Event] | None = None
         self._finished = False
 
-    async def _read(self) -> AsyncIterator[Event]:
+    @staticmethod
+    async def _read(batches: AsyncIterator[list[bytes]]) -> AsyncIterator[list[Event]]:
+        """The events complete after each network read: those that arrived together go out in one write
+        (message_start, content_block_start and the first delta usually do), the first delta at once."""
         lines: list[bytes] = []
-        async for line in self._lines:
-            if line:
-                lines.append(line)
-                continue
-            event = _event(lines) if lines else None
-            lines = []
-            if event is not None:
-                yield event
+        async for batch in batches:
+            events = []
+            for line in batch:
+                if line:
+                    lines.append(line)
+                    continue
+                event = _event(lines) if lines else None
+                lines = []
+                if event is not None:
+                    events.append(event)
+            if events:
+                yield events
         if lines:  # the last event, unterminated: the stream was cut inside it
             event = _event(lines)
             if event is not None:
-                yield event
+                yield [event]
 
     async def prime(self) -> None:
         """Read the first event before the client sees a byte: until then the call can still be retried
         elsewhere. An upstream that breaks, ends or answers `error` here is a failed attempt."""
         failure: GatewayError
         try:
-            async for event in self._events:
+            async for events in self._batches:
+                event = events[0]
                 if event.type == "error":
                     self.resp.close()
                     err = event.data.get("error") if isinstance(event.data.get("error"), dict) else {}
@@ -109,7 +121,7 @@ class MessagesRelay:
                     )
                     failure.retryable = kind in RETRYABLE_TYPES
                     raise failure
-                self._first = event
+                self._first = events
                 return
         except StreamTooLarge as err:
             self.resp.close()
@@ -123,12 +135,6 @@ class MessagesRelay:
         failure = UpstreamError("upstream stream ended before its first event")
         failure.retryable = True
         raise failure
-
-    async def _all(self) -> AsyncIterator[Event]:
-        if self._first is not None:
-            yield self._first
-        async for event in self._events:
-            yield event
 
     def _note(self, event: Event) -> None:
         out, data = self.out, event.data
@@ -150,21 +156,39 @@ class MessagesRelay:
         answered and never billed (tests/e2e/test_pipeline_kill9.py found that window)."""
         out = self.out
         try:
-            async for event in self._all():
-                self._note(event)
-                if event.type == "message_stop":
-                    out.completed = True
-                    self.finish(False)
-                    yield event.raw
-                    return
-                if event.type == "error":  # the provider ended the stream with its own error: relayed as is
-                    err = event.data.get("error")
-                    self.error_type = str(err.get("type", "api_error"))[:60] if isinstance(err, dict) else "api_error"
-                    out.upstream_broken = True
-                    self.finish(False)
-                    yield event.raw
-                    return
-                yield event.raw
+            batch = self._first
+            self._first = None
+            while batch is not None:
+                parts = []
+                for event in batch:
+                    waiting = out.ttft_ms is None
+                    self._note(event)
+                    if event.type == "message_stop":
+                        out.completed = True
+                        self.finish(False)
+                        parts.append(event.raw)
+                        yield b"".join(parts)
+                        return
+                    if event.type == "error":  # the provider ended the stream with its own error: relayed as is
+                        err = event.data.get("error")
+                        self.error_type = (
+                            str(err.get("type", "api_error"))[:60] if isinstance(err, dict) else "api_error"
+                        )
+                        out.upstream_broken = True
+                        self.finish(False)
+                        parts.append(event.raw)
+                        yield b"".join(parts)
+                        return
+                    if event.type == "message_delta" and isinstance(event.data.get("usage"), dict):
+                        parts.append(self._costed(event))
+                    else:
+                        parts.append(event.raw)
+                    if waiting and out.ttft_ms is not None:  # the first token does not wait for the rest
+                        yield b"".join(parts)
+                        parts = []
+                if parts:
+                    yield b"".join(parts)
+                batch = await anext(self._batches, None)
             last = error_event("The upstream provider ended the stream early.")
         except TRANSPORT_ERRORS:
             last = error_event("The upstream provider's stream broke.")
@@ -174,6 +198,14 @@ class MessagesRelay:
         out.upstream_broken = True
         self.finish(False)
         yield last
+
+    def _costed(self, event: Event) -> bytes:
+        """message_delta with `usage.cost`: the whole call priced (message_start's input and cache counts, this
+        event's cumulative output), as on_end bills it; as the provider sent it when unpriced."""
+        usd = self.quote(*self.usage.result()) if self.quote is not None else ""
+        if not usd:
+            return event.raw
+        return b"event: message_delta\ndata: " + usage_with_cost(event.data, event.data["usage"], usd) + b"\n\n"
 
     def finish(self, client_gone: bool) -> None:
         if self._finished:

@@ -93,3 +93,12 @@ def usage_with_cost(chunk: dict[str, Any], usage: dict[str, Any], usd: str) -> b
     u = orjson.dumps({k: v for k, v in usage.items() if k != "cost"})
     u = u[:-1] + (b"," if len(u) > 2 else b"") + b'"cost":' + usd.encode() + b"}"
     return head[:-1] + (b"," if len(head) > 2 else b"") + b'"usage":' + u + b"}"
+
+
+def nested_usage_with_cost(event: dict[str, Any], key: str, usd: str) -> bytes:
+    """A stream event whose `key` object carries the usage (the Responses API's `response.usage`), re-serialized
+    with `usage.cost` as usage_with_cost writes it; the object goes last."""
+    inner = event[key]
+    body = usage_with_cost(inner, inner["usage"], usd)
+    head = orjson.dumps({k: v for k, v in event.items() if k != key})
+    return head[:-1] + (b"," if len(head) > 2 else b"") + orjson.dumps(key) + b":" + body + b"}"

@@ -12,6 +12,7 @@ zero tokens (endpoint messages.count_tokens), so the call is still seen.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import orjson
@@ -23,6 +24,7 @@ from schemas.events import UsageSource
 from services.proxy.anthropic_stream import MessageAssembler, MessagesRelay, replay_events
 from services.proxy.anthropic_usage import message_usage, output_chars
 from services.proxy.cache import Entry
+from services.proxy.draft import UsageDraft
 from services.proxy.errors import InvalidRequest, Shape
 from services.proxy.forward import forward
 from services.proxy.handler import (
@@ -215,11 +217,17 @@ async def _stream(h: ProxyHandler, call: Call, route: ModelRoute, body: dict[str
         payload = orjson.dumps({**body, "model": target.upstream_model})
         resp = await open_stream(h.s.upstream, target, ctx.path, payload, budget_s, ctx.headers)
         relay = MessagesRelay(resp, call.started, on_end, assembler, h.s.settings.upstream_max_sse_line_bytes,
-                              h.s.settings.upstream_max_body_bytes)  # fmt: skip
+                              h.s.settings.upstream_max_body_bytes, functools.partial(_quote, h, d, target.provider))  # fmt: skip
         await relay.prime()
         return relay
 
     return await h.relay_stream(call, route, body, attempt)
+
+
+def _quote(h: ProxyHandler, d: UsageDraft, provider: str, usage: TokenUsage, tier: str) -> str:
+    """A stream's amount for its message_delta usage.cost: the usage and tier on_end bills."""
+    d.service_tier = tier  # before the quote: the tier picks the prices
+    return h.quote(d, provider, usage, "ok", "provider").usd
 
 
 def _from_cache(h: ProxyHandler, call: Call, route: ModelRoute, entry: Entry, stream: bool) -> Response:

@@ -269,11 +269,18 @@ class ResponsesHandler(Api):
             resp = await open_stream(self.s.upstream, target, PATH, payload, budget_s)
             rename = functools.partial(self._renames, ctx, target.provider, body)
             relay = ResponsesRelay(resp, call.started, rename, on_end, self.s.settings.upstream_max_sse_line_bytes,
-                                   self.s.settings.upstream_max_body_bytes)  # fmt: skip
+                                   self.s.settings.upstream_max_body_bytes,
+                                   functools.partial(self._quote, call, target.provider, body))  # fmt: skip
             await relay.prime()
             return relay
 
         return await h.relay_stream(call, route, body, attempt, health)
+
+    def _quote(self, call: Call, provider: str, body: dict[str, Any], response: dict[str, Any], chars: int) -> str:
+        """The streamed call's amount for its final event's usage.cost: the usage and tier on_end bills."""
+        usage, source, tier = responses_usage(response, body, chars)
+        call.draft.service_tier = tier  # before the quote: the tier picks the prices
+        return self.h.quote(call.draft, provider, usage, "ok", source).usd
 
     # ---- follow-ups on a stored response ----
 

@@ -1,7 +1,8 @@
 """SSE relay for the Responses API's typed events (`event: <type>` + `data: {...}` blocks): each block is
 passed through as the provider framed it, and the outcome (the final response, deltas seen, how it ended) is
-kept for the bill. The one change made to the bytes: the provider's response id becomes Tollway's (on the
-events that carry the response object; deltas name items, not the response).
+kept for the bill. The changes made to the bytes: the provider's response id becomes Tollway's (on the
+events that carry the response object; deltas name items, not the response), and the final response's usage
+carries `cost`, the call's exact amount, when it is priced.
 
 The sibling of streaming.StreamRelay (chat's data-only chunks): same contract (prime before the first byte
 so the call can still be retried; `finish` exactly once; SSEResponse sends it), separate so chat's hot path
@@ -19,14 +20,17 @@ from typing import Any
 import aiohttp
 import orjson
 
+from services.proxy.cost import nested_usage_with_cost
 from services.proxy.errors import GatewayError, UpstreamError, UpstreamUnavailable
-from services.proxy.streaming import MAX_LINE, MAX_STREAM, StreamTooLarge, _lines
+from services.proxy.streaming import MAX_LINE, MAX_STREAM, StreamTooLarge, line_batches
 from services.proxy.upstream import TRANSPORT_ERRORS
 
 TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 CARRY_RESPONSE = frozenset({"response.created", "response.in_progress", "response.queued", *TERMINAL})
 _OUTPUT_DELTAS = frozenset({"response.output_text.delta", "response.refusal.delta",
                             "response.function_call_arguments.delta"})  # fmt: skip
+_PRICED = frozenset({"response.completed", "response.incomplete"})  # a failed response is not billed as answered
+_PARSED = _OUTPUT_DELTAS | TERMINAL  # parsed whatever else: the output count and the bill come from them
 
 
 @dataclass(slots=True)
@@ -54,42 +58,57 @@ def error_event(code: str, message: str, seq: int) -> bytes:
 
 class ResponsesRelay:
     """One upstream Responses stream relayed to one client. `rename(upstream_id)` gives the replacements to
-    make in response-carrying events (the provider's ids -> Tollway's), learned from response.created."""
+    make in response-carrying events (the provider's ids -> Tollway's), learned from response.created.
+    `quote(response, output_chars)`, when given, is the call's exact amount ('' unpriced): the final
+    response's usage carries it as `usage.cost` (OpenRouter's shape; services/proxy/cost.py).
+
+    The events that arrived in one network read go out in one write, except that the first text delta is sent
+    as soon as it is relayed: the four or five events that open a stream (created, in_progress,
+    output_item.added, content_part.added) usually arrive with it, and a write each costs more than the
+    relay's own work on them (bench/README.md, stream TTFT A/B)."""
 
     def __init__(self, resp: aiohttp.ClientResponse, started: float,
                  rename: Callable[[str], list[tuple[bytes, bytes]]], on_end: Callable[[ResponsesOutcome], None],
-                 max_line: int = MAX_LINE, max_stream: int = MAX_STREAM) -> None:  # fmt: skip
+                 max_line: int = MAX_LINE, max_stream: int = MAX_STREAM,
+                 quote: Callable[[dict[str, Any], int], str] | None = None) -> None:  # fmt: skip
         self.resp = resp
         self.started = started
         self.rename = rename
         self.on_end = on_end
+        self.quote = quote
         self.out = ResponsesOutcome()
-        self._lines = _lines(resp.content, max_line, max_stream)
-        self._first: list[bytes] | None = None
+        self._batches = self._read(line_batches(resp.content, max_line, max_stream))
+        self._first: list[list[bytes]] | None = None
         self._swaps: list[tuple[bytes, bytes]] = []
-        self._seq = 0
+        self._seq = 0  # the next sequence number, from the last event that was parsed
+        self._tail = b""  # the last event's data: its sequence number is read only if the gateway must add one
         self._finished = False
 
-    async def _block(self) -> list[bytes] | None:
-        """The lines of the next SSE event (up to its blank line), or None at the end of the stream."""
+    @staticmethod
+    async def _read(batches: AsyncIterator[list[bytes]]) -> AsyncIterator[list[list[bytes]]]:
+        """The SSE events (each its lines, up to its blank line) complete after each network read."""
         lines: list[bytes] = []
-        async for line in self._lines:
-            if line:
-                lines.append(line)
-            elif lines:
-                return lines
-        return lines or None
+        async for batch in batches:
+            blocks = []
+            for line in batch:
+                if line:
+                    lines.append(line)
+                elif lines:
+                    blocks.append(lines)
+                    lines = []
+            if blocks:
+                yield blocks
+        if lines:
+            yield [lines]
 
     async def prime(self) -> None:
         """Read the first event before the client sees a byte: until then the call can still be retried."""
         try:
-            while True:
-                block = await self._block()
-                if block is None:
-                    break
-                if any(line.startswith(b"data:") for line in block):
-                    self._first = block
-                    return
+            async for blocks in self._batches:
+                for i, block in enumerate(blocks):
+                    if any(line.startswith(b"data:") for line in block):
+                        self._first = blocks[i:]
+                        return
         except StreamTooLarge as err:
             self.resp.close()
             raise UpstreamError(f"upstream stream too large: {err}", code="upstream_response_too_large") from err
@@ -107,35 +126,64 @@ class ResponsesRelay:
 
     def _relay(self, block: list[bytes]) -> bytes:
         out = self.out
-        data = next((line[5:].strip() for line in block if line.startswith(b"data:")), None)
+        data = name = None
+        for line in block:
+            if line.startswith(b"data:"):
+                if data is None:
+                    data = line[5:].strip()
+            elif line.startswith(b"event:"):
+                name = line[6:].strip().decode("latin-1")
+        raw = b"\n".join(block) + b"\n\n"
+        if not data:
+            return raw
+        self._tail = data
+        # the `event:` line names the type (OpenAI always sends it): only the events the bill or the id rename
+        # needs are parsed; the others (output_item.*, content_part.*, *.done) pass untouched
         event: Any = None
-        if data:
+        if name is None or name in _PARSED or (name in CARRY_RESPONSE and not self._swaps):
             try:
                 event = orjson.loads(data)
             except orjson.JSONDecodeError:
                 event = None
-        kind = event.get("type") if isinstance(event, dict) else None
-        if isinstance(event, dict) and isinstance(event.get("sequence_number"), int):
-            self._seq = event["sequence_number"] + 1
-        raw = b"\n".join(block) + b"\n\n"
-        if kind in _OUTPUT_DELTAS:
-            delta = event.get("delta")
+            if isinstance(event, dict):
+                if isinstance(event.get("type"), str):
+                    name = event["type"]
+                if isinstance(event.get("sequence_number"), int):
+                    self._seq = event["sequence_number"] + 1
+            else:
+                event = None
+        if name in _OUTPUT_DELTAS:
+            delta = event.get("delta") if event is not None else None
             if isinstance(delta, str):
-                if out.ttft_ms is None and kind == "response.output_text.delta":
+                if out.ttft_ms is None and name == "response.output_text.delta":
                     out.ttft_ms = (time.perf_counter() - self.started) * 1000
                 out.output_chars += len(delta)
-        elif kind in CARRY_RESPONSE:
-            response = event.get("response")
+        elif name in CARRY_RESPONSE:
+            response = event.get("response") if event is not None else None
             if isinstance(response, dict):
                 if not self._swaps and isinstance(response.get("id"), str):
                     self._swaps = self.rename(response["id"])
-                if kind in TERMINAL:
-                    out.response, out.terminal = response, kind
+                if name in TERMINAL:
+                    out.response, out.terminal = response, name
+                    if self.quote is not None and name in _PRICED and isinstance(response.get("usage"), dict):
+                        usd = self.quote(response, out.output_chars)
+                        if usd:
+                            raw = b"event: " + name.encode() + b"\ndata: " + nested_usage_with_cost(
+                                event, "response", usd) + b"\n\n"  # fmt: skip
             for old, new in self._swaps:
                 raw = raw.replace(old, new)
-        elif kind == "error":
+        elif name == "error":
             out.provider_error = True
         return raw
+
+    def _next_seq(self) -> int:
+        """The sequence number an event the gateway adds takes: after the last one relayed."""
+        try:
+            last = orjson.loads(self._tail) if self._tail else None
+        except orjson.JSONDecodeError:
+            last = None
+        seq = last.get("sequence_number") if isinstance(last, dict) else None
+        return max(self._seq, seq + 1) if isinstance(seq, int) else self._seq
 
     async def events(self) -> AsyncIterator[bytes]:
         """The events, as they come. The final one goes out only after the call is recorded (`finish`): a
@@ -143,25 +191,34 @@ class ResponsesRelay:
         answered and never billed (tests/e2e/test_pipeline_kill9.py)."""
         out = self.out
         try:
-            block = self._first
+            blocks = self._first
             self._first = None
-            while block is not None:
-                raw = self._relay(block)
-                if out.completed:  # the final event: nothing the client needs comes after it
-                    self.finish(False)
-                    yield raw
-                    return
-                yield raw
-                block = await self._block()
+            while blocks is not None:
+                parts = []
+                for block in blocks:
+                    waiting = out.ttft_ms is None
+                    parts.append(self._relay(block))
+                    if out.completed:  # the final event: nothing the client needs comes after it
+                        self.finish(False)
+                        yield b"".join(parts)
+                        return
+                    if waiting and out.ttft_ms is not None:  # the first token does not wait for the rest
+                        yield b"".join(parts)
+                        parts = []
+                if parts:
+                    yield b"".join(parts)
+                blocks = await anext(self._batches, None)
             out.upstream_broken = True
-            last = error_event("upstream_stream_broken", "The upstream provider ended the stream early.", self._seq)
+            last = error_event("upstream_stream_broken", "The upstream provider ended the stream early.",
+                               self._next_seq())  # fmt: skip
         except TRANSPORT_ERRORS:
             out.upstream_broken = True
-            last = error_event("upstream_stream_broken", "The upstream provider's stream broke.", self._seq)
+            last = error_event("upstream_stream_broken", "The upstream provider's stream broke.", self._next_seq())
         except StreamTooLarge:
             out.upstream_broken = out.too_large = True
             last = error_event("upstream_response_too_large",
-                               "The upstream provider's stream exceeded the gateway's bounds.", self._seq)  # fmt: skip
+                               "The upstream provider's stream exceeded the gateway's bounds.",
+                               self._next_seq())  # fmt: skip
         self.finish(False)
         yield last
 

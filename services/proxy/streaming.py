@@ -192,6 +192,31 @@ async def _lines(content: aiohttp.StreamReader, max_line: int, max_stream: int) 
         yield rest
 
 
+async def line_batches(content: aiohttp.StreamReader, max_line: int, max_stream: int) -> AsyncIterator[list[bytes]]:
+    """`_lines`, one list per network chunk: the lines that arrived together, so a relay can send the events
+    already here in one write instead of one each (same bounds, same StreamTooLarge)."""
+    rest = b""
+    total = 0
+    async for chunk in content.iter_any():
+        total += len(chunk)
+        if total > max_stream:
+            raise StreamTooLarge(f"stream longer than {max_stream} bytes")
+        if rest:
+            chunk = rest + chunk
+        *lines, rest = chunk.split(b"\n")
+        for i, line in enumerate(lines):
+            if len(line) > max_line:
+                raise StreamTooLarge(f"SSE line longer than {max_line} bytes")
+            if line.endswith(b"\r"):
+                lines[i] = line[:-1]
+        if len(rest) > max_line:
+            raise StreamTooLarge(f"SSE line longer than {max_line} bytes")
+        if lines:
+            yield lines
+    if rest:
+        yield [rest]
+
+
 class SSEResponse(Response):
     """Sends an SSE stream while watching for the client to leave.
 
