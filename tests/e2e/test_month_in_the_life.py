@@ -1,15 +1,21 @@
 """A month in the life of a finance team, on real processes: `tollway up --demo` (bundled tansu broker, embedded
-ClickHouse) started six times on one data dir under a shifted clock (libfaketime), the official OpenAI SDK, the CLI.
+ClickHouse) started six times on one data dir under a shifted clock (libfaketime), the official OpenAI and
+Anthropic SDKs, the CLI.
 
 Timeline (the shifted clock; the real date does not matter):
   Jan 20  team acme is created on plan `team` and makes calls.
   Feb 08  fresh broker, the spool's retention long past. acme: plain calls, prompt-cache tokens, a response-cache
-          hit, a call whose provider reports no usage (estimated), another model. A proxy with a skewed clock
-          sends an event dated May: it must be dead-lettered, never roll the quota month; the operator re-feeds
-          it with the clock corrected.
-  (stopped) an in-place edit of a price in force must stop start-up; a dated price change instead (Feb 1,
-          retroactive), then `tollway rerate --period 2027-02`, twice (the second run adds nothing).
-  Feb 16  team beta is created mid-month; acme moves to plan `starter` mid-month.
+          hit, a call whose provider reports no usage (estimated), another model. Agent traffic: /v1/responses
+          (openai SDK: a flex-tier call with cached, reasoning and web-search usage, a stream, a follow-up GET)
+          and /v1/messages (anthropic SDK: a prompt-cache write at 1 h and 5 m breakpoints read back by a stream,
+          web searches, a prompt over the long-context threshold). A proxy with a skewed clock sends an event
+          dated May: it must be dead-lettered, never roll the quota month; the operator re-feeds it with the clock
+          corrected.
+  (stopped) an in-place edit of prices in force (gpt-4.1's input, claude's 1-hour cache write) must stop
+          start-up; a dated price change instead (gpt-4.1 from Feb 1, retroactive, its flex tier and web search
+          too), then `tollway rerate --period 2027-02`, twice (the second run adds nothing).
+  Feb 16  team beta is created mid-month; acme makes agent calls, then moves to plan `starter` mid-month.
+  (stopped) claude-sonnet-4.5 changes price from Feb 20 in every dimension (a new entry): its lines split.
   Feb 25  traffic shaped like Feb 16's (a fresh broker hands out the same offsets); quota must equal the ledger.
   Mar 10  finalizing February before January is refused (order), so is the open March; Jan and Feb are
           finalized and every surface is compared; then late February events arrive and must show as
@@ -18,11 +24,13 @@ Timeline (the shifted clock; the real date does not matter):
   Apr 05  March is finalized, carrying acme's late usage and beta's re-rating (and rounding) lines; February's
           reconciliation counts what was carried.
 
-Every expected figure is recomputed here from the YAML prices (parsed with PyYAML, Decimal) and what each
-response reported, and compared with: `GET /v1/usage` (exact), `GET /v1/quota` (exact), `GET /v1/invoices`
-JSON and CSV (lines rounded once, half-even, totals = sums), `GET /v1/reports/roi` (JSON and CSV),
-`GET /v1/reconcile` and `tollway reconcile` (`ok`, exact metered amounts, rounded billable and invoiced).
-Disagreements are collected and reported together, so one run shows every surface that is wrong.
+Every expected figure is recomputed here from the YAML prices (parsed with PyYAML, Decimal: base rates, service
+tiers, long-context tiers, fees, baselines) and what each SDK call reported, in every dimension (uncached input,
+cache read, cache write 5m / 1h, output, request fee, web search), and compared with: `GET /v1/usage` (exact,
+per dimension and per model), `GET /v1/quota` (exact), `GET /v1/invoices` JSON and CSV (a line per model, price
+entry, dimension and unit price, rounded once, half-even, totals = sums), `GET /v1/reports/roi` (JSON and CSV,
+actual and baseline), `GET /v1/reconcile` and `tollway reconcile` (`ok`, exact metered amounts, rounded billable
+and invoiced). Disagreements are collected and reported together, so one run shows every surface that is wrong.
 """
 
 from __future__ import annotations
@@ -123,6 +131,7 @@ class Month:
         s = start_stack(self.tmp, self.faked(at))
         self.stack = s
         self.bootstrap = self.printed_bootstrap(s)
+        started = time.monotonic() - began
         try:
             yield s
         finally:
@@ -130,7 +139,10 @@ class Month:
             self.reap_broker()
             self.stack = None
             self.checks.eq(f"`tollway up` at {at:%b %d} stops cleanly (exit code)", rc, 0)
-            print(f"run {at:%b %d}: {time.monotonic() - began:.1f} s, {len(self.checks.failures)} disagreements so far")
+            print(
+                f"run {at:%b %d}: {time.monotonic() - began:.1f} s ({started:.1f} s to start), "
+                f"{len(self.checks.failures)} disagreements so far"
+            )
             # What the next start's fresh broker will get: only the segments not yet past retention.
             kept = sorted((self.tmp / "data" / "proxy" / "spool" / "month-proxy").glob("*.seg"))
             self.checks.true(f"spool after {at:%b %d}: acknowledged segments past retention deleted", len(kept) <= 2,
