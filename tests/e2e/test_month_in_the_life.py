@@ -47,7 +47,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -851,6 +851,16 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
                 m.invoice(team, p)["number"] for team, p in ((acme, JAN), (acme, FEB), (beta, FEB), (gamma, FEB))
             ]
             ck.eq("invoice numbers are unique", len(set(numbers)), 4)
+            # The month exercised what it is about: every dimension billed, each set of rates used, claude's lines
+            # split by the Feb 20 price (else the agreement above would prove less than it says).
+            acme_feb = m.ledger.of(acme.team_id, FEB)
+            ck.eq("acme's February bills every dimension", {k[2] for k in Ledger.items(acme_feb, m.catalog())},
+                  set(DIMENSIONS))  # fmt: skip
+            ck.eq("acme's February is priced at base, flex and long-context rates",
+                  {c.unit(m.catalog()).tier for c in acme_feb if c.has_tokens}, {"", "flex", "long_context"})  # fmt: skip
+            ck.eq("claude's February lines are at two price entries",
+                  {k[1] for k in Ledger.items(acme_feb, m.catalog()) if k[0] == CLAUDE},
+                  {date(2025, 9, 29), date(2027, 2, 20)})  # fmt: skip
             feb_invoice = m.invoice(acme, FEB)
             billed_feb = Ledger.lines(m.ledger.of(acme.team_id, FEB), m.catalog())
 
