@@ -6,7 +6,8 @@ team-month is the ledger's exact amount. For each group (day, requested model, s
 effective unit prices):
   actual       = effective cost (cache hits and rejections cost 0);
   own          = the quantities (every price dimension: schemas/prices.py) at the served model's effective unit
-                 prices (for a cache hit: the avoided cost);
+                 prices (for a cache hit: the avoided cost, at the price in force that day in the current book,
+                 since a re-rate moves no money on a hit and so leaves its stored unit prices behind);
   requested    = the tokens at the requested model's price that day (= own unless routing changed the model);
   baseline     = the tokens at the requested model's `baseline` price in force that day (effective-dated like
                  prices; a model without one in force: its own price). A baseline is a Price: its cache
@@ -125,6 +126,13 @@ def compute(rows: list[RoiRow], config: GatewayConfig, team_id: str, period: str
         requested = config.resolve(r.requested_model) or served
         when = datetime(r.day.year, r.day.month, r.day.day, tzinfo=UTC)
         own = _at(r.unit, r)
+        if r.status == "cached":
+            # A cache hit costs nothing, so `tollway rerate` moves no money on it and leaves its stored unit prices
+            # as they were; what it avoided is the call at the price the book has for its day now (the price a
+            # billed twin was re-rated to), or the cache's savings and the baseline would keep a superseded price.
+            now_entry = book.at(served, r.provider, when)
+            if now_entry is not None:
+                own = _at(now_entry.select(r.service_tier, r.prompt_tokens), r)
         actual = ZERO if r.status == "cached" else r.cost
         req_entry = book.at(requested, "*", when) if requested != served else None
         req_cost = _at(req_entry.select(r.service_tier, r.prompt_tokens), r) if req_entry is not None else own

@@ -1,15 +1,21 @@
 """A month in the life of a finance team, on real processes: `tollway up --demo` (bundled tansu broker, embedded
-ClickHouse) started six times on one data dir under a shifted clock (libfaketime), the official OpenAI SDK, the CLI.
+ClickHouse) started six times on one data dir under a shifted clock (libfaketime), the official OpenAI and
+Anthropic SDKs, the CLI.
 
 Timeline (the shifted clock; the real date does not matter):
   Jan 20  team acme is created on plan `team` and makes calls.
   Feb 08  fresh broker, the spool's retention long past. acme: plain calls, prompt-cache tokens, a response-cache
-          hit, a call whose provider reports no usage (estimated), another model. A proxy with a skewed clock
-          sends an event dated May: it must be dead-lettered, never roll the quota month; the operator re-feeds
-          it with the clock corrected.
-  (stopped) an in-place edit of a price in force must stop start-up; a dated price change instead (Feb 1,
-          retroactive), then `tollway rerate --period 2027-02`, twice (the second run adds nothing).
-  Feb 16  team beta is created mid-month; acme moves to plan `starter` mid-month.
+          hit, a call whose provider reports no usage (estimated), another model. Agent traffic: /v1/responses
+          (openai SDK: a flex-tier call with cached, reasoning and web-search usage, a stream, a follow-up GET)
+          and /v1/messages (anthropic SDK: a prompt-cache write at 1 h and 5 m breakpoints read back by a stream,
+          web searches, a prompt over the long-context threshold). A proxy with a skewed clock sends an event
+          dated May: it must be dead-lettered, never roll the quota month; the operator re-feeds it with the clock
+          corrected.
+  (stopped) an in-place edit of prices in force (gpt-4.1's input, claude's 1-hour cache write) must stop
+          start-up; a dated price change instead (gpt-4.1 from Feb 1, retroactive, its flex tier and web search
+          too), then `tollway rerate --period 2027-02`, twice (the second run adds nothing).
+  Feb 16  team beta is created mid-month; acme makes agent calls, then moves to plan `starter` mid-month.
+  (stopped) claude-sonnet-4.5 changes price from Feb 20 in every dimension (a new entry): its lines split.
   Feb 25  traffic shaped like Feb 16's (a fresh broker hands out the same offsets); quota must equal the ledger.
   Mar 10  finalizing February before January is refused (order), so is the open March; Jan and Feb are
           finalized and every surface is compared; then late February events arrive and must show as
@@ -18,11 +24,13 @@ Timeline (the shifted clock; the real date does not matter):
   Apr 05  March is finalized, carrying acme's late usage and beta's re-rating (and rounding) lines; February's
           reconciliation counts what was carried.
 
-Every expected figure is recomputed here from the YAML prices (parsed with PyYAML, Decimal) and what each
-response reported, and compared with: `GET /v1/usage` (exact), `GET /v1/quota` (exact), `GET /v1/invoices`
-JSON and CSV (lines rounded once, half-even, totals = sums), `GET /v1/reports/roi` (JSON and CSV),
-`GET /v1/reconcile` and `tollway reconcile` (`ok`, exact metered amounts, rounded billable and invoiced).
-Disagreements are collected and reported together, so one run shows every surface that is wrong.
+Every expected figure is recomputed here from the YAML prices (parsed with PyYAML, Decimal: base rates, service
+tiers, long-context tiers, fees, baselines) and what each SDK call reported, in every dimension (uncached input,
+cache read, cache write 5m / 1h, output, request fee, web search), and compared with: `GET /v1/usage` (exact,
+per dimension and per model), `GET /v1/quota` (exact), `GET /v1/invoices` JSON and CSV (a line per model, price
+entry, dimension and unit price, rounded once, half-even, totals = sums), `GET /v1/reports/roi` (JSON and CSV,
+actual and baseline), `GET /v1/reconcile` and `tollway reconcile` (`ok`, exact metered amounts, rounded billable
+and invoiced). Disagreements are collected and reported together, so one run shows every surface that is wrong.
 """
 
 from __future__ import annotations
@@ -39,11 +47,12 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import orjson
@@ -52,15 +61,15 @@ import yaml
 
 from tests.e2e.conftest import TOLLWAY, Stack, stack_env, start_stack, stop_stack
 from tests.support.month import (
+    DIMENSIONS,
     FAKETIME_LIB,
-    MILLION,
     Call,
     Catalog,
     Checks,
     FakeClock,
     ItemKey,
     Ledger,
-    Unit,
+    amount,
     cents,
     crafted_event,
     dead_letters,
@@ -72,6 +81,7 @@ from tests.support.month import (
 BASE_CONFIG = Path(__file__).with_name("month_in_the_life.yaml")
 USAGE_TOPIC, DLQ_TOPIC = "tollway.usage.v1", "tollway.usage.dlq"
 JAN, FEB, MAR = "2027-01", "2027-02", "2027-03"
+CLAUDE = "claude-sonnet-4.5"
 
 
 @dataclass
@@ -117,9 +127,11 @@ class Month:
 
     @contextmanager
     def running(self, at: datetime) -> Iterator[Stack]:
+        began = time.monotonic()
         s = start_stack(self.tmp, self.faked(at))
         self.stack = s
         self.bootstrap = self.printed_bootstrap(s)
+        started = time.monotonic() - began
         try:
             yield s
         finally:
@@ -127,6 +139,10 @@ class Month:
             self.reap_broker()
             self.stack = None
             self.checks.eq(f"`tollway up` at {at:%b %d} stops cleanly (exit code)", rc, 0)
+            print(
+                f"run {at:%b %d}: {time.monotonic() - began:.1f} s ({started:.1f} s to start), "
+                f"{len(self.checks.failures)} disagreements so far"
+            )
             # What the next start's fresh broker will get: only the segments not yet past retention.
             kept = sorted((self.tmp / "data" / "proxy" / "spool" / "month-proxy").glob("*.seg"))
             self.checks.true(f"spool after {at:%b %d}: acknowledged segments past retention deleted", len(kept) <= 2,
@@ -257,6 +273,76 @@ class Month:
         self.ledger.calls.append(call)
         return call
 
+    def messages(self, team: Team, text: str, *, stream: bool = False, system: list[dict[str, Any]] | None = None,
+                 mock: dict[str, Any] | None = None, label: str = "") -> Call:  # fmt: skip
+        """One /v1/messages call with the official `anthropic` SDK (plain, or streamed to its final message); the
+        Call holds the usage the SDK read: input + cache reads + cache writes = the prompt, the 5m / 1h split."""
+        assert self.stack is not None
+        client = anthropic.Anthropic(base_url=self.stack.proxy_url.removesuffix("/v1"), api_key=team.key,
+                                     max_retries=0)  # fmt: skip
+        kw: dict[str, Any] = {"model": CLAUDE, "max_tokens": 256, "messages": [{"role": "user", "content": text}]}
+        if system is not None:
+            kw["system"] = system
+        if mock:
+            kw["extra_body"] = {"mock": mock}
+        at = self.clock.now()
+        if stream:
+            with client.messages.stream(**kw) as s:
+                streamed = "".join(s.text_stream)
+                final = s.get_final_message()
+            self.checks.true(f"{label or text}: the stream's text is its final message's", bool(streamed) and
+                             streamed == "".join(b.text for b in final.content if b.type == "text"))  # fmt: skip
+        else:
+            final = client.messages.create(**kw)
+        u = final.usage
+        read, write = u.cache_read_input_tokens or 0, u.cache_creation_input_tokens or 0
+        split = u.cache_creation
+        w1h = split.ephemeral_1h_input_tokens if split else 0
+        w5m = split.ephemeral_5m_input_tokens if split else write
+        call = Call(team.team_id, at, CLAUDE, u.input_tokens + read + write, u.output_tokens, read, label=label,
+                    cache_write=w5m, cache_write_1h=w1h, tier=u.service_tier or "",
+                    web_search=u.server_tool_use.web_search_requests if u.server_tool_use else 0)  # fmt: skip
+        self.ledger.calls.append(call)
+        return call
+
+    def responses(self, team: Team, text: str, *, stream: bool = False, mock: dict[str, Any] | None = None,
+                  reasoning: bool = False, label: str = "") -> tuple[Call, str]:  # fmt: skip
+        """One /v1/responses call with the official `openai` SDK (plain, or `responses.stream` to its final
+        response): (the Call as the SDK saw its usage, the response id)."""
+        assert self.stack is not None
+        client = openai.OpenAI(base_url=self.stack.proxy_url, api_key=team.key, max_retries=0)
+        kw: dict[str, Any] = {"model": "gpt-4.1", "input": text}
+        if reasoning:
+            kw["reasoning"] = {"effort": "low"}
+        if mock:
+            kw["extra_body"] = {"mock": mock}
+        at = self.clock.now()
+        if stream:
+            with client.responses.stream(**kw) as s:
+                streamed = "".join(ev.delta for ev in s if ev.type == "response.output_text.delta")
+                r = s.get_final_response()
+            self.checks.true(f"{label or text}: the stream's text is its final response's",
+                             bool(streamed) and streamed == r.output_text)  # fmt: skip
+        else:
+            r = client.responses.create(**kw)
+        u = r.usage
+        assert u is not None, "a Responses call without usage"
+        call = Call(team.team_id, at, "gpt-4.1", u.input_tokens, u.output_tokens, u.input_tokens_details.cached_tokens,
+                    label=label, reasoning=u.output_tokens_details.reasoning_tokens, tier=r.service_tier or "",
+                    web_search=sum(1 for o in r.output if o.type == "web_search_call"))  # fmt: skip
+        self.ledger.calls.append(call)
+        return call, r.id
+
+    def retrieve(self, team: Team, response_id: str, want: Call) -> None:
+        """A follow-up GET of a stored response: the same usage back, billed nothing (an event of no model)."""
+        assert self.stack is not None
+        client = openai.OpenAI(base_url=self.stack.proxy_url, api_key=team.key, max_retries=0)
+        at = self.clock.now()
+        got = client.responses.retrieve(response_id)
+        self.checks.eq("GET /v1/responses/{id}: the stored response's usage",
+                       (got.id, got.usage.input_tokens if got.usage else None), (response_id, want.prompt))  # fmt: skip
+        self.ledger.calls.append(Call(team.team_id, at, "", 0, 0, label="responses.get"))
+
     def send_events(self, events: list[dict[str, Any]]) -> None:
         produce(self.bootstrap, USAGE_TOPIC, [(e["team_id"].encode(), orjson.dumps(e)) for e in events])
 
@@ -303,21 +389,36 @@ class Month:
                        Ledger.exact(calls, catalog))  # fmt: skip
         billed = [c for c in calls if c.billable]
         hits = [c for c in calls if c.cache_hit]
+
+        def billed_sum(dim: str) -> int:
+            return sum(c.quantities()[dim] for c in billed)
+
         want_counts = {
             "requests": len(calls), "prompt_tokens": sum(c.prompt for c in calls),
-            "completion_tokens": sum(c.completion for c in calls), "billed_requests": len(billed),
-            "billed_input_tokens": sum(c.quantities()["input"] for c in billed),
-            "billed_cached_input_tokens": sum(c.quantities()["cached_input"] for c in billed),
-            "billed_output_tokens": sum(c.completion for c in billed), "cache_hits": len(hits),
-            "cache_hit_prompt_tokens": sum(c.prompt for c in hits),
+            "completion_tokens": sum(c.completion for c in calls), "cached_tokens": sum(c.cached for c in calls),
+            "billed_requests": len(billed), "billed_input_tokens": billed_sum("input"),
+            "billed_cached_input_tokens": billed_sum("cached_input"), "billed_output_tokens": billed_sum("output"),
+            "cache_hits": len(hits), "cache_hit_prompt_tokens": sum(c.prompt for c in hits),
             "cache_hit_completion_tokens": sum(c.completion for c in hits),
+            "cache_write_tokens": sum(c.cache_write for c in calls),
+            "cache_write_1h_tokens": sum(c.cache_write_1h for c in calls),
+            "web_search_requests": sum(c.web_search for c in calls),
+            "billed_cache_write_tokens": billed_sum("cache_write"),
+            "billed_cache_write_1h_tokens": billed_sum("cache_write_1h"),
+            "billed_fee_requests": billed_sum("request"), "billed_web_search_requests": billed_sum("web_search"),
         }  # fmt: skip
-        self.checks.eq(f"{tag}: usage API totals (requests and tokens, billed and cache-hit apart)",
+        self.checks.eq(f"{tag}: usage API totals (requests and tokens, billed and cache-hit apart, every dimension)",
                        {k: usage["totals"].get(k) for k in want_counts}, want_counts)  # fmt: skip
+        self.checks.eq(f"{tag}: usage API totals cost_<dimension>_usd (exact)", dimension_costs(usage["totals"]),
+                       {d: Ledger.exact(calls, catalog, component=d) for d in DIMENSIONS})  # fmt: skip
         by_model = {g["model"]: g for g in usage["groups"]}
         for model in sorted({c.model for c in calls}):
-            got = D(by_model[model]["cost_usd"]) if model in by_model else None
-            self.checks.eq(f"{tag}: usage API {model} cost_usd (exact)", got, Ledger.exact(calls, catalog, model))
+            g = by_model.get(shown(model))
+            self.checks.eq(f"{tag}: usage API {shown(model)} cost_usd (exact)", D(g["cost_usd"]) if g else None,
+                           Ledger.exact(calls, catalog, model))  # fmt: skip
+            self.checks.eq(f"{tag}: usage API {shown(model)} cost_<dimension>_usd (exact)",
+                           dimension_costs(g) if g else None,
+                           {d: Ledger.exact(calls, catalog, model, d) for d in DIMENSIONS})  # fmt: skip
 
     def check_quota(self, team: Team, period: str) -> None:
         calls, catalog = self.ledger.of(team.team_id, period), self.catalog()
@@ -337,18 +438,25 @@ class Month:
         self.checks.eq(f"{tag}: quota used.tokens vs ledger", used["tokens"], want_tokens)
 
     def check_roi(self, team: Team, period: str) -> None:
+        """Per model: actual = the ledger rounded once; baseline = every call (cache hits too) at the baseline rates
+        (tier and long context chosen per call), or at its own price without a baseline; the traffic's counts."""
         calls, catalog = self.ledger.of(team.team_id, period), self.catalog()
         tag = f"{team.name} {period} ROI"
         roi = self.get("/v1/reports/roi", team=team.team_id, period=period)
         rows = {m["model"]: m for m in roi["models"]}
         for model in sorted({c.model for c in calls}):
-            got = D(rows[model]["actual_cost_usd"]) if model in rows else None
-            self.checks.eq(f"{tag}: {model} actual_cost_usd", got, cents(Ledger.exact(calls, catalog, model)))
-            if model in rows:
-                self.checks.eq(f"{tag}: {model} requests", rows[model]["requests"],
-                               sum(1 for c in calls if c.model == model))  # fmt: skip
-                self.checks.eq(f"{tag}: {model} cache_hits", rows[model]["cache_hits"],
-                               sum(1 for c in calls if c.model == model and c.cache_hit))  # fmt: skip
+            row, of = rows.get(shown(model)), [c for c in calls if c.model == model]
+            got = D(row["actual_cost_usd"]) if row else None
+            self.checks.eq(f"{tag}: {shown(model)} actual_cost_usd", got, cents(Ledger.exact(calls, catalog, model)))
+            if row is None:
+                continue
+            self.checks.eq(f"{tag}: {shown(model)} baseline_cost_usd", D(row["baseline_cost_usd"]),
+                           cents(Ledger.baseline(calls, catalog, model)))  # fmt: skip
+            self.checks.eq(f"{tag}: {shown(model)} requests, cache hits, prompt, cached and completion tokens",
+                           tuple(row[k] for k in ("requests", "cache_hits", "prompt_tokens", "cached_tokens",
+                                                  "completion_tokens")),
+                           (len(of), sum(c.cache_hit for c in of), sum(c.prompt for c in of),
+                            sum(min(c.cached, c.prompt) for c in of), sum(c.completion for c in of)))  # fmt: skip
         self.checks.eq(f"{tag}: actual_cost_usd = sum of its model rows", D(roi["actual_cost_usd"]),
                        sum((D(m["actual_cost_usd"]) for m in roi["models"]), Decimal(0)))  # fmt: skip
         r = self.api("GET", "/v1/reports/roi", params={"team": team.team_id, "period": period},
@@ -360,11 +468,11 @@ class Month:
             for col in ("actual_cost_usd", "baseline_cost_usd", "savings_usd", "cache_savings_usd"):
                 self.checks.eq(f"{tag} CSV: TOTAL {col} = sum of rows", D(total[0][col]),
                                sum((D(x[col]) for x in body), Decimal(0)))  # fmt: skip
-            self.checks.eq(f"{tag} CSV: TOTAL actual = JSON actual", D(total[0]["actual_cost_usd"]),
-                           D(roi["actual_cost_usd"]))  # fmt: skip
+            for col in ("actual_cost_usd", "baseline_cost_usd"):
+                self.checks.eq(f"{tag} CSV: TOTAL {col} = JSON {col}", D(total[0][col]), D(roi[col]))
 
     def check_reconcile(self, period: str, teams: list[Team], state: str = "invoiced",
-                        billed: dict[Any, tuple[int, Decimal]] | None = None) -> dict[str, Any]:  # fmt: skip
+                        billed: dict[ItemKey, tuple[int, Decimal]] | None = None) -> dict[str, Any]:  # fmt: skip
         """Per team and model: metered (exact) = the ledger; billable = its lines rounded once; invoiced (and what
         the next open invoice carries) to the cent. `billed`: the lines finalized so far, when `state` says the
         rest is carried (adjustment_pending)."""
@@ -387,14 +495,14 @@ class Month:
                 tag = f"reconcile {period} {team.name} {model}"
                 if not self.checks.true(f"{tag}: row present", row is not None, sorted(rows)):
                     continue
-                billable = sum((a for (m, _, _), (_, a) in lines.items() if m == model), Decimal(0))
+                billable = sum((a for (m, *_), (_, a) in lines.items() if m == model), Decimal(0))
                 self.checks.eq(
                     f"{tag}: metered_usd (exact)", dec(row.get("metered_usd")), Ledger.exact(calls, catalog, model)
                 )
                 self.checks.eq(f"{tag}: billable_usd (lines rounded once)", dec(row.get("billable_usd")), billable)
                 invoiced = billable
                 if billed is not None:
-                    invoiced = sum((a for (m, _, _), (_, a) in billed.items() if m == model), Decimal(0))
+                    invoiced = sum((a for (m, *_), (_, a) in billed.items() if m == model), Decimal(0))
                 self.checks.eq(f"{tag}: invoice_state", row.get("invoice_state"),
                                "invoiced" if invoiced == billable else state)  # fmt: skip
                 if billed is not None:
@@ -409,12 +517,11 @@ class Month:
         tag = f"{team.name} {period} invoice"
         catalog = self.catalog()
         self.checks.eq(f"{tag}: status", inv["status"], status)
-        want_usage = {(m, comp, unit.of(comp), q, a)
-                      for (m, comp, unit), (q, a) in Ledger.lines(self.ledger.of(team.team_id, period), catalog).items()}  # fmt: skip
-        got_usage = {(x["model"], x["component"], D(x["unit_price_usd_per_1m"]), x["quantity"], D(x["amount_usd"]))
-                     for x in inv["lines"] if x["type"] == "usage"}  # fmt: skip
-        self.checks.eq(f"{tag}: usage lines (model, component, unit price, tokens, amount)", sorted(got_usage),
-                       sorted(want_usage))  # fmt: skip
+        want_usage = sorted((m, comp, price, q, a) for (m, _, comp, price), (q, a)
+                            in Ledger.lines(self.ledger.of(team.team_id, period), catalog).items())  # fmt: skip
+        got_usage = sorted((x["model"], x["component"], line_price(x), x["quantity"], D(x["amount_usd"]))
+                           for x in inv["lines"] if x["type"] == "usage")  # fmt: skip
+        self.checks.eq(f"{tag}: usage lines (model, component, unit price, quantity, amount)", got_usage, want_usage)
         # Plan fees: the spans must start at the team's creation and split at the plan change (this test's clock,
         # within 2 s: the product floors to the second); each amount = fee x seconds of its span / seconds of the
         # month, rounded once.
@@ -431,10 +538,10 @@ class Month:
                                  abs(lo - a) <= timedelta(seconds=2) and abs(hi - b) <= timedelta(seconds=2))  # fmt: skip
                 fees.append(cents(prorated_fee(fee, lo, hi, period)))
                 self.checks.eq(f"{tag}: {plan} fee amount (prorated by the second)", D(x["amount_usd"]), fees[-1])
-        want_adj = {(p, m, comp, unit.of(comp), q, a, why) for p, m, comp, unit, q, a, why in adjustments}
-        got_adj = {(x["adjusts"]["period"], x["adjusts"]["model"], x["adjusts"]["component"],
-                    D(x["unit_price_usd_per_1m"]), x["quantity"], D(x["amount_usd"]), x.get("reason"))
-                   for x in inv["lines"] if x["type"] == "adjustment"}  # fmt: skip
+        want_adj = sorted(adjustments)
+        got_adj = sorted((x["adjusts"]["period"], x["adjusts"]["model"], x["adjusts"]["component"], line_price(x),
+                          x["quantity"], D(x["amount_usd"]), x.get("reason"))
+                         for x in inv["lines"] if x["type"] == "adjustment")  # fmt: skip
         self.checks.eq(f"{tag}: adjustment lines (period, model, component, unit price, tokens, amount, cause)",
                        sorted(got_adj), sorted(want_adj))  # fmt: skip
         want_total = (
@@ -451,8 +558,11 @@ class Month:
         by_line = {int(x["line"]): x for x in rows if x["line"]}
         for x in inv["lines"]:
             got = by_line.get(x["line"])
-            self.checks.eq(f"{tag} CSV line {x['line']} amount", D(got["amount_usd"]) if got else None,
-                           D(x["amount_usd"]))  # fmt: skip
+            self.checks.eq(f"{tag} CSV line {x['line']} (type, component, quantity, unit price, amount)",
+                           csv_line(got) if got else None,
+                           (x["type"], x.get("component", ""), D(x["quantity"]),
+                            line_price(x) if x["type"] != "plan_fee" else D(x["unit_price_usd"]),
+                            D(x["amount_usd"])))  # fmt: skip
         totals = [x for x in rows if x["type"] == "total"]
         self.checks.eq(f"{tag} CSV: total row", [D(x["amount_usd"]) for x in totals], [want_total])
 
@@ -465,31 +575,75 @@ class Month:
         return self.api("POST", "/v1/admin/invoices/finalize", json={"period": period, "team": team.team_id})
 
 
-Adjustment = tuple[str, str, str, Unit, int, Decimal, str]  # period, model, component, unit, tokens, amount, cause
+Adjustment = tuple[
+    str, str, str, Decimal, int, Decimal, str
+]  # period, model, component, unit price, qty, amount, cause
 
 
 def adjustments(period: str, billed: dict[ItemKey, tuple[int, Decimal]], known: list[Call], now: list[Call],
                 catalog: Catalog) -> list[Adjustment]:  # fmt: skip
-    """The lines a later invoice carries for closed `period`, per item (model, component, unit price), by the
-    rule docs/metering.md states: with B billed so far, T the tokens now and K the tokens of the events known
-    when the period was billed, "late usage" T - K and "re-rating" K - B tokens, each amount rounded once, and a
-    0-token "rounding" line keeping the item's cumulative amount at round(T x unit)."""
+    """The lines a later invoice carries for closed `period`, per item (model, price entry, component, unit price),
+    by the rule docs/metering.md states: with B billed so far, T the quantity now and K the quantity of the events
+    known when the period was billed, "late usage" T - K and "re-rating" K - B, each amount rounded once, and a
+    0-quantity "rounding" line keeping the item's cumulative amount at round(T x unit)."""
     t_items, k_items = Ledger.items(now, catalog), Ledger.items(known, catalog)
     out = []
     for key in sorted(set(t_items) | set(k_items) | set(billed)):
-        unit = key[2].of(key[1])
         t, k = t_items.get(key, 0), k_items.get(key, 0)
         b_qty, b_amount = billed.get(key, (0, Decimal(0)))
-        late, rerate = cents(Decimal(t - k) * unit / MILLION), cents(Decimal(k - b_qty) * unit / MILLION)
-        rounding = cents(Decimal(t) * unit / MILLION) - b_amount - late - rerate
-        for cause, qty, amount in (
+        late, rerate = cents(amount(key, t - k)), cents(amount(key, k - b_qty))
+        rounding = cents(amount(key, t)) - b_amount - late - rerate
+        for cause, qty, amt in (
             ("late usage", t - k, late),
             ("re-rating", k - b_qty, rerate),
             ("rounding", 0, rounding),
         ):
-            if qty or amount:
-                out.append((period, key[0], key[1], key[2], qty, amount, cause))
+            if qty or amt:
+                out.append((period, key[0], key[2], key[3], qty, amt, cause))
     return out
+
+
+# The price field of a line, by its component's basis (docs/metering.md: per 1M tokens, per request, per 1K).
+PRICE_FIELD = {d: "unit_price_usd_per_1m" for d in DIMENSIONS} | {"request": "unit_price_usd_per_request",
+                                                                   "web_search": "unit_price_usd_per_1k"}  # fmt: skip
+
+
+def line_price(x: dict[str, Any]) -> Decimal | None:
+    comp = x["adjusts"]["component"] if x["type"] == "adjustment" else x["component"]
+    return dec(x.get(PRICE_FIELD[comp]))
+
+
+def csv_line(row: dict[str, str]) -> tuple[str, str, Decimal, Decimal | None, Decimal]:
+    """What a CSV row says of its line: the one price column holds the line's price in its basis."""
+    return (
+        row["type"],
+        row["component"],
+        D(row["quantity"]),
+        dec(row["unit_price_usd_per_1m"] or None),
+        D(row["amount_usd"]),
+    )
+
+
+def dimension_costs(g: dict[str, Any]) -> dict[str, Decimal | None]:
+    """A usage report's cost by dimension (cost_<dimension>_usd), None where the field is missing."""
+    return {d: dec(g.get(f"cost_{d}_usd")) for d in DIMENSIONS}
+
+
+def shown(model: str) -> str:
+    """How reports name a billed model: a call that names none (a follow-up GET) is `(unknown)`."""
+    return model or "(unknown)"
+
+
+def agent_calls(m: Month, team: Team, day: str) -> None:
+    """Mid- and late-month agent traffic, one shape for both runs (a fresh broker hands out the same offsets): a
+    Messages stream with cache reads and 1-hour writes (the mock's directives), a plain flex-tier Responses call."""
+    c = m.messages(team, f"{day}: what did the agents spend?", stream=True,
+                   mock={"input_tokens": 150, "cached_tokens": 20, "cache_write_1h_tokens": 40}, label=f"{day} messages stream")  # fmt: skip
+    m.checks.eq(f"{day}: the Messages stream reports its cache read and 1-hour write", (c.cached, c.cache_write_1h),
+                (20, 40))  # fmt: skip
+    r, _ = m.responses(team, f"{day}: and on Responses?", mock={"service_tier": "flex", "input_tokens": 80, "cached_tokens": 4},
+                       label=f"{day} responses flex")  # fmt: skip
+    m.checks.eq(f"{day}: the Responses call reports the flex tier", r.tier, "flex")
 
 
 def instant(text: str) -> datetime:
@@ -549,6 +703,34 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
             hit = m.chat(acme, "gpt-4.1", "Cache me: the same prompt twice", temperature=0)
             ck.true("Feb 08: the repeated temperature-0 call is a cache hit", hit.cache_hit and not miss.cache_hit)
 
+            # Agent traffic through the official SDKs, in every dimension each API reports. Responses (gpt-4.1): a
+            # flex-tier call with cached, reasoning and web-search usage, a stream, a follow-up GET of the first.
+            flex, flex_id = m.responses(acme, "Who invoices agent traffic? Search the web.", reasoning=True,
+                                        mock={"input_tokens": 200, "cached_tokens": 16, "web_search_requests": 2,
+                                              "service_tier": "flex"},
+                                        label="responses: flex, cached, reasoning, web search")  # fmt: skip
+            ck.eq("Feb 08: the Responses call reports its tier, cache reads, reasoning and searches",
+                  (flex.tier, flex.cached, flex.reasoning > 0, flex.web_search), ("flex", 16, True, 2))  # fmt: skip
+            m.responses(acme, "Stream me a short story about a ledger", stream=True, mock={"cached_tokens": 8},
+                        label="responses: stream")  # fmt: skip
+            m.retrieve(acme, flex_id, flex)
+            # Messages (claude-sonnet-4.5): a system prompt written to the prompt cache at two breakpoints (1 h and
+            # 5 m), then read back by a stream; two web searches (a prompt over the baseline's long-context
+            # threshold, not the price's); a prompt over the price's long-context threshold.
+            system = [{"type": "text", "text": "You are acme's terse billing assistant. " * 12,
+                       "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+                      {"type": "text", "text": "Answer in one line. " * 12, "cache_control": {"type": "ephemeral"}}]  # fmt: skip
+            wrote = m.messages(acme, "What does a cache write cost?", system=system, label="messages: cache writes")
+            read = m.messages(acme, "And a cache read?", system=system, stream=True, label="messages: cache read")
+            ck.true("Feb 08: the first Messages call writes the cache at both TTLs, the stream reads all of it",
+                    wrote.cache_write > 0 and wrote.cache_write_1h > 0 and wrote.cached == 0
+                    and read.cached == wrote.cache_write + wrote.cache_write_1h, (wrote, read))  # fmt: skip
+            web = m.messages(acme, "Search the web twice", mock={"web_search_requests": 2, "input_tokens": 500},
+                             label="messages: web search")  # fmt: skip
+            long = m.messages(acme, "A very long prompt", mock={"input_tokens": 900}, label="messages: long context")
+            ck.eq("Feb 08: web searches as the SDK saw them; the long prompt is over the long-context threshold",
+                  (web.web_search, long.prompt), (2, 900))  # fmt: skip
+
             # A proxy whose clock runs three months ahead sends one event: dead-lettered, no quota roll-over.
             skewed_at = m.clock.now() + timedelta(days=89)
             future = crafted_event(acme.team_id, acme.key_id, skewed_at, "gpt-4.1", 40, 20, "skewed-proxy", 1)
@@ -576,21 +758,28 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
 
         # Between runs: an in-place edit of a price already in force must stop start-up, saying what to do.
         pristine = m.config.read_text()
-        edit_config(m.config, lambda raw: raw["models"]["gpt-4.1"]["prices"][0].update(input="2470"))
+
+        # (the second edit touches only an agent dimension: a 1-hour cache write price that has priced usage)
+        def edit_in_place(raw: dict[str, Any]) -> None:
+            raw["models"]["gpt-4.1"]["prices"][0].update(input="2470")
+            raw["models"][CLAUDE]["prices"][0].update(cache_write_1h="6010")
+
+        edit_config(m.config, edit_in_place)
         refused, out = m.start_refused(t(2, 16, 11))
-        ck.true("an in-place edit of an in-force price stops start-up", refused, out[-600:])
-        ck.true("... with a message naming a new price entry and `tollway rerate`",
-                refused and "rerate" in out and "gpt-4.1" in out, out[-600:])  # fmt: skip
+        ck.true("an in-place edit of an in-force price stops start-up", refused, out[-900:])
+        ck.true("... with a message naming both edited prices, a new price entry and `tollway rerate`",
+                refused and "rerate" in out and "gpt-4.1 " in out and CLAUDE in out, out[-900:])  # fmt: skip
         m.config.write_text(pristine)
 
         # The right way: a new entry (a discount effective Feb 1, retroactive), then `tollway rerate`, twice.
         edit_config(m.config, lambda raw: raw["models"]["gpt-4.1"]["prices"].append(
-            {"effective_from": "2027-02-01", "input": "1975", "output": "6419", "cached_input": "494"}))  # fmt: skip
+            {"effective_from": "2027-02-01", "input": "1975", "output": "6419", "cached_input": "494", "web_search": "8000",
+             "service_tiers": {"flex": {"input": "987.5", "output": "3209.5", "cached_input": "247"}}}))  # fmt: skip
         new_catalog = m.catalog()
         first = m.tollway("rerate", "--period", FEB, at=t(2, 16, 11))
         assert first.returncode == 0, first.stderr[-2000:]
         r1 = printed_json(first.stdout)
-        changed = [c for c in feb_at_old_prices if c.billable and c.model == "gpt-4.1"]
+        changed = [c for c in feb_at_old_prices if c.billable and c.model == "gpt-4.1" and c.has_tokens]
         ck.eq("rerate Feb: events adjusted", r1["adjusted"], len(changed))
         ck.eq("rerate Feb: delta_total_usd (exact)", D(r1["delta_total_usd"]),
               Ledger.exact(changed, new_catalog) - Ledger.exact(changed, old_catalog))  # fmt: skip
@@ -607,9 +796,17 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
                 m.chat(beta, "gpt-4.1-mini", f"Beta's question {i}: where is the invoice?")
             for i in range(2):
                 m.chat(acme, "gpt-4.1", f"Mid-month question {i} at the new price", cached=3 if i else 0)
+            agent_calls(m, acme, "Feb 16")
             m.change_plan(acme, "starter")
             m.check_usage(acme, FEB, m.wait_billed(acme, FEB))
             m.check_usage(beta, FEB, m.wait_billed(beta, FEB))
+
+        # Between runs: claude-sonnet-4.5 changes price from Feb 20 (a new entry, every dimension moves): its Feb 16
+        # calls keep the old unit prices, Feb 25's take the new ones, so February's lines split by unit price.
+        edit_config(m.config, lambda raw: raw["models"][CLAUDE]["prices"].append(
+            {"effective_from": "2027-02-20", "input": "2504", "output": "12520", "cached_input": "250.4",
+             "cache_write": "3130", "cache_write_1h": "5008", "request": "0.075", "web_search": "9000",
+             "long_context": {"above_prompt_tokens": 600, "input": "5008", "output": "18780"}}))  # fmt: skip
 
         # Feb 25: the month's last calls; month-to-date quota must be the ledger.
         with m.running(t(2, 25, 8)):
@@ -617,6 +814,7 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
             # a fresh broker hands out the same offsets.
             for i in range(2):
                 m.chat(acme, "gpt-4.1", f"Late-month question number {i}")
+            agent_calls(m, acme, "Feb 25")
             m.chat(beta, "gpt-4.1", "Beta tries the big model once")
             m.chat(beta, "gpt-4.1-mini", "And the small one again")
             m.chat(gamma, "gpt-4.1-mini", " ".join(f"word{i % 17}" for i in range(400)))
@@ -653,6 +851,16 @@ def test_a_month_in_the_life_every_surface_agrees_to_the_cent(tmp_path: Path) ->
                 m.invoice(team, p)["number"] for team, p in ((acme, JAN), (acme, FEB), (beta, FEB), (gamma, FEB))
             ]
             ck.eq("invoice numbers are unique", len(set(numbers)), 4)
+            # The month exercised what it is about: every dimension billed, each set of rates used, claude's lines
+            # split by the Feb 20 price (else the agreement above would prove less than it says).
+            acme_feb = m.ledger.of(acme.team_id, FEB)
+            ck.eq("acme's February bills every dimension", {k[2] for k in Ledger.items(acme_feb, m.catalog())},
+                  set(DIMENSIONS))  # fmt: skip
+            ck.eq("acme's February is priced at base, flex and long-context rates",
+                  {c.unit(m.catalog()).tier for c in acme_feb if c.has_tokens}, {"", "flex", "long_context"})  # fmt: skip
+            ck.eq("claude's February lines are at two price entries",
+                  {k[1] for k in Ledger.items(acme_feb, m.catalog()) if k[0] == CLAUDE},
+                  {date(2025, 9, 29), date(2027, 2, 20)})  # fmt: skip
             feb_invoice = m.invoice(acme, FEB)
             billed_feb = Ledger.lines(m.ledger.of(acme.team_id, FEB), m.catalog())
 

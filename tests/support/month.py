@@ -60,37 +60,103 @@ class FakeClock:
 
 # -- prices, read from the YAML file itself -------------------------------------------------------------
 
+# The billing dimensions as docs/metering.md "Prices" states them, restated here so the test can disagree:
+# the token dimensions are priced per 1M, the request fee per billable request, web searches per 1,000.
+DIMENSIONS = ("input", "cached_input", "cache_write", "cache_write_1h", "output", "request", "web_search")
+PER = {d: MILLION for d in DIMENSIONS} | {"request": Decimal(1), "web_search": Decimal(1_000)}
+FEES = ("request", "web_search")  # per-call fees: without a price of their own there is no invoice line of them
+
 
 @dataclass(frozen=True, order=True)
 class Unit:
+    """The unit prices one call is priced at: one set of rates of one price entry (`since` names the entry,
+    i.e. the price version; `tier` the set: '' base, 'long_context' or a service tier's name)."""
+
+    since: date
     input: Decimal
     output: Decimal
     cached_input: Decimal
+    cache_write: Decimal = Decimal(0)
+    cache_write_1h: Decimal = Decimal(0)
+    request: Decimal = Decimal(0)
+    web_search: Decimal = Decimal(0)
+    tier: str = ""
 
     def of(self, component: str) -> Decimal:
-        return {"input": self.input, "output": self.output, "cached_input": self.cached_input}[component]
+        return getattr(self, component)
+
+
+def _rates(since: date, r: dict[str, Any], fees: tuple[Decimal, Decimal], tier: str) -> Unit:
+    """A set of token rates from the YAML: an unset cache price is the set's input price; fees are the entry's."""
+    inp = Decimal(str(r["input"]))
+
+    def cache(name: str) -> Decimal:
+        return Decimal(str(r[name])) if r.get(name) is not None else inp
+
+    return Unit(since, inp, Decimal(str(r.get("output", "0"))), cache("cached_input"), cache("cache_write"),
+                cache("cache_write_1h"), *fees, tier=tier)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One effective-dated price (or baseline) entry: base rates, an optional long-context tier, service tiers."""
+
+    since: date
+    base: Unit
+    long_context: tuple[int, Unit] | None
+    tiers: dict[str, Unit]
+
+    @classmethod
+    def parse(cls, p: dict[str, Any]) -> Entry:
+        since = date.fromisoformat(str(p.get("effective_from", "2000-01-01")))
+        fees = tuple(Decimal(str(p[f])) if p.get(f) is not None else Decimal(0) for f in FEES)
+        lc = p.get("long_context")
+        return cls(since, _rates(since, p, fees, ""),  # type: ignore[arg-type]
+                   None if lc is None else (int(lc["above_prompt_tokens"]), _rates(since, lc, fees, "long_context")),  # type: ignore[arg-type]
+                   {name: _rates(since, r, fees, name) for name, r in (p.get("service_tiers") or {}).items()})  # type: ignore[arg-type]  # fmt: skip
+
+    def select(self, tier: str, prompt: int) -> Unit:
+        """The service tier the provider reported if the entry prices it, else the long-context rates when the
+        prompt (all input) is over the threshold, else the base rates."""
+        if tier and tier in self.tiers:
+            return self.tiers[tier]
+        if self.long_context is not None and prompt > self.long_context[0]:
+            return self.long_context[1]
+        return self.base
+
+
+def _in_force(entries: list[Entry], day: date) -> Entry | None:
+    found = [e for e in entries if e.since <= day]
+    return found[-1] if found else None
 
 
 class Catalog:
-    """Unit prices per model by `effective_from`, and plan fees, parsed from the config file with PyYAML."""
+    """Price entries per model by `effective_from`, ROI baselines, and plan fees, parsed from the config file
+    with PyYAML."""
 
     def __init__(self, path: Path) -> None:
         raw = yaml.safe_load(path.read_text())
-        self.prices: dict[str, list[tuple[date, Unit]]] = {}
+        self.prices: dict[str, list[Entry]] = {}
+        self.baselines: dict[str, list[Entry]] = {}
         for model, m in raw["models"].items():
-            entries = []
-            for p in m["prices"]:
-                inp = Decimal(str(p["input"]))
-                cached = Decimal(str(p["cached_input"])) if p.get("cached_input") is not None else inp
-                entries.append((date.fromisoformat(str(p["effective_from"])),
-                                Unit(inp, Decimal(str(p.get("output", "0"))), cached)))  # fmt: skip
-            self.prices[model] = sorted(entries)
+            self.prices[model] = sorted((Entry.parse(p) for p in m["prices"]), key=lambda e: e.since)
+            base = m.get("baseline")
+            base = [base] if isinstance(base, dict) else base or []
+            self.baselines[model] = sorted((Entry.parse(p) for p in base), key=lambda e: e.since)
         self.fees = {name: Decimal(str(p.get("fee_usd_per_month", "0"))) for name, p in raw["plans"].items()}
 
-    def unit(self, model: str, day: date) -> Unit:
-        found = [u for d, u in self.prices[model] if d <= day]
-        assert found, f"no price for {model} on {day}"
-        return found[-1]
+    def entry(self, model: str, day: date) -> Entry:
+        found = _in_force(self.prices[model], day)
+        assert found is not None, f"no price for {model} on {day}"
+        return found
+
+    def unit(self, model: str, day: date, tier: str = "", prompt: int = 0) -> Unit:
+        return self.entry(model, day).select(tier, prompt)
+
+    def baseline_unit(self, model: str, day: date, tier: str = "", prompt: int = 0) -> Unit:
+        """ROI's baseline: the model's baseline entry in force that day, its own price when it has none."""
+        found = _in_force(self.baselines.get(model, []), day)
+        return found.select(tier, prompt) if found is not None else self.unit(model, day, tier, prompt)
 
 
 # -- calls and the ledger they imply --------------------------------------------------------------------
@@ -98,16 +164,22 @@ class Catalog:
 
 @dataclass(frozen=True)
 class Call:
-    """One answered call as the client saw it (or one event a proxy sent): what the bill must be made of."""
+    """One answered call as the client saw it (or one event a proxy sent): what the bill must be made of.
+    `prompt` is every input token (cache reads and writes inside it, as each SDK's usage adds up to it)."""
 
     team_id: str
     at: datetime  # the shifted clock when it was made
-    model: str
+    model: str  # '' for a call that names none (a follow-up GET on a stored response)
     prompt: int
     completion: int
     cached: int = 0
     cache_hit: bool = False  # answered from Tollway's response cache: billed nothing
     label: str = ""
+    cache_write: int = 0  # 5-minute cache writes
+    cache_write_1h: int = 0
+    web_search: int = 0
+    tier: str = ""  # the service tier the provider reported serving
+    reasoning: int = 0  # inside completion: reported, never priced apart
 
     @property
     def period(self) -> str:
@@ -117,12 +189,34 @@ class Call:
     def billable(self) -> bool:
         return not self.cache_hit
 
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.prompt or self.completion)
+
     def quantities(self) -> dict[str, int]:
+        """Billed units per dimension: reads, then 5-minute writes, then 1-hour writes carved out of the prompt
+        (never more than it), the rest uncached input; one request fee for a call that has tokens."""
         cached = min(self.cached, self.prompt)
-        return {"input": self.prompt - cached, "cached_input": cached, "output": self.completion}
+        w5 = min(self.cache_write, self.prompt - cached)
+        w1h = min(self.cache_write_1h, self.prompt - cached - w5)
+        return {"input": self.prompt - cached - w5 - w1h, "cached_input": cached, "cache_write": w5,
+                "cache_write_1h": w1h, "output": self.completion, "request": int(self.has_tokens),
+                "web_search": self.web_search}  # fmt: skip
+
+    def unit(self, catalog: Catalog) -> Unit:
+        return catalog.unit(self.model, self.at.date(), self.tier, self.prompt)
+
+    def cost_at(self, unit: Unit) -> Decimal:
+        return sum((Decimal(q) * unit.of(d) / PER[d] for d, q in self.quantities().items()), Decimal(0))
 
 
-ItemKey = tuple[str, str, Unit]  # model, component, unit prices in force
+# An invoice item: model, the price entry (its version), component, unit price of that component. The set of
+# rates (base, tier, long context) is not part of it: two sets with one unit price bill one line.
+ItemKey = tuple[str, date, str, Decimal]
+
+
+def amount(key: ItemKey, qty: int) -> Decimal:
+    return Decimal(qty) * key[3] / PER[key[2]]
 
 
 @dataclass
@@ -138,31 +232,39 @@ class Ledger:
     def items(calls: Iterable[Call], catalog: Catalog) -> dict[ItemKey, int]:
         out: dict[ItemKey, int] = defaultdict(int)
         for c in calls:
-            if not c.billable:
+            if not c.billable or not c.has_tokens:
                 continue
-            unit = catalog.unit(c.model, c.at.date())
+            unit = c.unit(catalog)
             for comp, qty in c.quantities().items():
-                if qty:
-                    out[(c.model, comp, unit)] += qty
+                if qty and not (comp in FEES and not unit.of(comp)):
+                    out[(c.model, unit.since, comp, unit.of(comp))] += qty
         return dict(out)
 
     @staticmethod
-    def exact(calls: Iterable[Call], catalog: Catalog, model: str | None = None) -> Decimal:
+    def exact(calls: Iterable[Call], catalog: Catalog, model: str | None = None,
+              component: str | None = None) -> Decimal:  # fmt: skip
         total = Decimal(0)
-        for (m, comp, unit), qty in Ledger.items(calls, catalog).items():
-            if model is None or m == model:
-                total += Decimal(qty) * unit.of(comp) / MILLION
+        for key, qty in Ledger.items(calls, catalog).items():
+            if (model is None or key[0] == model) and (component is None or key[2] == component):
+                total += amount(key, qty)
         return total
 
     @staticmethod
     def lines(calls: Iterable[Call], catalog: Catalog) -> dict[ItemKey, tuple[int, Decimal]]:
         """Invoice usage lines: quantity and amount rounded once, half-even, to cents."""
-        return {k: (q, cents(Decimal(q) * k[2].of(k[1]) / MILLION)) for k, q in Ledger.items(calls, catalog).items()}
+        return {k: (q, cents(amount(k, q))) for k, q in Ledger.items(calls, catalog).items()}
 
     @staticmethod
     def tokens(calls: Iterable[Call]) -> int:
         """What counts against tokens_per_month: prompt + completion of calls that reached the provider."""
         return sum(c.prompt + c.completion for c in calls if c.billable)
+
+    @staticmethod
+    def baseline(calls: Iterable[Call], catalog: Catalog, model: str) -> Decimal:
+        """ROI's exact baseline of a model: every call of it (cache hits too: what they avoided) at the baseline
+        rates in force on its day, its own price where it has no baseline."""
+        return sum((c.cost_at(catalog.baseline_unit(c.model, c.at.date(), c.tier, c.prompt))
+                    for c in calls if c.model == model and c.has_tokens), Decimal(0))  # fmt: skip
 
 
 def month_bounds(period: str) -> tuple[datetime, datetime]:
@@ -275,12 +377,15 @@ class Checks:
         if got == want:
             self.passed += 1
             return True
-        self.failures.append(f"{what}: got {got!r}, want {want!r}")
-        return False
+        return self._fail(f"{what}: got {got!r}, want {want!r}")
 
     def true(self, what: str, cond: bool, detail: Any = "") -> bool:
         if cond:
             self.passed += 1
             return True
-        self.failures.append(f"{what}: {detail}" if detail != "" else what)
+        return self._fail(f"{what}: {detail}" if detail != "" else what)
+
+    def _fail(self, text: str) -> bool:
+        self.failures.append(text)
+        print(f"DISAGREES: {text}", flush=True)  # as it happens: a run cut short still shows what it found
         return False

@@ -78,3 +78,16 @@ def test_savings_are_not_annualised_from_less_than_the_stated_window() -> None:
     assert f"{MIN_ANNUALISE_DAYS}-day minimum" in r["annualised_basis"] and "2.50 days" in r["annualised_basis"]
     later = compute(rows, CONFIG, "team_x", "2026-12", datetime(2026, 12, 11, tzinfo=UTC))
     assert later["annualised_savings_usd"] == str((Decimal(later["savings_usd"]) / 10 * 365).quantize(Decimal("0.01")))
+
+
+def test_a_cache_hit_after_a_retroactive_price_change_saves_what_the_call_costs_at_the_new_price() -> None:
+    # A re-rate moves no money on a hit (it cost 0), so its row keeps the unit prices it was stored at; the
+    # avoided cost, and the baseline of a model without one, follow the book's price for the day instead.
+    data = CONFIG.model_dump()
+    data["models"]["gpt-4.1"]["prices"].append({"effective_from": "2026-10-01", "input": "1.00", "output": "4.00"})
+    config = GatewayConfig.model_validate(data)
+    billed = row(3, "gpt-4.1", UnitPrice("new", Decimal("1.00"), Decimal("4.00"), Decimal("1.00")), 1_000_000, 0)
+    hit = RoiRow(date(2026, 10, 3), "gpt-4.1", "gpt-4.1", "openai", "cached", GPT, 1, 1_000_000, 0, 0, Decimal(0))
+    r = compute([billed, hit], config, "team_x", "2026-10", NOW)
+    (m,) = r["models"]
+    assert (m["actual_cost_usd"], m["cache_savings_usd"], m["baseline_cost_usd"]) == ("1.00", "1.00", "2.00")
