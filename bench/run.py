@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import emit_cost, proxy_bench, table, targets
+from bench import emit_cost, proxy_bench, side_by_side, table, targets
 from bench import profile as spy
 from bench.loadgen import ensure_wrk
 from bench.procs import can_pin
@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                     if t.messages:
                         res["proxy"][name]["messages"] = proxy_bench.run_messages(t, args.duration, args.warmup,
                                                                                   args.stream_calls, log)  # fmt: skip
+                    if name == "tollway":
+                        calls = max(10, args.stream_calls // 5)
+                        log(f"  tollway: chat, /v1/messages, /v1/responses side by side, 8 rounds x {calls} calls ...")
+                        res["proxy"]["side_by_side"] = side_by_side.run({"direct": direct, "tollway": t}, 8, calls)
                 except Exception as err:
                     res["errors"][part] = f"{type(err).__name__}: {err}"[:800]
                     log(f"[{part}] failed: {res['errors'][part]}")

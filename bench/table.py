@@ -153,6 +153,7 @@ def rows(res: dict) -> list[list[str]]:
         {g: pair(*_stream_added(res, g), sign=True) for g in GATEWAYS})  # fmt: skip
     responses_rows(res, row)
     messages_rows(res, row)
+    side_by_side_rows(res, row)
     cache = res.get("proxy", {}).get("tollway", {}).get("cache") or {}
     c1, cmax, d1 = cache.get("cache_c1"), cache.get("cache_max"), _sc(res, "direct", "c1_instant")
     if c1 and d1:
@@ -233,17 +234,41 @@ def messages_rows(res: dict, row: Any) -> None:
     m = {"proxy": {g: r["messages"] for g, r in res.get("proxy", {}).items() if isinstance(r.get("messages"), dict)}}
     if "tollway" not in m["proxy"]:
         return
-    a1, chat1 = added(m, "tollway", "c1_instant"), added(res, "tollway", "c1_instant")
-    row("/v1/messages c=1 instant: added p50 / p99 ms", "", {"tollway": pair(*a1, sign=True)},
-        "p50 <=110% chat's", _met(_within(a1[0], chat1[0], 1.10)))  # fmt: skip
+    a1 = added(m, "tollway", "c1_instant")
+    row("/v1/messages c=1 instant: added p50 / p99 ms", "", {"tollway": pair(*a1, sign=True)})
     r, share = rps(m, "tollway", "max_instant"), share_of_direct(m, "tollway", "max_instant")
     cell = "-" if r is None else f"{num(r, 0)} ({share:.0%})" if share is not None else num(r, 0)
     row("/v1/messages c=64 instant: req/s (of direct)", num(rps(m, "direct", "max_instant"), 0), {"tollway": cell})
     sd = m["proxy"].get("direct", {}).get("stream") or {}
-    ms, cs = _stream_added(m, "tollway"), _stream_added(res, "tollway")
-    row("/v1/messages stream c=1: added TTFT p50 / p99 ms",
+    ms = _stream_added(m, "tollway")
+    row(
+        "/v1/messages stream c=1: added TTFT p50 / p99 ms",
         pair(sd.get("ttft_p50_ms"), sd.get("ttft_p99_ms")) if "ttft_p50_ms" in sd else "-",
-        {"tollway": pair(*ms, sign=True)}, "p50 <=110% chat's", _met(_within(ms[0], cs[0], 1.10)))  # fmt: skip
+        {"tollway": pair(*ms, sign=True)},
+    )
+
+
+SIDE_LABELS = {"plain": "c=1 instant: added p50 ms", "stream": "stream c=1: added TTFT p50 ms"}
+
+
+def side_by_side_rows(res: dict, row: Any) -> None:
+    """The issue-15 target, judged where chat and the agent APIs were measured under the same conditions
+    (bench/side_by_side.py: interleaved rounds): each API's added p50 within 110% of chat's."""
+    sbs = res.get("proxy", {}).get("side_by_side") or {}
+    for kind, label in SIDE_LABELS.items():
+        per = sbs.get(kind) or {}
+        chat = (per.get("chat") or {}).get("tollway_added_p50_ms")
+        for api in ("chat", "messages", "responses"):
+            v = per.get(api)
+            if not v:
+                continue
+            added_ms, of_chat = v.get("tollway_added_p50_ms"), v.get("tollway_of_chat")
+            cell = (
+                "-" if added_ms is None else f"{added_ms:+.2f}" + (f" ({of_chat:.0%})" if of_chat is not None else "")
+            )
+            ok = None if api == "chat" else _within(added_ms, chat, 1.10)
+            row(f"side by side {api} {label}", num(v.get("direct_p50_ms")), {"tollway": cell},
+                "" if api == "chat" else "<=110% chat's", _met(ok))  # fmt: skip
 
 
 def render(res: dict) -> str:

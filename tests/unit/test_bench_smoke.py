@@ -179,10 +179,52 @@ def test_table_shows_the_messages_rows_against_chats_added_latency() -> None:
                                            "stream": {"ttft_p50_ms": 1.9, "ttft_p99_ms": 3.0}}  # fmt: skip
     lines = table.render(res).splitlines()
     c1 = next(ln for ln in lines if ln.startswith("/v1/messages c=1"))
-    assert "+0.42 / +0.90" in c1 and c1.endswith("yes")  # 0.42 ms added vs chat's 0.40: within 10%
+    assert "+0.42 / +0.90" in c1 and not c1.endswith(("yes", "NO"))  # judged side by side, not here
     assert "2,000 (40%)" in next(ln for ln in lines if ln.startswith("/v1/messages c=64"))
     stream = next(ln for ln in lines if ln.startswith("/v1/messages stream"))
-    assert "+1.40 / +2.10" in stream and stream.endswith("NO")  # 1.4 ms vs chat's 0.5: not within 10%
+    assert "+1.40 / +2.10" in stream and not stream.endswith(("yes", "NO"))
+
+
+def test_side_by_side_rows_judge_each_api_against_chats_added_latency_of_the_same_rounds() -> None:
+    res = fake_result()
+    per = {"chat": {"direct_p50_ms": 0.4, "tollway_added_p50_ms": 0.7, "tollway_of_chat": 1.0},
+           "messages": {"direct_p50_ms": 0.5, "tollway_added_p50_ms": 0.76, "tollway_of_chat": 1.086},
+           "responses": {"direct_p50_ms": 0.5, "tollway_added_p50_ms": 0.8, "tollway_of_chat": 1.143}}  # fmt: skip
+    res["proxy"]["side_by_side"] = {"plain": per, "stream": {"chat": per["chat"]}}
+    lines = table.render(res).splitlines()
+    row = {api: next(ln for ln in lines if ln.startswith(f"side by side {api} c=1")) for api in per}
+    assert "+0.70 (100%)" in row["chat"] and not row["chat"].endswith(("yes", "NO"))
+    assert "+0.76 (109%)" in row["messages"] and row["messages"].endswith("yes")
+    assert "+0.80 (114%)" in row["responses"] and row["responses"].endswith("NO")
+    assert sum(ln.startswith("side by side") for ln in lines) == 4  # stream: chat only, nothing invented
+
+
+def test_side_by_side_plain_call_reads_exactly_one_content_length_answer() -> None:
+    import socket
+    import threading
+
+    from bench import side_by_side
+
+    a, b = socket.socketpair()
+    answer = b'HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{"ok":true}'
+
+    def serve() -> None:
+        for _ in range(2):
+            b.recv(65536)
+            b.sendall(answer[:20])
+            b.sendall(answer[20:])
+        b.recv(65536)
+        b.sendall(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 2\r\n\r\n{}")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        assert side_by_side.plain_call(a, b"GET /") > 0
+        assert side_by_side.plain_call(a, b"GET /") > 0  # nothing of the first answer left to misread
+        with pytest.raises(RuntimeError, match="plain call failed"):
+            side_by_side.plain_call(a, b"GET /")
+    finally:
+        a.close()
+        b.close()
 
 
 def test_responses_rows_and_first_delta_match() -> None:
