@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from bench import streaming
 
-APIS = ("chat", "messages", "responses")
+APIS = streaming.APIS
 KINDS = ("plain", "stream")
 _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 
@@ -120,7 +120,7 @@ def run(targets: dict, rounds: int = 8, calls: int = 40, warmup: int = 30, apis=
             per[api] = {"direct_p50_ms": round(direct, 3)}
             for b in builds:
                 per[api][f"{b}_added_p50_ms"] = round(statistics.median(conns[b, api, kind].ms) - direct, 3)
-        for api in apis:
+        for api in apis if "chat" in per else ():
             for b in builds:
                 chat = per["chat"][f"{b}_added_p50_ms"]
                 per[api][f"{b}_of_chat"] = round(per[api][f"{b}_added_p50_ms"] / chat, 3) if chat > 0 else None

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
     from pathlib import Path
 
-    from bench import targets
+    from bench import side_by_side, targets
 
     ap = argparse.ArgumentParser(prog="python -m bench.streaming")
     ap.add_argument("--old", help="a second checkout to run as the 'old' proxy")
@@ -156,33 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     os.environ["PYTHONPATH"] = saved
         every = {"direct": targets.direct(mock_urls), **builds}
-        load0 = os.getloadavg()[0]
-        ttfts: dict[tuple[str, str], list[float]] = {}
-        socks: dict[tuple[str, str], socket.socket] = {}
-        for r in range(args.rounds):
-            for api in apis:
-                for name in list(every) if r % 2 == 0 else list(every)[::-1]:
-                    url, body, headers, first, done = api_call(every[name], api)
-                    req, u = request_bytes(url, body, headers), urlsplit(url)
-                    if (name, api) not in socks:
-                        socks[name, api] = _connect(u.hostname or "127.0.0.1", u.port or 80)
-                        for _ in range(20):  # warm-up
-                            one_call(socks[name, api], req, first, done)
-                    for _ in range(args.calls):
-                        got = one_call(socks[name, api], req, first, done)
-                        if got is None:  # closed by the server: reconnect and go on
-                            socks[name, api] = _connect(u.hostname or "127.0.0.1", u.port or 80)
-                            continue
-                        ttfts.setdefault((name, api), []).append(got[0] * 1000)
-        for s in socks.values():
-            s.close()
-        out = {"load": [load0, os.getloadavg()[0]], "rounds": args.rounds, "calls": args.calls, "apis": {}}
-        for api in apis:
-            direct_p50 = statistics.median(ttfts["direct", api])
-            out["apis"][api] = {
-                "direct_ttft_p50_ms": round(direct_p50, 3),
-                **{f"{b}_added_ttft_p50_ms": round(statistics.median(ttfts[b, api]) - direct_p50, 3) for b in builds},
-            }
+        # the interleaved rounds of bench/side_by_side.py, streamed calls only, in this command's output shape
+        got = side_by_side.run(every, args.rounds, args.calls, warmup=20, apis=apis, kinds=("stream",))
+        out = {"load": got["load"], "rounds": args.rounds, "calls": args.calls, "apis": {}}
+        for api, v in got["stream"].items():
+            out["apis"][api] = {"direct_ttft_p50_ms": v["direct_p50_ms"],
+                                **{f"{b}_added_ttft_p50_ms": v[f"{b}_added_p50_ms"] for b in builds}}  # fmt: skip
         print(json.dumps(out))
     finally:
         for t in builds.values():
