@@ -33,7 +33,9 @@ class TokenUsage:
 
 def count(v: Any) -> int:
     """A token count from a provider: anything but a non-negative number counts as zero, never crashes."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < _MAX_COUNT:
+    if type(v) is int:  # what JSON gives for nearly every count: one exact type test (a bool is not one)
+        return v if 0 <= v < _MAX_COUNT else 0
+    if type(v) is not float or not 0 <= v < _MAX_COUNT:  # NaN fails the range test too
         return 0
     return int(v)
 
