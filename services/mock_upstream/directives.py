@@ -11,11 +11,10 @@ Every directive works on every API the mock speaks (chat, Responses, Messages) u
 - ``cached_tokens``: prompt tokens read from the cache (chat ``prompt_tokens_details.cached_tokens``,
   Responses ``input_tokens_details.cached_tokens``, Messages ``cache_read_input_tokens``).
 - ``cache_write_tokens`` / ``cache_write_1h_tokens``: prompt tokens written to the cache, 5-minute and
-  1-hour (Messages ``cache_creation``; Responses ``cache_write_tokens`` is their sum, split as
-  ``cache_write_tokens_details.ttl_30m_tokens`` / ``ttl_12h_tokens``).
+  1-hour (Messages ``cache_creation``). Chat and Responses report no writes, as OpenAI's APIs do not:
+  written tokens stay inside their prompt as plain input.
   Cache counts are clamped so read + write never exceed the prompt; any of the three replaces the
   Messages API's own cache_control bookkeeping for that request (an explicit 0 forces a miss).
-  Chat reports only ``cached_tokens``.
 - ``reasoning_tokens``: reasoning tokens on top of the visible words (chat and Responses
   ``reasoning_tokens``, Messages thinking words); output tokens include them.
 - ``service_tier``: the tier reported as served, whatever the request asked for (Responses, Messages).

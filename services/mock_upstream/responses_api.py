@@ -3,8 +3,8 @@ response's follow-ups (GET, DELETE, cancel, input_items) and ``previous_response
 
 Usage is derived from the request like chat's (tokens.py) and steered by the same directives:
 ``input_tokens`` counts ``instructions`` + the chained context of ``previous_response_id`` + ``input``;
-``cached_tokens`` / ``cache_write_tokens`` (+ ``cache_write_1h_tokens``) land in
-``input_tokens_details``; ``reasoning_tokens`` (default 8 when the request sets ``reasoning.effort``
+``cached_tokens`` lands in ``input_tokens_details`` (cache writes are plain input there, as OpenAI
+reports them); ``reasoning_tokens`` (default 8 when the request sets ``reasoning.effort``
 other than ``none``) adds a reasoning output item and counts inside ``output_tokens``. ``service_tier``
 is served as asked (``auto`` -> ``default``, ``fast`` -> ``priority``) unless the directive says otherwise.
 ``background: true`` answers ``queued``; the response completes at its first GET unless cancelled first.
@@ -127,12 +127,9 @@ def _reasoning_tokens(body: dict[str, Any], d: Directives) -> int:
 def usage_body(t: TokenCounts) -> dict[str, Any]:
     return {
         "input_tokens": t.input_total,
-        "input_tokens_details": {
-            "cached_tokens": t.cache_read,
-            "cache_write_tokens": t.cache_write,
-            # OpenAI's retention buckets: the short one takes the 5-minute directive, the long one the 1-hour one
-            "cache_write_tokens_details": {"ttl_30m_tokens": t.cache_write_5m, "ttl_12h_tokens": t.cache_write_1h},
-        },
+        # OpenAI's shape: cache reads only. OpenAI bills no cache writes (a write is plain input), so a cache-write
+        # directive on this API stays inside input_tokens, unreported, as the real API would leave it.
+        "input_tokens_details": {"cached_tokens": t.cache_read},
         "output_tokens": t.output,
         "output_tokens_details": {"reasoning_tokens": t.reasoning},
         "total_tokens": t.input_total + t.output,
