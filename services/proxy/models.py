@@ -28,15 +28,16 @@ def _shape(request: Request) -> Shape:
     return "anthropic" if "anthropic-version" in request.headers else "openai"
 
 
-def _visible(h: ProxyHandler, request: Request, shape: Shape) -> tuple[list[str], frozenset[str] | None]:
-    """The names the caller's key may call and its plan's allow-list, after authentication (raises
-    GatewayError)."""
-    key = authenticate(request, h.s.view)
-    allowed = h.policy(key).models
-    names = h.s.router.names_for(allowed)
-    if shape == "anthropic":
-        names = [n for n in names if "messages" in h.s.router.endpoints_of(n)]
-    return names, allowed
+def _visible(h: ProxyHandler, request: Request, shape: Shape) -> list[str]:
+    """The ids the caller's key may call (Router.callable_ids; for an Anthropic caller, of the models served on
+    /v1/messages), after authentication (raises GatewayError)."""
+    router = h.s.router
+    allowed = h.policy(authenticate(request, h.s.view)).models
+    return [i for i, name in router.callable_ids(allowed) if shape != "anthropic" or _on_messages(router, name)]
+
+
+def _on_messages(router: Any, name: str) -> bool:
+    return "messages" in router.endpoints_of(name)
 
 
 def _entry(name: str, shape: Shape) -> dict[str, Any]:
@@ -71,7 +72,7 @@ async def list_models(h: ProxyHandler, request: Request) -> Response:
     call = Call(request, "models")
     shape = _shape(request)
     try:
-        names, _ = _visible(h, request, shape)
+        names = _visible(h, request, shape)
         if shape == "anthropic":
             body: dict[str, Any] = _page(names, request)
         else:
@@ -87,11 +88,10 @@ async def retrieve_model(h: ProxyHandler, request: Request) -> Response:
     shape = _shape(request)
     wanted = request.path_params["model_id"]
     try:
-        names, allowed = _visible(h, request, shape)
-        found = wanted in names or any(
-            wanted in h.s.router.aliases_of(n) and (allowed is None or wanted in allowed or n in allowed) for n in names
-        )
-        if not found:
+        key = authenticate(request, h.s.view)
+        router = h.s.router
+        name = router.model_of(wanted, h.policy(key).models)  # the rule a call by this id is resolved under
+        if name is None or (shape == "anthropic" and not _on_messages(router, name)):
             raise ModelNotFound(f"The model '{wanted[:200]}' does not exist or you do not have access to it.")
     except GatewayError as err:
         return error_response(err, call.request_id, shape)

@@ -58,6 +58,12 @@ def provider_headers(p: Provider) -> dict[str, str]:
     return headers
 
 
+def may_call(requested: str, name: str, allowed: frozenset[str] | None) -> bool:
+    """THE plan allow-list rule (`allowed` holds public names and aliases; None allows all): a model may be
+    called by a name or alias that is listed itself, or by any of its names when its own name is listed."""
+    return allowed is None or requested in allowed or name in allowed
+
+
 class Router:
     def __init__(self, config: GatewayConfig) -> None:
         self._routes: dict[tuple[str, str], ModelRoute] = {}
@@ -91,13 +97,13 @@ class Router:
         route = self._routes.get((requested, endpoint))
         if route is None:
             name = self._name_of(requested)
-            if name is None or (allowed is not None and requested not in allowed and name not in allowed):
+            if name is None or not may_call(requested, name, allowed):
                 raise ModelNotFound(f"The model '{requested[:200]}' does not exist or you do not have access to it.")
             kind = ENDPOINT_KIND[endpoint]
             served = ", ".join(self._endpoints[name]) or "none"
             raise ModelNotFound(f"The model '{requested[:200]}' is not served on the {endpoint} endpoint "
                                 f"(an endpoint for {kind} models); it is served on: {served}.")  # fmt: skip
-        if allowed is not None and requested not in allowed and route.name not in allowed:
+        if allowed is not None and not may_call(requested, route.name, allowed):  # (no call when all are allowed)
             raise ModelNotFound(f"The model '{requested[:200]}' does not exist or you do not have access to it.")
         return route
 
@@ -109,10 +115,18 @@ class Router:
     def endpoints_of(self, name: str) -> tuple[str, ...]:
         return self._endpoints[name]
 
-    def aliases_of(self, name: str) -> tuple[str, ...]:
-        return self._aliases[name]
+    def model_of(self, requested: str, allowed: frozenset[str] | None) -> str | None:
+        """The model a name or alias names, when the key may call it by that name; else None."""
+        name = self._name_of(requested)
+        return name if name is not None and may_call(requested, name, allowed) else None
 
-    def names_for(self, allowed: frozenset[str] | None) -> list[str]:
+    def callable_ids(self, allowed: frozenset[str] | None) -> list[tuple[str, str]]:
+        """(id, model) for every id a key may call, by id: each model by its own name when that is allowed, else
+        by the aliases that are (a plan that lists only an alias is shown the alias, the id it can call)."""
         if allowed is None:
-            return self.public_names
-        return [n for n in self.public_names if n in allowed or any(a in allowed for a in self._aliases[n])]
+            return [(n, n) for n in self.public_names]
+        out = []
+        for n in self.public_names:
+            ids = (n,) if may_call(n, n, allowed) else tuple(a for a in self._aliases[n] if may_call(a, n, allowed))
+            out.extend((i, n) for i in ids)
+        return sorted(out)

@@ -382,7 +382,12 @@ async def test_plan_limits_apply_and_the_plan_model_list_filters_models(bootstra
             m["id"]
             for m in (await gw.client.get("/v1/models", headers={"authorization": f"Bearer {secret}"})).json()["data"]
         ]
-        assert ids == ["chat"]
+        assert ids == ["chat-alias"]  # the id this plan may call (the model by its own name it may not)
+        auth = {"authorization": f"Bearer {secret}"}
+        # retrieve follows the rule a call is resolved under: the listed alias, not the model's own name
+        assert (await gw.client.get("/v1/models/chat-alias", headers=auth)).json()["id"] == "chat-alias"
+        gone = await gw.client.get("/v1/models/chat", headers=auth)
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
         assert (await gw.chat(secret, {**CHAT, "model": "other"})).status_code == 404
         assert (await gw.chat(secret)).status_code == 429  # the 404 was admitted and counted
 

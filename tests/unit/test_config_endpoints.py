@@ -66,3 +66,29 @@ def test_declared_endpoints_narrow_what_the_model_serves() -> None:
 def test_an_unknown_api_names_the_field() -> None:
     with pytest.raises(ConfigError, match=r"providers.x.api"):
         parse_config(config({"gpt": {"routes": [{"provider": "oa"}]}}, x={"base_url": "http://x", "api": "grpc"}))
+
+
+def test_one_allow_list_rule_for_calling_listing_and_retrieving() -> None:
+    cfg = parse_config(config({
+        "gpt": {"aliases": ["g", "fast"], "routes": [{"provider": "oa"}]},
+        "claude": {"aliases": ["c"], "routes": [{"provider": "an"}]},
+        "other": {"routes": [{"provider": "oa"}]},
+    }))  # fmt: skip
+    router = Router(cfg)
+    plan = frozenset({"gpt", "c"})  # a model by its name (all its names), another by one alias only
+    callable_by = {n for n in ("gpt", "g", "fast", "claude", "c", "other")
+                   if any(_resolves(router, n, e, plan) for e in ("chat.completions", "messages"))}  # fmt: skip
+    assert callable_by == {"gpt", "g", "fast", "c"}
+    # the list shows one id per model, the one it may be called by; retrieve agrees with resolve on every name
+    assert router.callable_ids(plan) == [("c", "claude"), ("gpt", "gpt")]
+    assert {n for n in ("gpt", "g", "fast", "claude", "c", "other") if router.model_of(n, plan)} == callable_by
+    assert router.model_of("fast", plan) == "gpt" and router.model_of("nope", None) is None
+    assert router.callable_ids(None) == [("claude", "claude"), ("gpt", "gpt"), ("other", "other")]
+
+
+def _resolves(router: Router, name: str, endpoint: str, allowed: frozenset[str]) -> bool:
+    try:
+        router.resolve(name, endpoint, allowed)
+    except ModelNotFound as err:
+        return "not served on" in str(err)  # allowed, but on another endpoint: still callable by that name
+    return True
