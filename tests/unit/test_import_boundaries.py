@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+IGNORED = ROOT / "bench" / "envs"  # git-ignored: the peers' and tools' virtualenvs `make bench` installs
 SERVICES = sorted(p.name for p in (ROOT / "services").iterdir() if (p / "__init__.py").exists())
 
 
@@ -17,6 +18,8 @@ def imports(folder: str) -> list[tuple[str, str]]:
     """(file, imported module) for every absolute import under `folder`, function-level ones included."""
     out = []
     for path in sorted((ROOT / folder).rglob("*.py")):
+        if IGNORED in path.parents:
+            continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 out += [(str(path.relative_to(ROOT)), a.name) for a in node.names]
