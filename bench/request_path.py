@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import os
 import pstats
 import statistics
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,69 +109,82 @@ async def measure(calls: int, profile: bool = False, tagged: bool = False, api: 
         handler.post_json = real
 
 
-async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat", ab_rounds: int = 0,
-                   null: bool = False) -> Any:  # fmt: skip
-    path, payload, auth, _ = APIS[api]
-    config = GatewayConfig.model_validate(
-        tollway_config({"instant": "http://127.0.0.1:9", "50ms": "http://127.0.0.1:9"})
-    )
+@contextlib.asynccontextmanager
+async def serving(config: GatewayConfig) -> AsyncIterator[tuple[Any, str]]:
+    """(the proxy's ASGI app, started, and a key of team t1 on the `bench` plan). No broker: the emitter keeps
+    retrying in the background and every event lands in the spool."""
     with tempfile.TemporaryDirectory() as tmp:
-        # no broker: the emitter keeps retrying in the background and every event lands in the spool
         app = create_app(ProxySettings(data_dir=Path(tmp), proxy_instance="bench"), config, "127.0.0.1:1")
         async with app.router.lifespan_context(app):
             secret = new_secret()
             app.state.proxy.control.apply(TeamState(team_id="t1", name="t1", plan="bench"))
             app.state.proxy.control.apply(KeyState(key_id="k1", key_hash=hash_key(secret), prefix=display_prefix(secret),
                                           team_id="t1"))  # fmt: skip
-            extra = {"user": "end-user-1", "metadata": {"project": "apollo", "env": "prod", "ticket": "T-1"}}
-            body = orjson.dumps({**payload, **(extra if tagged and api == "chat" else {})})
-            credential = f"Bearer {secret}" if auth == "authorization" else secret
-            headers = [(b"host", b"proxy"), (b"content-type", b"application/json"),
-                       (auth.encode(), credential.encode()), (b"content-length", b"%d" % len(body))]  # fmt: skip
-            if api == "messages":
-                headers.append((b"anthropic-version", b"2023-06-01"))
-            if tagged:
-                headers.append((b"x-tollway-tags", b"team=search,feature=rerank"))
-            statuses: list[int] = []
+            yield app, secret
 
-            async def send(message: dict) -> None:
-                if message["type"] == "http.response.start":
-                    statuses.append(message["status"])
 
-            async def one() -> None:
-                scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                         "scheme": "http", "path": path, "raw_path": path.encode(),
-                         "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
-                         "server": ("127.0.0.1", 8080)}  # fmt: skip
-                pending = [{"type": "http.request", "body": body, "more_body": False}]
+def caller(app: Any, secret: str, api: str, tagged: bool = False) -> tuple[Callable[[], Awaitable[None]], list[int]]:
+    """(one call of `api` straight into the ASGI app, the statuses it answered)."""
+    path, payload, auth, _ = APIS[api]
+    extra = {"user": "end-user-1", "metadata": {"project": "apollo", "env": "prod", "ticket": "T-1"}}
+    body = orjson.dumps({**payload, **(extra if tagged and api == "chat" else {})})
+    credential = f"Bearer {secret}" if auth == "authorization" else secret
+    headers = [(b"host", b"proxy"), (b"content-type", b"application/json"),
+               (auth.encode(), credential.encode()), (b"content-length", b"%d" % len(body))]  # fmt: skip
+    if api == "messages":
+        headers.append((b"anthropic-version", b"2023-06-01"))
+    if tagged:
+        headers.append((b"x-tollway-tags", b"team=search,feature=rerank"))
+    statuses: list[int] = []
 
-                async def receive() -> dict:
-                    return pending.pop() if pending else {"type": "http.disconnect"}
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
 
-                await app(scope, receive, send)
+    async def one() -> None:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": path, "raw_path": path.encode(),
+                 "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", 8080)}  # fmt: skip
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
 
-            for _ in range(1000):  # warm-up
-                await one()
-            if ab_rounds:
-                report = await _cost_ab(one, calls, ab_rounds, api, null=null)
-                if set(statuses) != {200}:
-                    raise SystemExit(f"the request path did not answer 200: {sorted(set(statuses))}")
-                return report
-            best = float("inf")
-            for _ in range(3):
-                t0 = time.process_time()
-                for _ in range(calls):
-                    await one()
-                best = min(best, (time.process_time() - t0) / calls)
+        async def receive() -> dict:
+            return pending.pop() if pending else {"type": "http.disconnect"}
+
+        await app(scope, receive, send)
+
+    return one, statuses
+
+
+async def _measure(calls: int, profile: bool, tagged: bool, api: str = "chat", ab_rounds: int = 0,
+                   null: bool = False) -> Any:  # fmt: skip
+    config = GatewayConfig.model_validate(
+        tollway_config({"instant": "http://127.0.0.1:9", "50ms": "http://127.0.0.1:9"})
+    )
+    async with serving(config) as (app, secret):
+        one, statuses = caller(app, secret, api, tagged)
+        for _ in range(1000):  # warm-up
+            await one()
+        if ab_rounds:
+            report = await _cost_ab(one, calls, ab_rounds, api, null=null)
             if set(statuses) != {200}:
                 raise SystemExit(f"the request path did not answer 200: {sorted(set(statuses))}")
-            if profile:
-                prof = cProfile.Profile()
-                prof.enable()
-                for _ in range(calls):
-                    await one()
-                prof.disable()
-                pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+            return report
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.process_time()
+            for _ in range(calls):
+                await one()
+            best = min(best, (time.process_time() - t0) / calls)
+        if set(statuses) != {200}:
+            raise SystemExit(f"the request path did not answer 200: {sorted(set(statuses))}")
+        if profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                await one()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
     return best
 
 

@@ -160,6 +160,15 @@ async def test_request_path_harness_answers_and_restores_the_upstream_hop() -> N
     assert handler.post_json is real
 
 
+async def test_upstream_hop_forwards_every_api_to_a_real_mock_and_splits_cpu_from_waiting() -> None:
+    from bench import upstream_hop
+
+    out = await upstream_hop.measure(calls=10, rounds=2, warmup=2)  # raises if any call was not a 200
+    for api in ("chat", "messages", "responses"):
+        m = out[api]
+        assert 0 < m["cpu_us"] < m["wall_us"] and abs(m["wait_us"] - (m["wall_us"] - m["cpu_us"])) <= 0.2, (api, m)
+
+
 def test_bench_fixtures_of_their_own_are_valid_contract_objects() -> None:
     from bench import meter_throughput, quota_lag
     from schemas.events import UsageEvent
