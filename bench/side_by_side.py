@@ -131,7 +131,6 @@ def run(targets: dict, rounds: int = 8, calls: int = 40, warmup: int = 30, apis=
 def main(argv: list[str] | None = None) -> int:
     """python -m bench.side_by_side [--rounds 8 --calls 40]: mocks and one Tollway, the run above, JSON out."""
     import argparse
-    import datetime as dt
     import json
 
     from bench import targets
@@ -140,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--calls", type=int, default=40, help="calls per (round, api, kind, target)")
     args = ap.parse_args(argv)
-    run_dir = targets.ENVS / "runs" / ("side-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = targets.new_run_dir("side")
     mock_urls, mocks = targets.start_mocks(run_dir)
     tollway = None
     try:

@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     python -m bench.streaming --old /path/to/other/checkout --rounds 6 --calls 20
     (`--old`: a checkout whose services/ the second proxy imports, by PYTHONPATH; same venv)."""
     import argparse
-    import datetime as dt
     import json
     import os
     from pathlib import Path
@@ -139,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--apis", default=",".join(APIS))
     args = ap.parse_args(argv)
     apis = args.apis.split(",")
-    run_dir = targets.ENVS / "runs" / ("stream-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = targets.new_run_dir("stream")
     mock_urls, mocks = targets.start_mocks(run_dir)
     builds: dict[str, targets.Target] = {}
     try:

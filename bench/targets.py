@@ -63,6 +63,15 @@ def base_env() -> dict[str, str]:
 # ---------------------------------------------------------------- mocks (direct)
 
 
+def new_run_dir(prefix: str) -> Path:
+    """A fresh folder for one standalone command's process logs: bench/envs/runs/<prefix>-<UTC time>."""
+    import datetime as dt
+
+    run_dir = ENVS / "runs" / f"{prefix}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def start_mocks(run_dir: Path) -> tuple[dict[str, str], list[Proc]]:
     """One mock upstream process per latency, on the load core; returns kind -> base URL ".../v1"."""
     urls, procs = {}, []

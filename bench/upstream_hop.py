@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import os
 import statistics
 import time
@@ -32,9 +31,7 @@ from schemas.config import GatewayConfig
 
 
 async def measure(calls: int, rounds: int, warmup: int = 300) -> dict:
-    run_dir = targets.ENVS / "runs" / ("hop-" + dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    mock_urls, mocks = targets.start_mocks(run_dir)
+    mock_urls, mocks = targets.start_mocks(targets.new_run_dir("hop"))
     try:
         async with serving(GatewayConfig.model_validate(targets.tollway_config(mock_urls))) as (app, secret):
             calls_of = {api: caller(app, secret, api) for api in APIS}
