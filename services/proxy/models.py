@@ -19,6 +19,7 @@ from starlette.responses import Response
 from services.proxy.auth import authenticate
 from services.proxy.errors import GatewayError, InvalidRequest, ModelNotFound, Shape, error_response
 from services.proxy.handler import Call, ProxyHandler
+from services.proxy.routing import Router
 
 _EPOCH_ISO = "1970-01-01T00:00:00Z"  # the config holds no release date; both SDKs only parse the field
 _PAGE_MAX = 1000  # Anthropic's own bound on `limit`
@@ -28,15 +29,20 @@ def _shape(request: Request) -> Shape:
     return "anthropic" if "anthropic-version" in request.headers else "openai"
 
 
+def _allowed(h: ProxyHandler, request: Request) -> frozenset[str] | None:
+    """The caller's plan allow-list, after authentication (raises GatewayError)."""
+    return h.policy(authenticate(request, h.s.view)).models
+
+
 def _visible(h: ProxyHandler, request: Request, shape: Shape) -> list[str]:
     """The ids the caller's key may call (Router.callable_ids; for an Anthropic caller, of the models served on
-    /v1/messages), after authentication (raises GatewayError)."""
+    /v1/messages)."""
     router = h.s.router
-    allowed = h.policy(authenticate(request, h.s.view)).models
-    return [i for i, name in router.callable_ids(allowed) if shape != "anthropic" or _on_messages(router, name)]
+    return [i for i, name in router.callable_ids(_allowed(h, request)) if shape != "anthropic"
+            or _on_messages(router, name)]  # fmt: skip
 
 
-def _on_messages(router: Any, name: str) -> bool:
+def _on_messages(router: Router, name: str) -> bool:
     return "messages" in router.endpoints_of(name)
 
 
@@ -88,9 +94,8 @@ async def retrieve_model(h: ProxyHandler, request: Request) -> Response:
     shape = _shape(request)
     wanted = request.path_params["model_id"]
     try:
-        key = authenticate(request, h.s.view)
         router = h.s.router
-        name = router.model_of(wanted, h.policy(key).models)  # the rule a call by this id is resolved under
+        name = router.model_of(wanted, _allowed(h, request))  # the rule a call by this id is resolved under
         if name is None or (shape == "anthropic" and not _on_messages(router, name)):
             raise ModelNotFound(f"The model '{wanted[:200]}' does not exist or you do not have access to it.")
     except GatewayError as err:
